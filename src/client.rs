@@ -1,0 +1,627 @@
+//! The worker stub: follow a Baton daemon and work only while it leads.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), baton::client::ClientError> {
+//! let client = baton::client::Client::connect("http://127.0.0.1:50051").await?;
+//! client
+//!     .run_while_leader("orders", |lease| async move {
+//!         // Publish, tagging every write with `lease.term()` as the fencing token ...
+//!         lease.cancelled().await; // ... until told to stop; then flush and return.
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [`Client::run_while_leader`] starts the work on acquire and cancels it on loss, on stream
+//! loss, and when `valid_for` of the last LEADER event runs out with no new event (a paused or
+//! dead daemon). It confirms each stop to the daemon, so that a graceful hand-off starts the
+//! standby only after this worker stopped, and reconnects with jittered back-off.
+//!
+//! [`Client::watch`] is the same stream as typed events, for anything else.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    time::{Duration, SystemTime},
+};
+
+use futures::{Stream, StreamExt, stream};
+use rand::Rng;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::{self, leadership_client::LeadershipClient};
+
+/// First and longest pause between reconnection attempts.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon address is not a valid URI.
+    #[error("invalid daemon address {addr:?}: {source}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why it is invalid.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The daemon could not be reached.
+    #[error("cannot connect to the Baton daemon at {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A call was answered with an error.
+    #[error("{call}: {}", status.message())]
+    Call {
+        /// The call.
+        call: &'static str,
+        /// The daemon's answer.
+        #[source]
+        status: tonic::Status,
+    },
+    /// The event stream ended (the daemon stopped or the connection broke).
+    #[error("the WatchLeadership stream ended")]
+    StreamEnded,
+}
+
+impl ClientError {
+    /// The gRPC status code, for a call the daemon answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Call { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A replica's role, as the daemon reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The daemon cannot tell (store unreachable, starting).
+    Unknown,
+    /// Another replica leads, or nobody.
+    Follower,
+    /// This replica leads.
+    Leader,
+}
+
+/// One state of an election, as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderState {
+    /// The election.
+    pub election: String,
+    /// The daemon's role.
+    pub role: Role,
+    /// The daemon's identity.
+    pub identity: String,
+    /// The leader's identity, `None` when nobody leads or it is unknown.
+    pub leader: Option<String>,
+    /// The fencing token of the current holding.
+    pub term: u64,
+    /// Leader only: until when the daemon certainly leads, on this process's clock (the
+    /// `valid_for` of the event counted from its arrival).
+    pub valid_until: Option<Instant>,
+    /// The daemon's wall-clock time of the state (for people).
+    pub observed_at: Option<SystemTime>,
+    /// Why the daemon is not leading, in words.
+    pub reason: String,
+    /// Whether the daemon campaigns.
+    pub campaigning: bool,
+}
+
+impl LeaderState {
+    fn from_event(event: proto::LeadershipEvent, received_at: Instant) -> Self {
+        let role = match proto::Role::try_from(event.role) {
+            Ok(proto::Role::Leader) => Role::Leader,
+            Ok(proto::Role::Follower) => Role::Follower,
+            _ => Role::Unknown,
+        };
+        let valid_until = event
+            .valid_for
+            .and_then(|d| Duration::try_from(d).ok())
+            .map(|d| received_at + d);
+        LeaderState {
+            election: event.election,
+            role,
+            identity: event.identity,
+            leader: Some(event.leader).filter(|l| !l.is_empty()),
+            term: event.term,
+            valid_until,
+            observed_at: event.observed_at.and_then(|t| SystemTime::try_from(t).ok()),
+            reason: event.reason,
+            campaigning: event.campaigning,
+        }
+    }
+
+    /// Whether this state lets a worker work at `now`: LEADER, and still valid.
+    pub fn leads_at(&self, now: Instant) -> bool {
+        self.role == Role::Leader && self.valid_until.is_some_and(|t| t > now)
+    }
+}
+
+/// What [`Client::watch`] yields.
+#[derive(Debug)]
+pub enum WatchEvent {
+    /// A state (the current one on (re)connect, then every change and heartbeat).
+    State(LeaderState),
+    /// The stream broke; the next item comes after a reconnection.
+    Disconnected(ClientError),
+}
+
+/// A connection to a Baton daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: String,
+    rpc: LeadershipClient<Channel>,
+}
+
+impl Client {
+    /// Connect to the daemon at `addr` (e.g. `http://127.0.0.1:50051`).
+    ///
+    /// # Errors
+    /// The address is invalid or the daemon cannot be reached now.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self, ClientError> {
+        let addr = addr.into();
+        let channel = endpoint(&addr)?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        Ok(Client {
+            addr,
+            rpc: LeadershipClient::new(channel),
+        })
+    }
+
+    /// A client that connects on first use and reconnects by itself: for a worker that may
+    /// start before its daemon.
+    ///
+    /// # Errors
+    /// The address is invalid.
+    pub fn connect_lazy(addr: impl Into<String>) -> Result<Self, ClientError> {
+        let addr = addr.into();
+        let channel = endpoint(&addr)?.connect_lazy();
+        Ok(Client {
+            addr,
+            rpc: LeadershipClient::new(channel),
+        })
+    }
+
+    /// The daemon's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The current state of `election`.
+    ///
+    /// # Errors
+    /// The call failed (NOT_FOUND names an unknown election).
+    pub async fn get(&self, election: &str) -> Result<LeaderState, ClientError> {
+        let request = proto::GetLeadershipRequest {
+            election: election.to_owned(),
+        };
+        let event = self
+            .rpc
+            .clone()
+            .get_leadership(request)
+            .await
+            .map_err(|status| ClientError::Call {
+                call: "GetLeadership",
+                status,
+            })?;
+        Ok(LeaderState::from_event(event.into_inner(), Instant::now()))
+    }
+
+    /// The current state of every election of the daemon.
+    ///
+    /// # Errors
+    /// The call failed.
+    pub async fn list(&self) -> Result<Vec<LeaderState>, ClientError> {
+        let response = self
+            .rpc
+            .clone()
+            .list_leadership(proto::ListLeadershipRequest {})
+            .await
+            .map_err(|status| ClientError::Call {
+                call: "ListLeadership",
+                status,
+            })?;
+        let now = Instant::now();
+        Ok(response
+            .into_inner()
+            .elections
+            .into_iter()
+            .map(|e| LeaderState::from_event(e, now))
+            .collect())
+    }
+
+    /// Ask the daemon to step down from `election`, optionally for `successor`; returns the
+    /// term given up.
+    ///
+    /// # Errors
+    /// The call failed (FAILED_PRECONDITION when the daemon does not lead).
+    pub async fn resign(
+        &self,
+        election: &str,
+        successor: Option<&str>,
+    ) -> Result<u64, ClientError> {
+        let request = proto::ResignRequest {
+            election: election.to_owned(),
+            successor: successor.unwrap_or_default().to_owned(),
+        };
+        let response =
+            self.rpc
+                .clone()
+                .resign(request)
+                .await
+                .map_err(|status| ClientError::Call {
+                    call: "Resign",
+                    status,
+                })?;
+        Ok(response.into_inner().term)
+    }
+
+    /// Declare whether `worker` (subscribed through [`Client::watch_as`]) is warm.
+    ///
+    /// # Errors
+    /// The call failed (NOT_FOUND when the worker has no open stream).
+    pub async fn set_ready(
+        &self,
+        election: &str,
+        worker: &str,
+        ready: bool,
+    ) -> Result<(), ClientError> {
+        let request = proto::SetReadinessRequest {
+            election: election.to_owned(),
+            worker: worker.to_owned(),
+            ready,
+        };
+        self.rpc
+            .clone()
+            .set_readiness(request)
+            .await
+            .map_err(|status| ClientError::Call {
+                call: "SetReadiness",
+                status,
+            })?;
+        Ok(())
+    }
+
+    /// Confirm that `worker` stopped all work of `term`.
+    ///
+    /// # Errors
+    /// The call failed.
+    pub async fn acknowledge_stop(
+        &self,
+        election: &str,
+        worker: &str,
+        term: u64,
+    ) -> Result<(), ClientError> {
+        let request = proto::AcknowledgeStopRequest {
+            election: election.to_owned(),
+            worker: worker.to_owned(),
+            term,
+        };
+        self.rpc
+            .clone()
+            .acknowledge_stop(request)
+            .await
+            .map_err(|status| ClientError::Call {
+                call: "AcknowledgeStop",
+                status,
+            })?;
+        Ok(())
+    }
+
+    /// Follow `election` as a plain observer: the current state at once, then every change.
+    /// The stream never ends: a broken stream yields [`WatchEvent::Disconnected`] and is
+    /// reconnected with jittered back-off.
+    pub fn watch(&self, election: &str) -> impl Stream<Item = WatchEvent> + Send + 'static {
+        self.watch_as(election, None, false)
+    }
+
+    /// Follow `election` as worker `worker` (counted for readiness and drain), declaring
+    /// `ready` on every (re)connection.
+    pub fn watch_as(
+        &self,
+        election: &str,
+        worker: Option<&str>,
+        ready: bool,
+    ) -> impl Stream<Item = WatchEvent> + Send + 'static {
+        let request = proto::WatchLeadershipRequest {
+            election: election.to_owned(),
+            worker: worker.unwrap_or_default().to_owned(),
+            ready,
+        };
+        let start = Watching {
+            rpc: self.rpc.clone(),
+            request,
+            stream: None,
+            failures: 0,
+        };
+        stream::unfold(start, |mut watching| async move {
+            let event = watching.next().await;
+            Some((event, watching))
+        })
+    }
+
+    /// Run `work` while this replica leads `election`, as a worker that is ready at once.
+    ///
+    /// `work` gets a [`Lease`] with the term and a cancellation token; it must return promptly
+    /// once the token is cancelled (that return is what the daemon is told as "stopped"). It is
+    /// cancelled when leadership is lost, when the stream to the daemon breaks, and when the
+    /// last LEADER event's `valid_for` runs out. If `work` returns while still leading, this
+    /// replica resigns so a standby takes over. Runs until the process ends; returns only if the
+    /// election does not exist.
+    ///
+    /// # Errors
+    /// The daemon does not run `election` (NOT_FOUND).
+    pub async fn run_while_leader<F, Fut>(&self, election: &str, work: F) -> Result<(), ClientError>
+    where
+        F: FnMut(Lease) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let worker = worker_name();
+        let events = self.watch_as(election, Some(&worker), true);
+        Follower {
+            client: self,
+            election,
+            worker: &worker,
+            work,
+            running: None,
+        }
+        .run(events)
+        .await
+    }
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
+    Endpoint::from_shared(addr.to_owned())
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
+        .map_err(|source| ClientError::Address {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// A unique name for this worker process.
+fn worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}-{}-{:08x}",
+        host.trim(),
+        std::process::id(),
+        rand::rng().random::<u32>()
+    )
+}
+
+/// The state of one reconnecting watch.
+struct Watching {
+    rpc: LeadershipClient<Channel>,
+    request: proto::WatchLeadershipRequest,
+    stream: Option<tonic::Streaming<proto::LeadershipEvent>>,
+    failures: u32,
+}
+
+impl Watching {
+    async fn next(&mut self) -> WatchEvent {
+        loop {
+            let Some(stream) = &mut self.stream else {
+                if self.failures > 0 {
+                    sleep(reconnect_delay(self.failures)).await;
+                }
+                match self.rpc.watch_leadership(self.request.clone()).await {
+                    Ok(response) => {
+                        self.stream = Some(response.into_inner());
+                        continue;
+                    }
+                    Err(status) => {
+                        self.failures += 1;
+                        return WatchEvent::Disconnected(ClientError::Call {
+                            call: "WatchLeadership",
+                            status,
+                        });
+                    }
+                }
+            };
+            let error = match stream.message().await {
+                Ok(Some(event)) => {
+                    self.failures = 0;
+                    return WatchEvent::State(LeaderState::from_event(event, Instant::now()));
+                }
+                Ok(None) => ClientError::StreamEnded,
+                Err(status) => ClientError::Call {
+                    call: "WatchLeadership",
+                    status,
+                },
+            };
+            self.stream = None;
+            self.failures += 1;
+            return WatchEvent::Disconnected(error);
+        }
+    }
+}
+
+/// Jittered exponential back-off for reconnection attempt `n` (from 1).
+fn reconnect_delay(n: u32) -> Duration {
+    let ceiling = RECONNECT_MIN
+        .saturating_mul(1 << n.saturating_sub(1).min(10))
+        .min(RECONNECT_MAX);
+    ceiling / 2 + ceiling.mul_f64(rand::rng().random::<f64>() / 2.0)
+}
+
+/// What a worker's task is handed while its replica leads.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    election: String,
+    term: u64,
+    token: CancellationToken,
+}
+
+impl Lease {
+    /// The election.
+    pub fn election(&self) -> &str {
+        &self.election
+    }
+
+    /// The fencing token: strictly greater for every new leadership. Hand it to the sink.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Resolves when the work must stop.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// Whether the work must stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The cancellation token, to pass into tasks the work starts.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+}
+
+type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The work of one term, while it runs.
+struct Running {
+    term: u64,
+    token: CancellationToken,
+    work: Work,
+    valid_until: Instant,
+}
+
+/// The loop behind [`Client::run_while_leader`].
+struct Follower<'a, F> {
+    client: &'a Client,
+    election: &'a str,
+    worker: &'a str,
+    work: F,
+    running: Option<Running>,
+}
+
+impl<F, Fut> Follower<'_, F>
+where
+    F: FnMut(Lease) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    async fn run(
+        mut self,
+        events: impl Stream<Item = WatchEvent> + Send + 'static,
+    ) -> Result<(), ClientError> {
+        let mut events = Box::pin(events);
+        loop {
+            let deadline = self.running.as_ref().map(|r| r.valid_until);
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(WatchEvent::State(state)) => self.on_state(state).await,
+                    Some(WatchEvent::Disconnected(error)) => {
+                        if error.code() == Some(tonic::Code::NotFound) {
+                            self.stop("election unknown to the daemon").await;
+                            return Err(error);
+                        }
+                        tracing::warn!(election = self.election, %error, "lost the daemon; stopping work");
+                        self.stop("stream to the daemon lost").await;
+                    }
+                    None => {
+                        self.stop("stream ended").await;
+                        return Err(ClientError::StreamEnded);
+                    }
+                },
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.stop("valid_for ran out with no new event").await;
+                }
+                _ = async { (&mut self.running.as_mut().expect("guarded").work).await }, if self.running.is_some() => {
+                    let term = self.running.take().map(|r| r.term).unwrap_or_default();
+                    tracing::warn!(election = self.election, term, "work returned while leading; resigning");
+                    self.acknowledge(term).await;
+                    if let Err(error) = self.client.resign(self.election, None).await {
+                        tracing::warn!(election = self.election, %error, "resign failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_state(&mut self, state: LeaderState) {
+        let now = Instant::now();
+        if state.leads_at(now) {
+            let valid_until = state.valid_until.unwrap_or(now);
+            match &mut self.running {
+                Some(running) if running.term == state.term => running.valid_until = valid_until,
+                _ => {
+                    self.stop("a new term began").await;
+                    self.start(state.term, valid_until);
+                }
+            }
+        } else if self.running.is_some() {
+            self.stop(&format!(
+                "daemon reports {:?}: {}",
+                state.role, state.reason
+            ))
+            .await;
+        }
+    }
+
+    fn start(&mut self, term: u64, valid_until: Instant) {
+        tracing::info!(election = self.election, term, "leading: starting work");
+        let token = CancellationToken::new();
+        let lease = Lease {
+            election: self.election.to_owned(),
+            term,
+            token: token.clone(),
+        };
+        self.running = Some(Running {
+            term,
+            token,
+            work: Box::pin((self.work)(lease)),
+            valid_until,
+        });
+    }
+
+    /// Cancel the running work, wait for it to return, and confirm the stop.
+    async fn stop(&mut self, why: &str) {
+        let Some(running) = self.running.take() else {
+            return;
+        };
+        running.token.cancel();
+        running.work.await;
+        tracing::info!(
+            election = self.election,
+            term = running.term,
+            why,
+            "work stopped"
+        );
+        self.acknowledge(running.term).await;
+    }
+
+    async fn acknowledge(&self, term: u64) {
+        if let Err(error) = self
+            .client
+            .acknowledge_stop(self.election, self.worker, term)
+            .await
+        {
+            // The daemon is gone or restarted: it no longer waits for this worker.
+            tracing::debug!(election = self.election, %error, "stop not acknowledged");
+        }
+    }
+}

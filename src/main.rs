@@ -1,0 +1,160 @@
+//! The `baton` binary: parse the command line, set up logging, and run a subcommand. The daemon
+//! itself is [`baton::daemon::run`]; this file only wires signals to its shutdown.
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use baton::{
+    client::{Client, LeaderState, Role, WatchEvent},
+    config::{Cli, Command, EXIT_USAGE, RunArgs},
+};
+use clap::Parser;
+use futures::StreamExt;
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("baton: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => return run(args).await,
+            Command::Watch(args) => watch(&args.addr.addr, &args.election).await,
+            Command::Status(args) => status(&args).await,
+            Command::Resign(args) => {
+                resign(&args.addr.addr, &args.election, args.successor.as_deref()).await
+            }
+        }
+        .map(|()| ExitCode::SUCCESS)
+    });
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `baton run`: validate, bind, serve until SIGTERM/SIGINT; a second signal exits at once.
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = match args.validate() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return Ok(ExitCode::from(EXIT_USAGE as u8));
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("baton: --listen {}: cannot bind: {e}", config.listen);
+            return Ok(ExitCode::from(EXIT_USAGE as u8));
+        }
+    };
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+        // Graceful shutdown has begun; a second signal ends the process at once.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            eprintln!("baton: second signal: exiting without stepping down");
+            std::process::exit(130);
+        });
+    };
+    match baton::daemon::run(config, listener, shutdown).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e @ baton::daemon::DaemonError::LockDir(_)) => {
+            eprintln!("baton: {e}");
+            Ok(ExitCode::from(EXIT_USAGE as u8))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One line per state, for people.
+fn describe(state: &LeaderState) -> String {
+    let role = match state.role {
+        Role::Leader => "LEADER",
+        Role::Follower => "FOLLOWER",
+        Role::Unknown => "UNKNOWN",
+    };
+    let mut line = format!(
+        "{} {role} identity={} leader={} term={}",
+        state.election,
+        state.identity,
+        state.leader.as_deref().unwrap_or("-"),
+        state.term
+    );
+    if let Some(until) = state.valid_until {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        line.push_str(&format!(" valid_for={:.3}s", left.as_secs_f64()));
+    }
+    if !state.reason.is_empty() {
+        line.push_str(&format!(" reason={:?}", state.reason));
+    }
+    line
+}
+
+fn timestamp(state: &LeaderState) -> String {
+    state
+        .observed_at
+        .map(|t| humantime::format_rfc3339_millis(t).to_string())
+        .unwrap_or_default()
+}
+
+/// `baton watch`: one line per event until interrupted.
+async fn watch(addr: &str, election: &str) -> anyhow::Result<()> {
+    let client = Client::connect_lazy(addr)?;
+    let mut events = Box::pin(client.watch(election));
+    while let Some(event) = events.next().await {
+        match event {
+            WatchEvent::State(state) => println!("{} {}", timestamp(&state), describe(&state)),
+            WatchEvent::Disconnected(e) if e.code() == Some(tonic::Code::NotFound) => {
+                return Err(e.into());
+            }
+            WatchEvent::Disconnected(e) => eprintln!("baton: {e}; reconnecting"),
+        }
+    }
+    Ok(())
+}
+
+/// `baton status`: every election of the daemon, then exit.
+async fn status(addr: &baton::config::AddrArgs) -> anyhow::Result<()> {
+    let client = tokio::time::timeout(Duration::from_secs(10), Client::connect(addr.addr.clone()))
+        .await
+        .context("connecting to the daemon timed out")??;
+    for state in client.list().await? {
+        println!("{}", describe(&state));
+    }
+    Ok(())
+}
+
+/// `baton resign`.
+async fn resign(addr: &str, election: &str, successor: Option<&str>) -> anyhow::Result<()> {
+    let client = Client::connect(addr).await?;
+    let term = client.resign(election, successor).await?;
+    match successor {
+        Some(s) => println!("resigned {election} (term {term}) for {s}"),
+        None => println!("resigned {election} (term {term})"),
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The gRPC server: `baton.v1.Leadership` over the running elections, `grpc.health.v1.Health`
+//! (SERVING only while every election's store answers), and server reflection v1 and v1alpha so
+//! that `grpcurl` works with no proto file.
+//!
+//! Errors become a `tonic::Status` in exactly one place: `impl From<ApiError> for Status`.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt};
+use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    election::{Election, ElectionError, Leadership, Role},
+    proto::{self, leadership_server::LeadershipServer},
+};
+
+/// Why a request failed, before it becomes a `Status`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request named an election this daemon does not run.
+    #[error("unknown election {name:?}; this daemon runs: {known}")]
+    UnknownElection {
+        /// The name asked for.
+        name: String,
+        /// The elections this daemon runs, comma-separated.
+        known: String,
+    },
+    /// A request field is missing or malformed.
+    #[error("{field}: {problem}")]
+    InvalidArgument {
+        /// The field's name in the request.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The election refused or could not answer.
+    #[error(transparent)]
+    Election(#[from] ElectionError),
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        let message = error.to_string();
+        match error {
+            ApiError::UnknownElection { .. } => Status::not_found(message),
+            ApiError::InvalidArgument { .. } => Status::invalid_argument(message),
+            ApiError::Election(ElectionError::NotLeader { .. }) => {
+                Status::failed_precondition(message)
+            }
+            ApiError::Election(ElectionError::UnknownWorker { .. }) => Status::not_found(message),
+            ApiError::Election(ElectionError::Stopped { .. }) => Status::unavailable(message),
+        }
+    }
+}
+
+/// The `baton.v1.Leadership` service over a fixed set of elections.
+#[derive(Clone)]
+pub struct LeadershipService {
+    elections: Arc<[Election]>,
+}
+
+impl LeadershipService {
+    /// Serve these elections.
+    pub fn new(elections: Vec<Election>) -> Self {
+        LeadershipService {
+            elections: elections.into(),
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> LeadershipServer<Self> {
+        LeadershipServer::new(self)
+    }
+
+    fn find(&self, name: &str) -> Result<&Election, ApiError> {
+        if name.is_empty() {
+            return Err(ApiError::InvalidArgument {
+                field: "election",
+                problem: "must name an election",
+            });
+        }
+        self.elections
+            .iter()
+            .find(|e| e.name() == name)
+            .ok_or_else(|| ApiError::UnknownElection {
+                name: name.to_owned(),
+                known: self
+                    .elections
+                    .iter()
+                    .map(Election::name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+fn require_worker(worker: &str) -> Result<&str, ApiError> {
+    if worker.is_empty() {
+        Err(ApiError::InvalidArgument {
+            field: "worker",
+            problem: "must name the worker",
+        })
+    } else {
+        Ok(worker)
+    }
+}
+
+/// Encode a state as the wire event, with `valid_for` counted from now.
+pub fn to_event(state: &Leadership) -> proto::LeadershipEvent {
+    let view = &state.view;
+    let role = match view.role {
+        Role::Unknown => proto::Role::Unknown,
+        Role::Follower => proto::Role::Follower,
+        Role::Leader => proto::Role::Leader,
+    };
+    let valid_for = view.valid_until.map(|until| {
+        let left = until.saturating_duration_since(Instant::now());
+        prost_types::Duration {
+            seconds: left.as_secs() as i64,
+            nanos: left.subsec_nanos() as i32,
+        }
+    });
+    proto::LeadershipEvent {
+        election: state.election.to_string(),
+        role: role as i32,
+        identity: state.identity.to_string(),
+        leader: view.leader.clone().unwrap_or_default(),
+        term: view.term,
+        valid_for,
+        observed_at: Some(prost_types::Timestamp::from(state.observed_at)),
+        reason: view.reason.to_string(),
+        campaigning: view.campaigning,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::LeadershipEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::leadership_server::Leadership for LeadershipService {
+    type WatchLeadershipStream = EventStream;
+
+    async fn watch_leadership(
+        &self,
+        request: Request<proto::WatchLeadershipRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        let election = self.find(&request.election)?;
+        let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
+        let subscription = election.subscribe(worker, request.ready);
+        // The watch stream only signals "changed"; the state sent is read by `deliver`, which
+        // records a worker being told LEADER atomically with reading it. When the client goes
+        // away tonic drops the stream, and with it the subscription.
+        let events = WatchStream::new(subscription.changes())
+            .map(move |_| Ok(to_event(&subscription.deliver())));
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn get_leadership(
+        &self,
+        request: Request<proto::GetLeadershipRequest>,
+    ) -> Result<Response<proto::LeadershipEvent>, Status> {
+        let election = self.find(&request.get_ref().election)?;
+        Ok(Response::new(to_event(&election.current())))
+    }
+
+    async fn list_leadership(
+        &self,
+        _request: Request<proto::ListLeadershipRequest>,
+    ) -> Result<Response<proto::ListLeadershipResponse>, Status> {
+        let elections = self
+            .elections
+            .iter()
+            .map(|e| to_event(&e.current()))
+            .collect();
+        Ok(Response::new(proto::ListLeadershipResponse { elections }))
+    }
+
+    async fn resign(
+        &self,
+        request: Request<proto::ResignRequest>,
+    ) -> Result<Response<proto::ResignResponse>, Status> {
+        let request = request.into_inner();
+        let election = self.find(&request.election)?;
+        let successor = Some(request.successor).filter(|s| !s.is_empty());
+        if successor.as_deref() == Some(&*election.current().identity) {
+            return Err(ApiError::InvalidArgument {
+                field: "successor",
+                problem: "names this replica; name a standby",
+            }
+            .into());
+        }
+        let term = election.resign(successor).await.map_err(ApiError::from)?;
+        Ok(Response::new(proto::ResignResponse { term }))
+    }
+
+    async fn set_readiness(
+        &self,
+        request: Request<proto::SetReadinessRequest>,
+    ) -> Result<Response<proto::SetReadinessResponse>, Status> {
+        let request = request.get_ref();
+        let election = self.find(&request.election)?;
+        election
+            .set_ready(require_worker(&request.worker)?, request.ready)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::SetReadinessResponse {}))
+    }
+
+    async fn acknowledge_stop(
+        &self,
+        request: Request<proto::AcknowledgeStopRequest>,
+    ) -> Result<Response<proto::AcknowledgeStopResponse>, Status> {
+        let request = request.get_ref();
+        let election = self.find(&request.election)?;
+        election
+            .acknowledge_stop(require_worker(&request.worker)?, request.term)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::AcknowledgeStopResponse {}))
+    }
+}
