@@ -60,6 +60,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let store = open_store(&config.store).await?;
+    // With `--listen 127.0.0.1:0` the kernel picks the port; log the real one.
+    let local = listener.local_addr().map_or(config.listen, |a| a);
     let stop_elections = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut elections = Vec::new();
@@ -104,7 +106,7 @@ pub async fn run(
         );
     let server = tokio::spawn(server);
     tracing::info!(
-        listen = %config.listen,
+        listen = %local,
         identity = %config.identity,
         elections = ?config.elections,
         store = %store.describe(),

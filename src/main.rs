@@ -1,7 +1,7 @@
 //! The `baton` binary: parse the command line, set up logging, and run a subcommand. The daemon
 //! itself is [`baton::daemon::run`]; this file only wires signals to its shutdown.
 
-use std::{process::ExitCode, time::Duration};
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use baton::{
@@ -19,6 +19,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

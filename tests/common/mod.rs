@@ -1,0 +1,214 @@
+//! Shared harness of the end-to-end tests: real `baton` processes on `127.0.0.1:0`, real
+//! workers, real signals, and waiting on events (log lines, stream events) instead of sleeps.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::Duration,
+};
+
+use baton::client::{Client, LeaderState, Role, WatchEvent};
+use futures::StreamExt;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Generous bound on anything that should happen "soon" on a loaded 2-core machine. Only a
+/// liveness bound: latencies are measured by the benchmarks.
+pub const SOON: Duration = Duration::from_secs(20);
+
+/// The lines a child process has written, shared with a reader thread.
+#[derive(Clone, Default)]
+pub struct Lines {
+    inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Lines {
+    fn follow(&self, stream: impl std::io::Read + Send + 'static, echo: &'static str) {
+        let lines = self.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if std::env::var_os("BATON_TEST_ECHO").is_some() {
+                    eprintln!("{echo}{line}");
+                }
+                let (store, wake) = &*lines.inner;
+                store.lock().unwrap().push(line);
+                wake.notify_all();
+            }
+        });
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Wait until a line satisfies `pred`; returns it. Panics after `SOON` with the lines.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let (store, wake) = &*self.inner;
+        let guard = store.lock().unwrap();
+        let (guard, timeout) = wake
+            .wait_timeout_while(guard, SOON, |lines| !lines.iter().any(|l| pred(l)))
+            .unwrap();
+        if timeout.timed_out() {
+            panic!("no line {what} within {SOON:?}; lines:\n{}", guard.join("\n"));
+        }
+        guard.iter().find(|l| pred(l)).unwrap().clone()
+    }
+
+    /// Wait until at least `n` lines satisfy `pred`.
+    pub fn wait_count(&self, what: &str, n: usize, pred: impl Fn(&str) -> bool) {
+        let (store, wake) = &*self.inner;
+        let guard = store.lock().unwrap();
+        let (guard, timeout) = wake
+            .wait_timeout_while(guard, SOON, |lines| lines.iter().filter(|l| pred(l)).count() < n)
+            .unwrap();
+        if timeout.timed_out() {
+            panic!("fewer than {n} lines {what} within {SOON:?}; lines:\n{}", guard.join("\n"));
+        }
+    }
+}
+
+/// A child process with its output captured.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl Proc {
+    pub fn spawn(mut command: Command, name: &'static str) -> Proc {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let (stdout, stderr) = (Lines::default(), Lines::default());
+        stdout.follow(child.stdout.take().unwrap(), name);
+        stderr.follow(child.stderr.take().unwrap(), name);
+        Proc {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).unwrap_or_else(|e| panic!("kill {signal}: {e}"));
+    }
+
+    /// Wait for the process to exit, at most `SOON`.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("process did not exit within {SOON:?}; stderr:\n{}", self.stderr.all().join("\n"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `baton` binary under test.
+pub fn baton() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_baton"))
+}
+
+/// A built example (`cargo test` builds examples before integration tests).
+pub fn example(name: &str) -> Command {
+    let exe = Path::new(env!("CARGO_BIN_EXE_baton"))
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    Command::new(exe)
+}
+
+/// A running `baton run` daemon.
+pub struct Daemon {
+    pub proc: Proc,
+    pub addr: String,
+    pub identity: String,
+}
+
+impl Daemon {
+    /// Start `baton run --identity ID --listen 127.0.0.1:0 ARGS...` and wait until it serves.
+    pub fn start(identity: &str, args: &[&str]) -> Daemon {
+        let mut command = baton();
+        command
+            .args(["run", "--identity", identity, "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(command, "daemon: ");
+        let line = proc.stderr.wait_for("'baton serving'", |l| l.contains("baton serving"));
+        let listen = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        Daemon {
+            proc,
+            addr: format!("http://{listen}"),
+            identity: identity.to_owned(),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr.clone()).await.expect("connect to daemon")
+    }
+
+    /// Wait (on the event stream) until `pred` holds for `election`; returns that state.
+    pub async fn wait_for(&self, election: &str, what: &str, pred: impl Fn(&LeaderState) -> bool) -> LeaderState {
+        let client = self.client().await;
+        let mut events = Box::pin(client.watch(election));
+        let found = tokio::time::timeout(SOON, async {
+            while let Some(event) = events.next().await {
+                if let WatchEvent::State(state) = event
+                    && pred(&state)
+                {
+                    return state;
+                }
+            }
+            unreachable!("the watch stream never ends")
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("{}: {election}: not {what} within {SOON:?}", self.identity))
+    }
+
+    pub async fn wait_role(&self, election: &str, role: Role) -> LeaderState {
+        self.wait_for(election, &format!("{role:?}"), |s| s.role == role).await
+    }
+}
+
+/// A scratch lock directory.
+pub fn lock_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Find `key=value` in a line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
