@@ -4,11 +4,14 @@
 //!
 //! ```text
 //! D/E.lock    held with an exclusive flock(2) by the leader; the kernel drops the lock when
-//!             the leader's process dies, however it dies. Holds only a fixed header, so that a
-//!             file Baton did not write is recognised instead of silently shared.
-//! D/E.state   JSON {"holder", "term", "successor", ...}, replaced atomically (write + fsync +
-//!             rename) by whoever holds the lock. The term survives releases and restarts and
-//!             grows by one with every new holding.
+//!             the leader's process dies, however it dies. Holds a fixed header (so that a file
+//!             Baton did not write is recognised instead of silently shared) and the term, a
+//!             fixed-width record overwritten in place and made durable (fdatasync) by each new
+//!             holder before it reports leadership: terms survive releases, crashes and power
+//!             loss, and grow by one with every new holding.
+//! D/E.state   JSON {"holder", "term", "successor", ...} for observers, replaced atomically
+//!             (write + rename) by whoever holds the lock. Not synced: it only describes the
+//!             holding, and a stale copy after a power loss is rewritten by the next holder.
 //! ```
 //!
 //! Followers do not poll and do not block a thread in `flock`: they watch `D` with inotify. The
@@ -38,6 +41,8 @@ use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, StoreEr
 
 /// The first bytes of every lock file Baton creates.
 const LOCK_HEADER: &[u8] = b"baton file lock v1\n";
+/// Width of the term record after the header: `term ` + 20 digits + newline.
+const TERM_RECORD: usize = 26;
 
 /// Errors of the file store, each naming the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +87,12 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
+    /// The term record in the lock file is damaged.
+    #[error("lock file {path} has a damaged term record; remove it to start the term over")]
+    CorruptTerm {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// The state file is not Baton's JSON.
     #[error(
         "state file {path} is corrupt (not Baton's JSON record); remove it to start the term over: {source}"
@@ -108,7 +119,9 @@ impl FileError {
     /// Foreign or corrupt files need a person; I/O failures may pass.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            FileError::ForeignLock { .. } | FileError::CorruptState { .. } => ErrorKind::Invalid,
+            FileError::ForeignLock { .. }
+            | FileError::CorruptTerm { .. }
+            | FileError::CorruptState { .. } => ErrorKind::Invalid,
             _ => ErrorKind::Unavailable,
         }
     }
@@ -248,7 +261,7 @@ impl FileCandidate {
             .truncate(false)
             .open(&self.lock_path)
             .map_err(|e| self.lock_error(e))?;
-        let mut head = vec![0u8; LOCK_HEADER.len() + 1];
+        let mut head = vec![0u8; LOCK_HEADER.len()];
         let n = file.read_at(&mut head, 0).map_err(|e| self.lock_error(e))?;
         match &head[..n] {
             [] => file
@@ -280,7 +293,49 @@ impl FileCandidate {
         }
     }
 
-    /// Replace the state file atomically and durably. Only while holding the lock.
+    /// The term recorded in the lock file (0 if none yet). Only while holding the lock.
+    fn read_term(&self, file: &File) -> Result<u64, FileError> {
+        let mut record = [0u8; TERM_RECORD];
+        let n = file
+            .read_at(&mut record, LOCK_HEADER.len() as u64)
+            .map_err(|e| self.lock_error(e))?;
+        if n == 0 {
+            return Ok(0);
+        }
+        std::str::from_utf8(&record[..n])
+            .ok()
+            .and_then(|r| r.strip_prefix("term ")?.strip_suffix('\n')?.parse().ok())
+            .ok_or_else(|| FileError::CorruptTerm {
+                path: self.lock_path.clone(),
+            })
+    }
+
+    /// Record `term` in the lock file durably. Only while holding the lock.
+    fn write_term(&self, file: &File, term: u64) -> Result<(), FileError> {
+        let record = format!("term {term:020}\n");
+        file.write_all_at(record.as_bytes(), LOCK_HEADER.len() as u64)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| self.lock_error(e))
+    }
+
+    /// Just locked: record the next term durably, then tell observers. Returns the term.
+    fn take_over(&self, state_term: u64) -> Result<u64, FileError> {
+        let file = self.lock.as_ref().ok_or_else(|| FileError::Lock {
+            path: self.lock_path.clone(),
+            source: io::Error::other("lock file closed while held"),
+        })?;
+        let term = self.read_term(file)?.max(state_term) + 1;
+        self.write_term(file, term)?;
+        self.write_state(&StateRecord {
+            holder: Some(self.identity.clone()),
+            term,
+            pid: Some(std::process::id()),
+            ..StateRecord::default()
+        })?;
+        Ok(term)
+    }
+
+    /// Replace the state file atomically. Only while holding the lock.
     fn write_state(&self, record: &StateRecord) -> Result<(), FileError> {
         let fail = |source| FileError::State {
             op: "write",
@@ -293,9 +348,7 @@ impl FileCandidate {
         // Serialising a struct of strings and integers cannot fail.
         let json = serde_json::to_vec(record).unwrap_or_default();
         tmp.write_all(&json).map_err(fail)?;
-        tmp.as_file().sync_data().map_err(fail)?;
         tmp.persist(&self.state_path).map_err(|e| fail(e.error))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
         Ok(())
     }
 
@@ -381,13 +434,12 @@ impl FileCandidate {
             let probe = campaign && reserved.is_none() || !campaign && state.holder.is_some();
             if probe && self.try_lock()? {
                 if campaign {
-                    let term = state.term + 1;
-                    self.write_state(&StateRecord {
-                        holder: Some(self.identity.clone()),
-                        term,
-                        pid: Some(std::process::id()),
-                        ..StateRecord::default()
-                    })?;
+                    let taken = self.take_over(state.term);
+                    if taken.is_err() {
+                        // Never hold the lock without saying so: let the next candidate try.
+                        self.close_lock();
+                    }
+                    let term = taken?;
                     self.held = Some(term);
                     let valid_until = Instant::now() + self.timing.lease_duration;
                     return Ok(Acquired::Held(Holding { term, valid_until }));
@@ -545,6 +597,24 @@ mod tests {
         let error = store.join("e", "a", timing()).await.err().unwrap();
         assert_eq!(error.kind(), ErrorKind::Invalid);
         assert!(error.to_string().contains("e.state"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_term_record_is_a_clear_error_and_frees_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut damaged = LOCK_HEADER.to_vec();
+        damaged.extend_from_slice(b"term 12x4\n");
+        std::fs::write(dir.path().join("e.lock"), damaged).unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let mut a = store.join("e", "a", timing()).await.unwrap();
+        let error = a.acquire(&Observation::default()).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Invalid);
+        assert!(error.to_string().contains("e.lock"), "{error}");
+        // The failed candidate does not sit on the lock.
+        let probe = File::open(dir.path().join("e.lock")).unwrap();
+        probe
+            .try_lock()
+            .expect("the lock is free after the failure");
     }
 
     #[tokio::test]
