@@ -20,6 +20,12 @@
 //! followers, which try the lock without blocking. A slow re-check every retry period guards
 //! against a lost notification (inotify queue overflow).
 //!
+//! A holder that died without releasing (its process killed) is replaced at once, with one
+//! precaution: the new holder reports leadership only [`DEFAULT_CRASH_GRACE`] after it took the
+//! lock. The dead daemon's workers learn of its death from the same kernel, which closes their
+//! gRPC streams as it frees the lock; the grace lets them stop before the standby's workers
+//! start. A graceful release needs no grace: its workers confirmed their stop before it.
+//!
 //! One host only: `flock` on NFS is emulated with byte-range locks, and inotify does not see
 //! other hosts' changes. Use etcd or Kubernetes across hosts.
 
@@ -35,12 +41,16 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchMask};
 use serde::{Deserialize, Serialize};
-use tokio::time::{Instant, sleep};
+use tokio::time::{Instant, sleep, sleep_until};
 
 use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, StoreError, Timing};
 
 /// The first bytes of every lock file Baton creates.
 const LOCK_HEADER: &[u8] = b"baton file lock v1\n";
+/// How long a new holder waits before reporting leadership when the previous holder died
+/// without releasing: time for the dead daemon's workers to see their streams close and stop.
+pub const DEFAULT_CRASH_GRACE: Duration = Duration::from_millis(25);
+
 /// Width of the term record after the header: `term ` + 20 digits + newline.
 const TERM_RECORD: usize = 26;
 
@@ -162,6 +172,7 @@ impl StateRecord {
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
+    crash_grace: Duration,
 }
 
 impl FileStore {
@@ -178,7 +189,16 @@ impl FileStore {
         std::fs::create_dir_all(&dir).map_err(fail)?;
         // Prove that we may create files here before any election needs to.
         tempfile::NamedTempFile::with_prefix_in(".baton-probe-", &dir).map_err(fail)?;
-        Ok(FileStore { dir })
+        Ok(FileStore {
+            dir,
+            crash_grace: DEFAULT_CRASH_GRACE,
+        })
+    }
+
+    /// Replace [`DEFAULT_CRASH_GRACE`].
+    pub fn with_crash_grace(mut self, grace: Duration) -> Self {
+        self.crash_grace = grace;
+        self
     }
 
     /// The lock directory.
@@ -216,8 +236,10 @@ impl Store for FileStore {
             state_name: format!("{election}.state"),
             identity: identity.to_owned(),
             timing,
+            crash_grace: self.crash_grace,
             lock: None,
             held: None,
+            announce_at: None,
             events,
         };
         candidate.open_lock()?;
@@ -237,10 +259,13 @@ struct FileCandidate {
     state_name: String,
     identity: String,
     timing: Timing,
+    crash_grace: Duration,
     /// Our open lock file; closed (and so unlocked) on release.
     lock: Option<File>,
     /// The term we hold, if we hold the lock.
     held: Option<u64>,
+    /// After taking over from a dead holder: do not report the holding before this.
+    announce_at: Option<Instant>,
     events: EventStream<Vec<u8>>,
 }
 
@@ -318,6 +343,17 @@ impl FileCandidate {
             .map_err(|e| self.lock_error(e))
     }
 
+    /// Report the holding of `term`, after the crash grace if one is running. Cancel-safe: the
+    /// holding is recorded in `self` before this is awaited.
+    async fn announce(&mut self, term: u64) -> Acquired {
+        if let Some(at) = self.announce_at {
+            sleep_until(at).await;
+            self.announce_at = None;
+        }
+        let valid_until = Instant::now() + self.timing.lease_duration;
+        Acquired::Held(Holding { term, valid_until })
+    }
+
     /// Just locked: record the next term durably, then tell observers. Returns the term.
     fn take_over(&self, state_term: u64) -> Result<u64, FileError> {
         let file = self.lock.as_ref().ok_or_else(|| FileError::Lock {
@@ -391,6 +427,7 @@ impl FileCandidate {
     fn close_lock(&mut self) {
         self.lock = None;
         self.held = None;
+        self.announce_at = None;
     }
 
     /// Wait for a notification about this election, or `at_most`.
@@ -441,8 +478,11 @@ impl FileCandidate {
                     }
                     let term = taken?;
                     self.held = Some(term);
-                    let valid_until = Instant::now() + self.timing.lease_duration;
-                    return Ok(Acquired::Held(Holding { term, valid_until }));
+                    if state.holder.is_some() {
+                        // The previous holder never released: it died.
+                        self.announce_at = Some(Instant::now() + self.crash_grace);
+                    }
+                    return Ok(self.announce(term).await);
                 }
                 let cleared = StateRecord {
                     holder: None,
@@ -474,8 +514,7 @@ impl Candidate for FileCandidate {
         if let Some(term) = self.held {
             // Still ours (the elector lost track, e.g. after a cancelled call).
             self.keep().await?;
-            let valid_until = Instant::now() + self.timing.lease_duration;
-            return Ok(Acquired::Held(Holding { term, valid_until }));
+            return Ok(self.announce(term).await);
         }
         Ok(self.campaign_or_observe(last_seen, true).await?)
     }
@@ -597,6 +636,51 @@ mod tests {
         let error = store.join("e", "a", timing()).await.err().unwrap();
         assert_eq!(error.kind(), ErrorKind::Invalid);
         assert!(error.to_string().contains("e.state"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_crashed_holder_is_replaced_after_the_crash_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let grace = Duration::from_millis(300);
+        let store = FileStore::new(dir.path()).unwrap().with_crash_grace(grace);
+        let mut a = store.join("e", "a", timing()).await.unwrap();
+        let mut b = store.join("e", "b", timing()).await.unwrap();
+        assert!(matches!(
+            a.acquire(&Observation::default()).await.unwrap(),
+            Acquired::Held(_)
+        ));
+        let mut seen = Observation::default();
+        loop {
+            match b.acquire(&seen).await.unwrap() {
+                Acquired::Observed(o) if o.holder.as_deref() == Some("a") => {
+                    seen = o;
+                    break;
+                }
+                Acquired::Observed(o) => seen = o,
+                Acquired::Held(_) => panic!("b must not win while a holds"),
+            }
+        }
+        let died = Instant::now();
+        drop(a);
+        let Acquired::Held(_) = b.acquire(&seen).await.unwrap() else {
+            panic!("b takes over")
+        };
+        assert!(
+            Instant::now() - died >= grace,
+            "reported before the grace passed"
+        );
+
+        // A clean release hands over without the grace.
+        b.release(None).await.unwrap();
+        let mut c = store.join("e", "c", timing()).await.unwrap();
+        let released = Instant::now();
+        let Acquired::Held(_) = c.acquire(&Observation::default()).await.unwrap() else {
+            panic!("c wins")
+        };
+        assert!(
+            Instant::now() - released < grace,
+            "no grace after a release"
+        );
     }
 
     #[tokio::test]
