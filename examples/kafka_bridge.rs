@@ -175,9 +175,8 @@ impl Sink {
             }
             self.producer
                 .commit_transaction(FLUSH_TIMEOUT)
-                .map_err(|e| {
+                .inspect_err(|_| {
                     let _ = self.producer.abort_transaction(FLUSH_TIMEOUT);
-                    e
                 })
         })
     }
