@@ -34,11 +34,6 @@ impl Backoff {
         ceiling / 2 + ceiling.mul_f64(rand::rng().random::<f64>() / 2.0)
     }
 
-    /// The longest delay.
-    pub(crate) fn cap(&self) -> Duration {
-        self.cap
-    }
-
     /// Whether the last attempt failed (a delay is due before the next).
     pub(crate) fn failing(&self) -> bool {
         self.attempt > 0

@@ -177,9 +177,6 @@ impl Runtime {
                         let retry_in = if self.machine.held_term().is_some() {
                             // A leader retries every retry period until its renew deadline.
                             timing.retry_period
-                        } else if kind == ErrorKind::Invalid {
-                            // Needs a person: retry, but slowly.
-                            backoff.cap()
                         } else {
                             backoff.next_delay()
                         };

@@ -166,7 +166,8 @@ pub enum ErrorKind {
     /// Unreachable, slow or refusing (403, auth): report UNKNOWN and retry with back-off.
     Unavailable,
     /// The store holds data Baton cannot use (a foreign or corrupt lock file): retrying will not
-    /// help until someone fixes it, but the daemon keeps retrying slowly and says so.
+    /// help until someone fixes it; the daemon says so and retries with back-off, re-opening
+    /// its seat from scratch, so a fix takes effect without a restart.
     Invalid,
 }
 
