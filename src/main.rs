@@ -83,7 +83,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     match baton::daemon::run(config, listener, shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e @ baton::daemon::DaemonError::LockDir(_)) => {
+        Err(e) if e.is_config() => {
             eprintln!("baton: {e}");
             Ok(ExitCode::from(EXIT_USAGE as u8))
         }
