@@ -118,20 +118,18 @@ impl Proc {
 
     /// Wait for the process to exit, at most `SOON`.
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = std::time::Instant::now() + SOON;
-        loop {
+        let step = Duration::from_millis(10);
+        for _ in 0..SOON.as_millis() / step.as_millis() {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "process did not exit within {SOON:?}; stderr:\n{}",
-                    self.stderr.all().join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
+            thread::sleep(step);
         }
+        let _ = self.child.kill();
+        panic!(
+            "process did not exit within {SOON:?}; stderr:\n{}",
+            self.stderr.all().join("\n")
+        );
     }
 }
 
@@ -233,4 +231,10 @@ pub fn lock_dir() -> tempfile::TempDir {
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock the timer worker stamps its lines with.
+pub fn mono_now() -> i128 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
 }
