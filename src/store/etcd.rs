@@ -90,7 +90,10 @@ pub enum EtcdError {
         source: std::io::Error,
     },
     /// Connecting (and, with a user, authenticating) failed.
-    #[error("cannot connect to etcd at {endpoints}: {}", explain(source))]
+    #[error(
+        "cannot connect to etcd at {endpoints}: {}",
+        explain_at(endpoints, source)
+    )]
     Connect {
         /// The endpoints tried.
         endpoints: String,
@@ -101,7 +104,7 @@ pub enum EtcdError {
     /// The session lease could not be granted.
     #[error(
         "cannot create an etcd session (lease grant) at {endpoints}: {}",
-        explain(source)
+        explain_at(endpoints, source)
     )]
     GrantLease {
         /// The endpoints tried.
@@ -185,7 +188,14 @@ fn explain(error: &etcd_client::Error) -> String {
         }
         other => other.to_string(),
     };
-    let mut source = std::error::Error::source(error);
+    // etcd_client::Error keeps its cause inside the variant and does not expose it as a source.
+    let root: Option<&dyn std::error::Error> = match error {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::TransportError(e) => Some(e),
+        etcd_client::Error::IoError(e) => Some(e),
+        _ => None,
+    };
+    let mut source = root.and_then(std::error::Error::source);
     while let Some(cause) = source {
         let line = cause.to_string();
         if !text.contains(&line) {
@@ -247,6 +257,21 @@ fn explain(error: &etcd_client::Error) -> String {
         text.push_str(" (");
         text.push_str(hint);
         text.push(')');
+    }
+    text
+}
+
+/// [`explain`] for a call that may be the first on a connection to `endpoints`: over TLS, a
+/// server that refuses the client certificate after a TLS 1.3 handshake often shows only as a
+/// closed connection, so say so.
+fn explain_at(endpoints: &str, error: &etcd_client::Error) -> String {
+    let mut text = explain(error);
+    if endpoints.contains("https://") && !text.ends_with(')') && text.contains("connection closed")
+    {
+        text.push_str(
+            " (etcd closed the TLS connection: it may have refused the client certificate; \
+             check --etcd-cert-file and --etcd-key-file)",
+        );
     }
     text
 }

@@ -64,10 +64,15 @@ impl Etcd {
 
     /// Start an etcd, with TLS on the client port if given, and wait until it serves.
     pub fn start_with(tls: Option<ServerTls>) -> Etcd {
+        Self::start_at(free_port(), tls)
+    }
+
+    /// Start an etcd on the given client port and wait until it serves.
+    pub fn start_at(client_port: u16, tls: Option<ServerTls>) -> Etcd {
         require_binaries();
         let mut etcd = Etcd {
             dir: tempfile::tempdir().expect("scratch dir"),
-            client_port: free_port(),
+            client_port,
             peer_port: free_port(),
             tls,
             proc: None,
