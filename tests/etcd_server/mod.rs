@@ -136,7 +136,7 @@ impl Etcd {
 
     /// Wait until `etcdctl endpoint health` answers.
     fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + crate::common::SOON;
+        let deadline = tokio::time::Instant::now() + crate::common::SOON;
         loop {
             let out = self
                 .etcdctl(&["endpoint", "health", "--command-timeout=1s"])
@@ -148,7 +148,7 @@ impl Etcd {
             if let Some(proc) = &self.proc {
                 let stderr = proc.stderr.all().join("\n");
                 assert!(
-                    std::time::Instant::now() < deadline,
+                    tokio::time::Instant::now() < deadline,
                     "etcd did not become healthy within {:?}:\n{stderr}\netcdctl: {}",
                     crate::common::SOON,
                     String::from_utf8_lossy(&out.stderr)
