@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: campaign in the elections and serve their state over gRPC.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Follow one election: a line per event until interrupted.
     Watch(WatchArgs),
     /// Print the current state of every election of a daemon, then exit.
@@ -576,6 +576,110 @@ mod tests {
         ];
         for (args, flag) in cases {
             let error = run(args).unwrap_err();
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn store_etcd_without_the_feature_names_it() {
+        let error = run(&["--store", "etcd"]).unwrap_err();
+        assert!(
+            error.contains("--store etcd") && error.contains("--features etcd"),
+            "{error}"
+        );
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_flags_become_a_store_config() {
+        let config = run(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "127.0.0.1:2379,http://h2:2379",
+            "--etcd-endpoints",
+            "http://h3:2379/",
+            "--etcd-prefix",
+            "team/",
+        ])
+        .unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("an etcd store");
+        };
+        assert_eq!(
+            etcd.endpoints,
+            ["http://127.0.0.1:2379", "http://h2:2379", "http://h3:2379/"]
+        );
+        assert_eq!(etcd.prefix, "team/");
+        assert_eq!((etcd.tls, etcd.auth), (None, None));
+
+        let config = run(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "h:2379",
+            "--etcd-ca-file",
+            "ca.pem",
+            "--etcd-cert-file",
+            "c.pem",
+            "--etcd-key-file",
+            "k.pem",
+            "--etcd-username",
+            "u",
+            "--etcd-password-file",
+            "pw",
+        ])
+        .unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("an etcd store");
+        };
+        assert_eq!(etcd.endpoints, ["https://h:2379"], "TLS flags mean https");
+        let tls = etcd.tls.expect("tls");
+        assert_eq!(tls.ca_file, PathBuf::from("ca.pem"));
+        assert_eq!(tls.identity, Some(("c.pem".into(), "k.pem".into())));
+        assert_eq!(etcd.auth.expect("auth").username, "u");
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--lease-duration", "2500ms"], "--lease-duration"),
+            (
+                &[
+                    "--lease-duration",
+                    "1s",
+                    "--renew-deadline",
+                    "500ms",
+                    "--retry-period",
+                    "100ms",
+                ],
+                "--lease-duration",
+            ),
+            (&["--etcd-endpoints", "ftp://h:2379"], "--etcd-endpoints"),
+            (&["--etcd-endpoints", "h"], "--etcd-endpoints"),
+            (&["--etcd-endpoints", "http://h:port"], "--etcd-endpoints"),
+            (&["--etcd-endpoints", "https://h:2379"], "--etcd-ca-file"),
+            (
+                &["--etcd-endpoints", "http://h:2379", "--etcd-ca-file", "ca"],
+                "--etcd-endpoints",
+            ),
+            (
+                &["--etcd-ca-file", "ca", "--etcd-cert-file", "c"],
+                "--etcd-key-file",
+            ),
+            (
+                &["--etcd-ca-file", "ca", "--etcd-key-file", "k"],
+                "--etcd-cert-file",
+            ),
+            (&["--etcd-username", "u"], "--etcd-password-file"),
+            (&["--etcd-password-file", "pw"], "--etcd-username"),
+        ];
+        for (args, flag) in cases {
+            let mut argv = vec!["--store", "etcd"];
+            argv.extend_from_slice(args);
+            let error = run(&argv).unwrap_err();
             assert!(error.contains(flag), "{args:?}: {error}");
         }
     }

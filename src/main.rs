@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => return run(args).await,
+            Command::Run(args) => return run(*args).await,
             Command::Watch(args) => watch(&args.addr.addr, &args.election).await,
             Command::Status(args) => status(&args).await,
             Command::Resign(args) => {

@@ -572,3 +572,70 @@ async fn user_authentication_right_password_works_wrong_password_is_named() {
         l.contains("store call failed") && l.contains("authentication failed")
     });
 }
+
+#[test]
+fn bad_etcd_flags_and_unreadable_files_exit_2_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--etcd-endpoints", "ftp://127.0.0.1:2379"],
+            "--etcd-endpoints",
+        ),
+        (&["--lease-duration", "2500ms"], "--lease-duration"),
+        (
+            &[
+                "--etcd-endpoints",
+                "https://127.0.0.1:2379",
+                "--etcd-ca-file",
+                "/no/such/ca.pem",
+            ],
+            "--etcd-ca-file",
+        ),
+        (
+            &[
+                "--etcd-username",
+                "u",
+                "--etcd-password-file",
+                "/no/such/password",
+            ],
+            "--etcd-password-file",
+        ),
+    ];
+    for (args, flag) in cases {
+        let output = common::baton()
+            .args(["run", "--store", "etcd", "--listen", "127.0.0.1:0"])
+            .args(*args)
+            .output()
+            .expect("run baton");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?} names {flag}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_key_is_deleted_by_hand_steps_down_at_once() {
+    let etcd = Etcd::start();
+    let mut client = etcd_client(&etcd).await;
+    let a = start("a", &etcd, "vanish");
+    let first = a.wait_role("vanish", Role::Leader).await;
+    let b = start("b", &etcd, "vanish");
+    b.wait_role("vanish", Role::Follower).await;
+    let keys = queue(&mut client, "baton/vanish/").await;
+    let (key, holder, ..) = keys.first().cloned().expect("a's key");
+    assert_eq!(holder, "a");
+
+    etcd.ctl(&["del", &key]);
+    let lost = a
+        .wait_for("vanish", "stepped down for the lost key", |s| {
+            s.role != Role::Leader && s.reason.contains("vanished")
+        })
+        .await;
+    assert!(lost.reason.contains(&key), "{}", lost.reason);
+    let led = b.wait_role("vanish", Role::Leader).await;
+    assert!(led.term > first.term);
+    // a campaigns again with a new session, behind b.
+    a.wait_for("vanish", "following b", |s| {
+        s.role == Role::Follower && s.leader.as_deref() == Some("b")
+    })
+    .await;
+}

@@ -933,18 +933,7 @@ impl EtcdCandidate {
 
     /// Wait until something in `what` changes after `revision`, or the session lease is gone.
     async fn wait(&mut self, revision: i64, what: WaitFor<'_>) -> Result<(), StoreError> {
-        let first = what
-            .keys
-            .first()
-            .copied()
-            .or(what.new_key_in)
-            .unwrap_or(&self.queue);
-        let first = first.to_owned();
-        let wrap = |key: &str| {
-            let key = key.to_owned();
-            move |source| EtcdError::Watch { key, source }
-        };
-        let mut watches = self.client.watch_client();
+        // Start right after the read, so that no change in between is missed.
         let from = WatchOptions::new().with_start_revision(revision + 1);
         let mut targets: Vec<(String, WatchOptions)> = what
             .keys
@@ -952,29 +941,34 @@ impl EtcdCandidate {
             .map(|key| ((*key).to_owned(), from.clone()))
             .collect();
         if let Some(range) = what.new_key_in {
-            targets.push((
-                range.to_owned(),
-                from.clone()
-                    .with_prefix()
-                    .with_filters([WatchFilterType::NoDelete]),
-            ));
+            let new_keys = from
+                .clone()
+                .with_prefix()
+                .with_filters([WatchFilterType::NoDelete]);
+            targets.push((range.to_owned(), new_keys));
         }
         let mut targets = targets.into_iter();
-        let Some((key, options)) = targets.next() else {
+        let Some((first, options)) = targets.next() else {
             return Ok(());
         };
+        let watch_error = |key: &str| {
+            let key = key.to_owned();
+            move |source| EtcdError::Watch { key, source }
+        };
+        let mut watches = self.client.watch_client();
         let mut stream = self
             .call(
                 "watch",
-                watches.watch(key.as_str(), Some(options)),
-                wrap(&first),
+                watches.watch(first.as_str(), Some(options)),
+                watch_error(&first),
             )
             .await?;
+        // More watches on the same stream.
         for (key, options) in targets {
             self.call(
                 "watch",
                 stream.watch(key.as_str(), Some(options)),
-                wrap(&key),
+                watch_error(&key),
             )
             .await?;
         }
