@@ -112,7 +112,7 @@ pub struct RunArgs {
         long,
         env = "BATON_ETCD_ENDPOINTS",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
+        default_value = "127.0.0.1:2379"
     )]
     pub etcd_endpoints: Vec<String>,
 
