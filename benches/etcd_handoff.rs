@@ -15,7 +15,9 @@
 //!   keep-alive it received (which the leader sends every retry period) and checks expiries
 //!   every 500 ms, so this can be negative.
 //!
-//! Without `--bench` in argv (as under `cargo test --all-targets`) it does 3 runs of each.
+//! Without `--bench` in argv (as under `cargo test --all-targets`) it does 3 runs of each;
+//! `BATON_BENCH_RUNS=N` sets the count. Figures are printed, never asserted; safety is checked on
+//! every hand-off (the old worker stopped before the new one started).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -57,21 +59,23 @@ fn daemon(identity: &str, etcd: &Etcd, election: &str) -> Daemon {
     )
 }
 
-/// The timer worker's loop, in this process: sends the instant it starts on `started`. A local
-/// task: the future of `run_while_leader` is not `Send`.
-fn worker(
-    daemon: &Daemon,
-    election: &str,
-    started: mpsc::UnboundedSender<Instant>,
-) -> JoinHandle<()> {
+/// A worker's start or stop, stamped.
+enum Edge {
+    Started(Instant),
+    Stopped(Instant),
+}
+
+/// The timer worker's loop, in this process: reports when it starts and stops on `edges`. A
+/// local task: the future of `run_while_leader` is not `Send`.
+fn worker(daemon: &Daemon, election: &str, edges: mpsc::UnboundedSender<Edge>) -> JoinHandle<()> {
     let client = Client::connect_lazy(daemon.addr.clone()).expect("daemon address");
     let election = election.to_owned();
     tokio::task::spawn_local(async move {
         let outcome = client
             .run_while_leader(&election, move |lease| {
-                let started = started.clone();
+                let edges = edges.clone();
                 async move {
-                    let _ = started.send(Instant::now());
+                    let _ = edges.send(Edge::Started(Instant::now()));
                     let mut ticks = tokio::time::interval(Duration::from_millis(50));
                     loop {
                         tokio::select! {
@@ -79,6 +83,7 @@ fn worker(
                             _ = ticks.tick() => {}
                         }
                     }
+                    let _ = edges.send(Edge::Stopped(Instant::now()));
                 }
             })
             .await;
@@ -92,18 +97,18 @@ fn worker(
 struct Replica {
     daemon: Daemon,
     worker: JoinHandle<()>,
-    started: mpsc::UnboundedReceiver<Instant>,
+    edges: mpsc::UnboundedReceiver<Edge>,
 }
 
 impl Replica {
     async fn start(identity: &str, etcd: &Etcd, election: &str) -> Replica {
         let daemon = daemon(identity, etcd, election);
-        let (tx, started) = mpsc::unbounded_channel();
+        let (tx, edges) = mpsc::unbounded_channel();
         let worker = worker(&daemon, election, tx);
         Replica {
             daemon,
             worker,
-            started,
+            edges,
         }
     }
 
@@ -117,11 +122,25 @@ impl Replica {
             .await;
     }
 
-    async fn worker_started(&mut self) -> Instant {
-        tokio::time::timeout(common::SOON, self.started.recv())
+    async fn next_edge(&mut self) -> Edge {
+        tokio::time::timeout(common::SOON, self.edges.recv())
             .await
-            .expect("the worker starts soon")
+            .expect("the worker starts or stops soon")
             .expect("the worker task lives")
+    }
+
+    async fn worker_started(&mut self) -> Instant {
+        match self.next_edge().await {
+            Edge::Started(at) => at,
+            Edge::Stopped(_) => panic!("the worker stopped before it started"),
+        }
+    }
+
+    async fn worker_stopped(&mut self) -> Instant {
+        match self.next_edge().await {
+            Edge::Stopped(at) => at,
+            Edge::Started(_) => panic!("the worker started twice"),
+        }
     }
 }
 
@@ -144,6 +163,12 @@ async fn baton_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
         leader.daemon.proc.signal(Signal::SIGTERM);
         let started = standby.worker_started().await;
         samples.push(started - sent);
+        // Safety on every run: the old worker stopped before the new one started.
+        let stopped = leader.worker_stopped().await;
+        assert!(
+            stopped < started,
+            "the new worker started before the old one stopped"
+        );
         leader.daemon.proc.wait();
         leader = standby;
     }
@@ -219,7 +244,10 @@ fn millis(samples: Vec<Duration>) -> Vec<f64> {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let runs = if full { 20 } else { 3 };
+    let runs = std::env::var("BATON_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if full { 20 } else { 3 });
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let etcd = Etcd::start();
     let ctl = etcdctl_handoff(&etcd, runs);
