@@ -166,9 +166,14 @@ pub struct Daemon {
 impl Daemon {
     /// Start `baton run --identity ID --listen 127.0.0.1:0 ARGS...` and wait until it serves.
     pub fn start(identity: &str, args: &[&str]) -> Daemon {
+        Self::start_on(identity, "127.0.0.1:0", args)
+    }
+
+    /// Start a daemon on a given `listen` address (to restart one where its workers expect it).
+    pub fn start_on(identity: &str, listen: &str, args: &[&str]) -> Daemon {
         let mut command = baton();
         command
-            .args(["run", "--identity", identity, "--listen", "127.0.0.1:0"])
+            .args(["run", "--identity", identity, "--listen", listen])
             .args(args)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(command, "daemon: ");
@@ -237,4 +242,12 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 pub fn mono_now() -> i128 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
     t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
