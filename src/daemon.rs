@@ -30,12 +30,31 @@ pub enum DaemonError {
     /// The file store's lock directory is unusable.
     #[error("--lock-dir: {0}")]
     LockDir(#[source] crate::store::file::FileError),
+    /// The etcd store's configuration is unusable (a TLS or password file cannot be read).
+    #[cfg(feature = "etcd")]
+    #[error("{0}")]
+    EtcdConfig(#[source] crate::store::etcd::EtcdError),
+    /// `--store etcd` in a build without the etcd store (normally refused by the config).
+    #[error("--store etcd: this baton was built without the etcd store (cargo feature `etcd`)")]
+    EtcdNotBuilt,
     /// The gRPC reflection service could not be built from the descriptors.
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+impl DaemonError {
+    /// Whether the error is in the configuration (exit status 2), not in running.
+    pub fn is_config(&self) -> bool {
+        match self {
+            DaemonError::LockDir(_) | DaemonError::EtcdNotBuilt => true,
+            #[cfg(feature = "etcd")]
+            DaemonError::EtcdConfig(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Open the configured store.
@@ -47,6 +66,12 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonEr
         StoreConfig::File { lock_dir } => Ok(Arc::new(
             FileStore::new(lock_dir).map_err(DaemonError::LockDir)?,
         )),
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd(etcd) => Ok(Arc::new(
+            crate::store::etcd::EtcdStore::new(etcd).map_err(DaemonError::EtcdConfig)?,
+        )),
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd(_) => Err(DaemonError::EtcdNotBuilt),
     }
 }
 

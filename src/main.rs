@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => return run(args).await,
+            Command::Run(args) => return run(*args).await,
             Command::Watch(args) => watch(&args.addr.addr, &args.election).await,
             Command::Status(args) => status(&args).await,
             Command::Resign(args) => {
@@ -83,7 +83,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     match baton::daemon::run(config, listener, shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e @ baton::daemon::DaemonError::LockDir(_)) => {
+        Err(e) if e.is_config() => {
             eprintln!("baton: {e}");
             Ok(ExitCode::from(EXIT_USAGE as u8))
         }
