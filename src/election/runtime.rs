@@ -50,7 +50,7 @@ impl Runtime {
     pub(super) async fn run(mut self) {
         let timing = self.config.timing;
         let mut seat: Option<Box<dyn Candidate>> = None;
-        let mut last_seen = Observation::default();
+        let mut last_seen = Observation::unseen();
         let mut backoff = Backoff::new(timing.retry_period, timing.lease_duration);
         // Store calls wait for this instant (back-off after a failure, renewal period).
         let mut not_before: Option<Instant> = None;
@@ -225,7 +225,7 @@ impl Runtime {
         self.execute(command, seat).await;
         if self.machine.activity() != Activity::Renew {
             // Campaign afresh: report the first observation at once.
-            *last_seen = Observation::default();
+            *last_seen = Observation::unseen();
             *not_before = None;
         }
     }
