@@ -35,6 +35,10 @@ pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod election;
 #[cfg(feature = "daemon")]
+pub mod listen;
+#[cfg(feature = "daemon")]
+pub mod metrics;
+#[cfg(feature = "daemon")]
 pub mod server;
 #[cfg(feature = "daemon")]
 pub mod store;

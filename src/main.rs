@@ -6,7 +6,8 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use anyhow::Context;
 use baton::{
     client::{Client, LeaderState, Role, WatchEvent},
-    config::{Cli, Command, EXIT_USAGE, RunArgs},
+    config::{Cli, Command, EXIT_USAGE, LogFormat, RunArgs},
+    listen::Listener,
 };
 use clap::Parser;
 use futures::StreamExt;
@@ -14,13 +15,22 @@ use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object a line, the event's fields at the top level beside timestamp, level,
+        // target and message: what log collectors index.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -30,7 +40,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => return run(args).await,
+            Command::Run(args) => return run(*args).await,
             Command::Watch(args) => watch(&args.addr.addr, &args.election).await,
             Command::Status(args) => status(&args).await,
             Command::Resign(args) => {
@@ -57,10 +67,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE as u8));
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match Listener::bind(&config.listen, config.tls.as_ref()).await {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("baton: --listen {}: cannot bind: {e}", config.listen);
+            eprintln!("baton: {e}");
             return Ok(ExitCode::from(EXIT_USAGE as u8));
         }
     };
@@ -83,7 +93,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     match baton::daemon::run(config, listener, shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e @ baton::daemon::DaemonError::LockDir(_)) => {
+        Err(e) if e.is_config() => {
             eprintln!("baton: {e}");
             Ok(ExitCode::from(EXIT_USAGE as u8))
         }

@@ -23,7 +23,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, Timing};
+use crate::{
+    metrics::ElectionMetrics,
+    store::{Store, Timing},
+};
 
 pub mod machine;
 mod runtime;
@@ -159,6 +162,16 @@ impl Election {
         config: ElectionConfig,
         cancel: CancellationToken,
     ) -> (Election, JoinHandle<()>) {
+        Self::spawn_with_metrics(store, config, ElectionMetrics::default(), cancel)
+    }
+
+    /// [`Election::spawn`], recording the election's metrics into `metrics`.
+    pub fn spawn_with_metrics(
+        store: Arc<dyn Store>,
+        config: ElectionConfig,
+        metrics: ElectionMetrics,
+        cancel: CancellationToken,
+    ) -> (Election, JoinHandle<()>) {
         let name: Arc<str> = config.name.as_str().into();
         let machine = machine::Machine::new(
             config.timing,
@@ -182,6 +195,7 @@ impl Election {
             workers: workers.clone(),
             requests: requests_rx,
             cancel,
+            metrics,
         };
         let task = tokio::spawn(runtime.run());
         let handle = Election {

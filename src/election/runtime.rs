@@ -14,7 +14,10 @@ use super::{
     CampaignMode, ElectionConfig, ElectionError, Leadership, Request, Workers,
     machine::{Activity, Command, Event, Machine, Role},
 };
-use crate::store::{Acquired, Candidate, ErrorKind, Observation, Store, StoreError};
+use crate::{
+    metrics::ElectionMetrics,
+    store::{Acquired, Candidate, ErrorKind, Observation, Store, StoreError},
+};
 
 pub(super) struct Runtime {
     pub(super) store: Arc<dyn Store>,
@@ -24,6 +27,8 @@ pub(super) struct Runtime {
     pub(super) workers: Arc<watch::Sender<Workers>>,
     pub(super) requests: mpsc::Receiver<Request>,
     pub(super) cancel: CancellationToken,
+    /// Where the runtime records what happens (the machine stays pure).
+    pub(super) metrics: ElectionMetrics,
 }
 
 /// What one store step produced.
@@ -83,7 +88,12 @@ impl Runtime {
         let mut not_before: Option<Instant> = None;
         let mut workers = self.workers.subscribe();
         let mut shutdown_seen = false;
-        self.apply_readiness(&workers.borrow_and_update());
+        {
+            let snapshot = workers.borrow_and_update().clone();
+            self.metrics.subscribers(snapshot.len());
+            self.apply_readiness(&snapshot);
+        }
+        self.metrics.published(&self.state.borrow().view);
         tracing::info!(
             election = %self.config.name,
             identity = %self.config.identity,
@@ -153,6 +163,7 @@ impl Runtime {
                 Wake::Deadline => self.machine.tick(now),
                 Wake::Workers => {
                     let snapshot = workers.borrow_and_update().clone();
+                    self.metrics.subscribers(snapshot.len());
                     self.apply_readiness(&snapshot)
                 }
                 Wake::Store(step) => match step {
@@ -172,6 +183,7 @@ impl Runtime {
                         valid_until,
                     } => {
                         backoff.reset();
+                        self.metrics.renewed(now.saturating_duration_since(sent_at));
                         not_before = Some(sent_at + timing.retry_period);
                         self.machine.handle(
                             now,
@@ -183,6 +195,7 @@ impl Runtime {
                     }
                     Step::Failed(error) => {
                         let kind = error.kind();
+                        self.metrics.store_failed(kind);
                         let retry_in = if self.machine.held_term().is_some() {
                             // A leader retries every retry period until its renew deadline.
                             timing.retry_period
@@ -315,6 +328,9 @@ impl Runtime {
             current.observed_at = SystemTime::now();
             true
         });
+        if previous.is_some() {
+            self.metrics.published(&view);
+        }
         if let Some(previous) = previous
             && (previous.role != view.role
                 || previous.leader != view.leader
