@@ -161,6 +161,8 @@ pub struct Daemon {
     pub proc: Proc,
     pub addr: String,
     pub identity: String,
+    /// The daemon's `baton serving` log line (its addresses: `listen=`, `health=`, `metrics=`).
+    pub serving: String,
 }
 
 impl Daemon {
@@ -184,10 +186,17 @@ impl Daemon {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("listen="))
             .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        // A Unix socket is its own client address (`unix:PATH`).
+        let addr = if listen.starts_with("unix:") {
+            listen.to_owned()
+        } else {
+            format!("http://{listen}")
+        };
         Daemon {
             proc,
-            addr: format!("http://{listen}"),
+            addr,
             identity: identity.to_owned(),
+            serving: line,
         }
     }
 
