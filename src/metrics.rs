@@ -11,7 +11,9 @@
 //! | `baton_subscribers` | gauge | workers subscribed to the election (open `WatchLeadership` streams with a worker name) |
 //!
 //! The election runtime records into an [`ElectionMetrics`] (a bundle of handles on the series
-//! of one election); the pure state machine knows nothing of it.
+//! of one election), and the election handle records subscriptions; the pure state machine
+//! knows nothing of it. Each value is recorded before the change it reflects is published, so a
+//! client that has seen a state and then scrapes sees that state's values.
 
 use std::{
     net::SocketAddr,

@@ -152,6 +152,7 @@ pub struct Election {
     state: watch::Receiver<Leadership>,
     workers: Arc<watch::Sender<Workers>>,
     requests: mpsc::Sender<Request>,
+    metrics: ElectionMetrics,
 }
 
 impl Election {
@@ -195,7 +196,7 @@ impl Election {
             workers: workers.clone(),
             requests: requests_rx,
             cancel,
-            metrics,
+            metrics: metrics.clone(),
         };
         let task = tokio::spawn(runtime.run());
         let handle = Election {
@@ -203,6 +204,7 @@ impl Election {
             state: state_rx,
             workers,
             requests: requests_tx,
+            metrics,
         };
         (handle, task)
     }
@@ -235,10 +237,13 @@ impl Election {
                 let entry = w.entries.entry(name.to_owned()).or_default();
                 entry.streams += 1;
                 entry.ready |= ready;
+                // Under the same lock, so the gauge is right before anyone sees the change.
+                self.metrics.subscribers(w.len());
             });
             WorkerGuard {
                 name: name.to_owned(),
                 workers: self.workers.clone(),
+                metrics: self.metrics.clone(),
             }
         });
         Subscription {
@@ -316,6 +321,7 @@ pub struct Subscription {
 struct WorkerGuard {
     name: String,
     workers: Arc<watch::Sender<Workers>>,
+    metrics: ElectionMetrics,
 }
 
 impl Drop for WorkerGuard {
@@ -327,6 +333,7 @@ impl Drop for WorkerGuard {
                     w.entries.remove(&self.name);
                 }
             }
+            self.metrics.subscribers(w.len());
         });
     }
 }

@@ -88,11 +88,7 @@ impl Runtime {
         let mut not_before: Option<Instant> = None;
         let mut workers = self.workers.subscribe();
         let mut shutdown_seen = false;
-        {
-            let snapshot = workers.borrow_and_update().clone();
-            self.metrics.subscribers(snapshot.len());
-            self.apply_readiness(&snapshot);
-        }
+        self.apply_readiness(&workers.borrow_and_update());
         self.metrics.published(&self.state.borrow().view);
         tracing::info!(
             election = %self.config.name,
@@ -163,7 +159,6 @@ impl Runtime {
                 Wake::Deadline => self.machine.tick(now),
                 Wake::Workers => {
                     let snapshot = workers.borrow_and_update().clone();
-                    self.metrics.subscribers(snapshot.len());
                     self.apply_readiness(&snapshot)
                 }
                 Wake::Store(step) => match step {
@@ -326,11 +321,10 @@ impl Runtime {
             previous = Some(current.view.clone());
             current.view = view.clone();
             current.observed_at = SystemTime::now();
+            // Before the receivers are woken: whoever sees this state scrapes it too.
+            self.metrics.published(&view);
             true
         });
-        if previous.is_some() {
-            self.metrics.published(&view);
-        }
         if let Some(previous) = previous
             && (previous.role != view.role
                 || previous.leader != view.leader
