@@ -257,7 +257,7 @@ async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
             &pki.arg("server-key.pem"),
         ],
     );
-    assert_eq!(field(&d.serving, "tls"), Some("true"), "{}", d.serving);
+    assert_eq!(field(&d.serving(), "tls"), Some("true"), "{}", d.serving());
     let host = host_of(&d);
 
     let list = grpcurl(&["-cacert", &pki.arg("ca.pem"), &host, "list"]);
@@ -497,8 +497,8 @@ async fn the_health_listener_serves_the_probes_and_nothing_else() {
             "127.0.0.1:0",
         ],
     );
-    let probes = field(&d.serving, "health")
-        .unwrap_or_else(|| panic!("health= in {}", d.serving))
+    let probes = field(&d.serving(), "health")
+        .unwrap_or_else(|| panic!("health= in {}", d.serving()))
         .to_owned();
     d.wait_role("default", Role::Follower).await;
     assert_eq!(health(&probes, "").await, ServingStatus::Serving);

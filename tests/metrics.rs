@@ -70,9 +70,9 @@ fn scrape(addr: &str) -> Scrape {
 }
 
 fn metrics_addr(d: &Daemon) -> String {
-    field(&d.serving, "metrics")
+    field(&d.serving(), "metrics")
         .filter(|a| *a != "off")
-        .unwrap_or_else(|| panic!("metrics= in {}", d.serving))
+        .unwrap_or_else(|| panic!("metrics= in {}", d.serving()))
         .to_owned()
 }
 
@@ -84,7 +84,7 @@ fn series(name: &str) -> String {
 
 /// Wait until a worker is subscribed to `d` (its health listener's `baton.worker.attached`).
 async fn wait_attached(d: &Daemon) {
-    let addr = field(&d.serving, "health").expect("health=").to_owned();
+    let addr = field(&d.serving(), "health").expect("health=").to_owned();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -250,7 +250,12 @@ async fn store_errors_are_counted_by_kind() {
 fn metrics_are_off_by_default() {
     let dir = lock_dir();
     let d = Daemon::start("a", &["--lock-dir", dir.path().to_str().unwrap()]);
-    assert_eq!(field(&d.serving, "metrics"), Some("off"), "{}", d.serving);
+    assert_eq!(
+        field(&d.serving(), "metrics"),
+        Some("off"),
+        "{}",
+        d.serving()
+    );
 }
 
 #[test]

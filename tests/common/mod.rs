@@ -161,8 +161,6 @@ pub struct Daemon {
     pub proc: Proc,
     pub addr: String,
     pub identity: String,
-    /// The daemon's `baton serving` log line (its addresses: `listen=`, `health=`, `metrics=`).
-    pub serving: String,
 }
 
 impl Daemon {
@@ -196,8 +194,15 @@ impl Daemon {
             proc,
             addr,
             identity: identity.to_owned(),
-            serving: line,
         }
+    }
+
+    /// The daemon's `baton serving` log line (its addresses: `listen=`, `tls=`, `health=`,
+    /// `metrics=`).
+    pub fn serving(&self) -> String {
+        self.proc
+            .stderr
+            .wait_for("'baton serving'", |l| l.contains("baton serving"))
     }
 
     pub async fn client(&self) -> Client {
