@@ -12,7 +12,11 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::{StreamExt, stream::select_all};
+use futures::{
+    StreamExt,
+    future::{join_all, select_all},
+    stream,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +58,13 @@ pub enum DaemonError {
     /// The file store's lock directory is unusable.
     #[error("--lock-dir: {0}")]
     LockDir(#[source] crate::store::file::FileError),
+    /// The etcd store's configuration is unusable (a TLS or password file cannot be read).
+    #[cfg(feature = "etcd")]
+    #[error("{0}")]
+    EtcdConfig(#[source] crate::store::etcd::EtcdError),
+    /// `--store etcd` in a build without the etcd store (normally refused by the config).
+    #[error("--store etcd: this baton was built without the etcd store (cargo feature `etcd`)")]
+    EtcdNotBuilt,
     /// The metrics endpoint cannot be bound, or failed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -72,17 +83,26 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// An election's task ended before shutdown.
+    #[error("election {election:?} stopped unexpectedly (see the log)")]
+    ElectionFailed {
+        /// The election.
+        election: String,
+    },
 }
 
 impl DaemonError {
     /// Whether the error is in the configuration (exit status 2), not in running.
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
+        match self {
             DaemonError::LockDir(_)
-                | DaemonError::HealthListen { .. }
-                | DaemonError::Metrics(MetricsError::Bind { .. })
-        )
+            | DaemonError::EtcdNotBuilt
+            | DaemonError::HealthListen { .. }
+            | DaemonError::Metrics(MetricsError::Bind { .. }) => true,
+            #[cfg(feature = "etcd")]
+            DaemonError::EtcdConfig(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -95,18 +115,39 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonEr
         StoreConfig::File { lock_dir } => Ok(Arc::new(
             FileStore::new(lock_dir).map_err(DaemonError::LockDir)?,
         )),
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd(etcd) => Ok(Arc::new(
+            crate::store::etcd::EtcdStore::new(etcd).map_err(DaemonError::EtcdConfig)?,
+        )),
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd(_) => Err(DaemonError::EtcdNotBuilt),
     }
 }
 
-/// Run the daemon on an already bound `listener` (a [`Listener`] from
-/// [`Listener::bind`], or a plain `TcpListener`) until `shutdown` resolves, then step down in
-/// every election and return.
+/// Run the daemon on an already bound `listener` (a [`Listener`] from [`Listener::bind`], or a
+/// plain `TcpListener`) until `shutdown` resolves, then step down in every election and return.
 ///
 /// # Errors
-/// The metrics or health address cannot be bound, the store cannot be opened, or a server
+/// The store cannot be opened, the metrics or health address cannot be bound, or a server
 /// fails.
 pub async fn run(
     config: Config,
+    listener: impl Into<Listener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let store = open_store(&config.store).await?;
+    run_with_store(config, store, listener, shutdown).await
+}
+
+/// [`run`] over a store already opened with [`open_store`] (so that `main` checks the store's
+/// configuration before it binds the port).
+///
+/// # Errors
+/// The metrics or health address cannot be bound, a server fails, or an election's task ends
+/// before `shutdown`.
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
     listener: impl Into<Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
@@ -124,7 +165,6 @@ pub async fn run(
         ),
         None => None,
     };
-    let store = open_store(&config.store).await?;
     let local = listener.local_addr();
     let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
     let stop_elections = CancellationToken::new();
@@ -233,15 +273,28 @@ pub async fn run(
         "baton serving"
     );
 
-    shutdown.await;
+    // An election task never ends by itself: if one does (a bug, a panic), its last state could
+    // be a stale LEADER. Stop everything rather than serve that.
+    tokio::pin!(shutdown);
+    let failed = tokio::select! {
+        _ = &mut shutdown => None,
+        (outcome, index, _) = select_all(tasks.iter_mut()), if !tasks.is_empty() => {
+            let election = config.elections[index].clone();
+            tracing::error!(%election, outcome = ?outcome, "an election task ended unexpectedly; stopping");
+            Some(election)
+        }
+    };
     tracing::info!("stopping: stepping down in every election");
     // The servers keep serving while the elections step down, so that workers hear of the loss
-    // and can confirm their stop, and a scrape sees the step-down.
+    // and can confirm their stop, and a scrape sees the step-down. Bounded: drain, then a
+    // release that may time out.
     stop_elections.cancel();
-    for task in tasks {
-        if let Err(e) = task.await {
-            tracing::error!(error = %e, "an election task failed");
-        }
+    let bound = config.drain_timeout + config.timing.renew_deadline + SERVER_GRACE;
+    if tokio::time::timeout(bound, join_all(tasks)).await.is_err() {
+        tracing::error!(
+            ?bound,
+            "elections did not stop in time; exiting without them"
+        );
     }
     stop_health.cancel();
     let _ = health_task.await;
@@ -275,7 +328,11 @@ pub async fn run(
     };
     drop(socket_file);
     tracing::info!("stopped");
-    outcome
+    outcome?;
+    match failed {
+        Some(election) => Err(DaemonError::ElectionFailed { election }),
+        None => Ok(()),
+    }
 }
 
 /// Keep grpc.health.v1 in step with the elections, until `stop` (then everything is
@@ -296,7 +353,7 @@ async fn report_health(
     let workers = elections
         .iter()
         .map(|e| WatchStream::new(e.workers()).map(|_| ()).boxed());
-    let mut changes = select_all(leadership.chain(workers));
+    let mut changes = stream::select_all(leadership.chain(workers));
     let status = |serving| {
         if serving {
             ServingStatus::Serving
@@ -313,7 +370,9 @@ async fn report_health(
             elections
                 .iter()
                 .all(|e| e.current().view.role != Role::Unknown),
-            elections.iter().all(|e| !e.workers().borrow().is_empty()),
+            elections
+                .iter()
+                .all(|e| e.workers().borrow().subscribed() > 0),
             elections.iter().all(|e| e.workers().borrow().any_ready()),
         ];
         if last != Some(now) {

@@ -22,6 +22,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 pub mod conformance;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod file;
 pub mod memory;
 
@@ -156,6 +158,10 @@ pub enum StoreError {
     /// The in-memory store failed (partitioned in a test).
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The etcd store failed.
+    #[cfg(feature = "etcd")]
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
 }
 
 /// How the elector treats a [`StoreError`].
@@ -166,7 +172,8 @@ pub enum ErrorKind {
     /// Unreachable, slow or refusing (403, auth): report UNKNOWN and retry with back-off.
     Unavailable,
     /// The store holds data Baton cannot use (a foreign or corrupt lock file): retrying will not
-    /// help until someone fixes it, but the daemon keeps retrying slowly and says so.
+    /// help until someone fixes it; the daemon says so and retries with back-off, re-opening
+    /// its seat from scratch, so a fix takes effect without a restart.
     Invalid,
 }
 
@@ -178,6 +185,8 @@ impl StoreError {
             StoreError::Timeout { .. } => ErrorKind::Unavailable,
             StoreError::File(e) => e.kind(),
             StoreError::Memory(_) => ErrorKind::Unavailable,
+            #[cfg(feature = "etcd")]
+            StoreError::Etcd(e) => e.kind(),
         }
     }
 }
