@@ -166,6 +166,28 @@ pub async fn run_with_store(
         None => None,
     };
     let local = listener.local_addr();
+    // What can still fail is built before any election starts: an error leaves no task behind.
+    let tls = listener.is_tls();
+    if listener.is_remote() && !tls {
+        tracing::warn!(listen = %local,
+            "serving plaintext gRPC beyond loopback: whoever reaches it can resign this replica; \
+             consider --tls-cert-file and --tls-client-ca-file");
+    }
+    let Listener {
+        socket,
+        tls: tls_config,
+    } = listener;
+    let mut builder = Server::builder();
+    if let Some(tls_config) = tls_config {
+        builder = builder.tls_config(tls_config)?;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
     let stop_elections = CancellationToken::new();
     let mut tasks = Vec::new();
@@ -198,30 +220,11 @@ pub async fn run_with_store(
         stop_health.clone(),
     ));
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
     let stop_server = CancellationToken::new();
-    let tls = listener.is_tls();
-    if listener.is_remote() && !tls {
-        tracing::warn!(listen = %local,
-            "serving plaintext gRPC beyond loopback: whoever reaches it can resign this replica; \
-             consider --tls-cert-file and --tls-client-ca-file");
-    }
-    let Listener {
-        socket,
-        tls: tls_config,
-    } = listener;
-    let mut builder = Server::builder();
-    if let Some(tls_config) = tls_config {
-        builder = builder.tls_config(tls_config)?;
-    }
     let router = builder
         .add_service(health_service.clone())
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(LeadershipService::new(elections.clone()).into_server());
     let stopped = || stop_server.clone().cancelled_owned();
     // Held until the end: dropping it removes the socket file.
