@@ -423,9 +423,9 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
             .any(|(_, mono)| *mono > at)
         {
             assert!(
-                waited < SOON * 2,
+                waited < SOON * 3,
                 "no record published within {:?} after {kind:?}",
-                SOON * 2
+                SOON * 3
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
             waited += Duration::from_millis(10);
@@ -541,31 +541,33 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
     }
 }
 
+/// Both stores in one test, one after the other: two runs side by side on two cores would
+/// measure the machine, not Baton.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_record_twice_on_the_file_store() {
+async fn no_record_twice_under_faults() {
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap().to_owned();
+    println!("== file store");
     no_duplicates_under_faults(
         &["--store", "file", "--lock-dir", &lock],
         Duration::from_secs(2),
     )
     .await;
+    #[cfg(feature = "etcd")]
+    {
+        etcd_server::require_binaries();
+        let etcd = etcd_server::Etcd::start();
+        let endpoint = etcd.endpoint();
+        println!("== etcd");
+        // etcd leases are whole seconds, at least 2.
+        no_duplicates_under_faults(
+            &["--store", "etcd", "--etcd-endpoints", &endpoint],
+            Duration::from_secs(2),
+        )
+        .await;
+    }
 }
 
 #[cfg(feature = "etcd")]
 #[path = "etcd_server/mod.rs"]
 mod etcd_server;
-
-#[cfg(feature = "etcd")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_record_twice_on_etcd() {
-    etcd_server::require_binaries();
-    let etcd = etcd_server::Etcd::start();
-    let endpoint = etcd.endpoint();
-    // etcd leases are whole seconds, at least 2.
-    no_duplicates_under_faults(
-        &["--store", "etcd", "--etcd-endpoints", &endpoint],
-        Duration::from_secs(2),
-    )
-    .await;
-}
