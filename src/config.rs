@@ -39,6 +39,9 @@ pub enum Command {
 pub enum StoreKind {
     /// An flock(2)-held file in --lock-dir: one host, no server.
     File,
+    /// A coordination.k8s.io/v1 Lease per election in --namespace, as client-go writes it.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes,
 }
 
 /// When to campaign.
@@ -102,6 +105,18 @@ pub struct RunArgs {
     /// [default: $TMPDIR/baton].
     #[arg(long, env = "BATON_LOCK_DIR")]
     pub lock_dir: Option<PathBuf>,
+
+    /// Kubernetes store: the namespace of the Leases [default: the pod's namespace, else the
+    /// kubeconfig context's].
+    #[cfg(feature = "kubernetes")]
+    #[arg(long, env = "BATON_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Kubernetes store: the Lease to use instead of one named after the election (only with a
+    /// single --election).
+    #[cfg(feature = "kubernetes")]
+    #[arg(long, env = "BATON_LEASE_NAME")]
+    pub lease_name: Option<String>,
 }
 
 /// The daemon address, for the client subcommands.
@@ -142,6 +157,14 @@ pub enum StoreConfig {
     File {
         /// The lock directory.
         lock_dir: PathBuf,
+    },
+    /// The Kubernetes Lease store.
+    #[cfg(feature = "kubernetes")]
+    Kubernetes {
+        /// The namespace; `None`: the pod's, else the kubeconfig context's.
+        namespace: Option<String>,
+        /// One Lease for the single election instead of one named after it.
+        lease_name: Option<String>,
     },
 }
 
@@ -210,6 +233,41 @@ pub enum ConfigError {
         /// The retry period.
         retry_period: Duration,
     },
+    /// A Lease duration Kubernetes cannot express.
+    #[error(
+        "--lease-duration ({lease_duration:?}): the Kubernetes store needs whole seconds, \
+         at least 1s (leaseDurationSeconds is an integer)"
+    )]
+    LeaseSeconds {
+        /// The rejected duration.
+        lease_duration: Duration,
+    },
+    /// `--lease-name` with more than one election.
+    #[error(
+        "--lease-name {lease_name:?} is valid only with a single --election (given {count}); \
+         without it each election uses a Lease of its own name"
+    )]
+    LeaseNameWithElections {
+        /// The Lease name.
+        lease_name: String,
+        /// How many elections were given.
+        count: usize,
+    },
+    /// A Lease or namespace name Kubernetes would refuse.
+    #[error(
+        "{flag} {name:?}: must be a DNS-1123 name (1-{max} characters of a-z, 0-9, '-'{dots}, \
+         starting and ending with a letter or digit)"
+    )]
+    KubernetesName {
+        /// The flag.
+        flag: &'static str,
+        /// The rejected name.
+        name: String,
+        /// The longest allowed name.
+        max: usize,
+        /// Whether dots are allowed, for the message.
+        dots: &'static str,
+    },
     /// A listen address that does not parse.
     #[error("--listen {value:?}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:50051")]
     Listen {
@@ -230,6 +288,20 @@ pub fn valid_election_name(name: &str) -> bool {
         && bytes.first().is_some_and(edge)
         && bytes.last().is_some_and(edge)
         && bytes.iter().all(|b| edge(b) || *b == b'-' || *b == b'.')
+}
+
+/// Whether `name` is a DNS-1123 subdomain (`dots`, at most 253 characters: a Lease name) or
+/// label (no dots, at most 63: a namespace).
+fn valid_dns_name(name: &str, dots: bool) -> bool {
+    let bytes = name.as_bytes();
+    let max = if dots { 253 } else { 63 };
+    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (1..=max).contains(&bytes.len())
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes
+            .iter()
+            .all(|b| edge(b) || *b == b'-' || (dots && *b == b'.'))
 }
 
 /// The default identity: `POD_NAME`, else the host name and process id.
@@ -294,6 +366,45 @@ impl RunArgs {
                     .lock_dir
                     .unwrap_or_else(|| std::env::temp_dir().join("baton")),
             },
+            #[cfg(feature = "kubernetes")]
+            StoreKind::Kubernetes => {
+                let lease = self.lease_duration;
+                if lease.subsec_nanos() != 0 || lease.as_secs() == 0 || lease.as_secs() > i32::MAX as u64 {
+                    return Err(ConfigError::LeaseSeconds {
+                        lease_duration: lease,
+                    });
+                }
+                if let Some(name) = &self.lease_name {
+                    if elections.len() != 1 {
+                        return Err(ConfigError::LeaseNameWithElections {
+                            lease_name: name.clone(),
+                            count: elections.len(),
+                        });
+                    }
+                    if !valid_dns_name(name, true) {
+                        return Err(ConfigError::KubernetesName {
+                            flag: "--lease-name",
+                            name: name.clone(),
+                            max: 253,
+                            dots: ", '.'",
+                        });
+                    }
+                }
+                if let Some(namespace) = &self.namespace
+                    && !valid_dns_name(namespace, false)
+                {
+                    return Err(ConfigError::KubernetesName {
+                        flag: "--namespace",
+                        name: namespace.clone(),
+                        max: 63,
+                        dots: "",
+                    });
+                }
+                StoreConfig::Kubernetes {
+                    namespace: self.namespace,
+                    lease_name: self.lease_name,
+                }
+            }
         };
         Ok(Config {
             elections,
@@ -359,6 +470,39 @@ mod tests {
             let error = run(args).unwrap_err();
             assert!(error.contains(flag), "{args:?}: {error}");
         }
+    }
+
+    #[cfg(feature = "kubernetes")]
+    #[test]
+    fn kubernetes_flags() {
+        let config = run(&["--store", "kubernetes", "--namespace", "prod", "--lease-name", "x.y"])
+            .unwrap();
+        assert_eq!(
+            config.store,
+            StoreConfig::Kubernetes {
+                namespace: Some("prod".into()),
+                lease_name: Some("x.y".into()),
+            }
+        );
+        let k8s = |extra: &[&str]| {
+            let mut args = vec!["--store", "kubernetes"];
+            args.extend_from_slice(extra);
+            run(&args).unwrap_err()
+        };
+        let cases: &[(&[&str], &str)] = &[
+            (&["--lease-duration", "1500ms", "--renew-deadline", "1s", "--retry-period", "100ms"], "--lease-duration"),
+            (&["--lease-duration", "0s"], "--lease-duration"),
+            (&["--election", "a,b", "--lease-name", "x"], "--lease-name"),
+            (&["--lease-name", "Bad_Name"], "--lease-name"),
+            (&["--namespace", "a.b"], "--namespace"),
+        ];
+        for (args, flag) in cases {
+            let error = k8s(args);
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+        // Sub-second renew deadline and retry period are local timers: allowed.
+        run(&["--store", "kubernetes", "--lease-duration", "2s", "--renew-deadline", "1500ms",
+            "--retry-period", "200ms"]).unwrap();
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub enum DaemonError {
     /// The file store's lock directory is unusable.
     #[error("--lock-dir: {0}")]
     LockDir(#[source] crate::store::file::FileError),
+    /// The Kubernetes store has no usable configuration (kubeconfig or in-cluster).
+    #[cfg(feature = "kubernetes")]
+    #[error("--store kubernetes: {0}")]
+    Kubernetes(#[source] crate::store::kubernetes::KubernetesError),
     /// The gRPC reflection service could not be built from the descriptors.
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -40,11 +44,23 @@ pub enum DaemonError {
 /// Open the configured store.
 ///
 /// # Errors
-/// The store's configuration is unusable (e.g. an unwritable lock directory).
+/// The store's configuration is unusable (e.g. an unwritable lock directory, no kubeconfig).
 pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonError> {
     match config {
         StoreConfig::File { lock_dir } => Ok(Arc::new(
             FileStore::new(lock_dir).map_err(DaemonError::LockDir)?,
+        )),
+        #[cfg(feature = "kubernetes")]
+        StoreConfig::Kubernetes {
+            namespace,
+            lease_name,
+        } => Ok(Arc::new(
+            crate::store::kubernetes::KubernetesStore::connect(
+                namespace.clone(),
+                lease_name.clone(),
+            )
+            .await
+            .map_err(DaemonError::Kubernetes)?,
         )),
     }
 }

@@ -87,6 +87,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             eprintln!("baton: {e}");
             Ok(ExitCode::from(EXIT_USAGE as u8))
         }
+        #[cfg(feature = "kubernetes")]
+        Err(e @ baton::daemon::DaemonError::Kubernetes(_)) => {
+            eprintln!("baton: {e}");
+            Ok(ExitCode::from(EXIT_USAGE as u8))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -23,6 +23,8 @@ use tokio::time::Instant;
 
 pub mod conformance;
 pub mod file;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod memory;
 
 /// Timing shared by the elector and the stores. Validated by the config: `lease_duration >
@@ -156,6 +158,10 @@ pub enum StoreError {
     /// The in-memory store failed (partitioned in a test).
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The Kubernetes store failed or was refused.
+    #[cfg(feature = "kubernetes")]
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
 }
 
 /// How the elector treats a [`StoreError`].
@@ -178,6 +184,8 @@ impl StoreError {
             StoreError::Timeout { .. } => ErrorKind::Unavailable,
             StoreError::File(e) => e.kind(),
             StoreError::Memory(_) => ErrorKind::Unavailable,
+            #[cfg(feature = "kubernetes")]
+            StoreError::Kubernetes(e) => e.kind(),
         }
     }
 }

@@ -157,7 +157,12 @@ pub struct Daemon {
 impl Daemon {
     /// Start `baton run --identity ID --listen 127.0.0.1:0 ARGS...` and wait until it serves.
     pub fn start(identity: &str, args: &[&str]) -> Daemon {
-        let mut command = baton();
+        Daemon::start_command(identity, baton(), args)
+    }
+
+    /// Like [`Daemon::start`], from a prepared `command`: the `baton` binary with its
+    /// environment set, or a wrapper (e.g. `faketime`) whose last argument is the binary.
+    pub fn start_command(identity: &str, mut command: Command, args: &[&str]) -> Daemon {
         command
             .args(["run", "--identity", identity, "--listen", "127.0.0.1:0"])
             .args(args)
