@@ -369,7 +369,10 @@ impl RunArgs {
             #[cfg(feature = "kubernetes")]
             StoreKind::Kubernetes => {
                 let lease = self.lease_duration;
-                if lease.subsec_nanos() != 0 || lease.as_secs() == 0 || lease.as_secs() > i32::MAX as u64 {
+                if lease.subsec_nanos() != 0
+                    || lease.as_secs() == 0
+                    || lease.as_secs() > i32::MAX as u64
+                {
                     return Err(ConfigError::LeaseSeconds {
                         lease_duration: lease,
                     });
@@ -475,8 +478,15 @@ mod tests {
     #[cfg(feature = "kubernetes")]
     #[test]
     fn kubernetes_flags() {
-        let config = run(&["--store", "kubernetes", "--namespace", "prod", "--lease-name", "x.y"])
-            .unwrap();
+        let config = run(&[
+            "--store",
+            "kubernetes",
+            "--namespace",
+            "prod",
+            "--lease-name",
+            "x.y",
+        ])
+        .unwrap();
         assert_eq!(
             config.store,
             StoreConfig::Kubernetes {
@@ -490,7 +500,17 @@ mod tests {
             run(&args).unwrap_err()
         };
         let cases: &[(&[&str], &str)] = &[
-            (&["--lease-duration", "1500ms", "--renew-deadline", "1s", "--retry-period", "100ms"], "--lease-duration"),
+            (
+                &[
+                    "--lease-duration",
+                    "1500ms",
+                    "--renew-deadline",
+                    "1s",
+                    "--retry-period",
+                    "100ms",
+                ],
+                "--lease-duration",
+            ),
             (&["--lease-duration", "0s"], "--lease-duration"),
             (&["--election", "a,b", "--lease-name", "x"], "--lease-name"),
             (&["--lease-name", "Bad_Name"], "--lease-name"),
@@ -501,8 +521,17 @@ mod tests {
             assert!(error.contains(flag), "{args:?}: {error}");
         }
         // Sub-second renew deadline and retry period are local timers: allowed.
-        run(&["--store", "kubernetes", "--lease-duration", "2s", "--renew-deadline", "1500ms",
-            "--retry-period", "200ms"]).unwrap();
+        run(&[
+            "--store",
+            "kubernetes",
+            "--lease-duration",
+            "2s",
+            "--renew-deadline",
+            "1500ms",
+            "--retry-period",
+            "200ms",
+        ])
+        .unwrap();
     }
 
     #[test]

@@ -14,8 +14,7 @@ use std::{process::Command, sync::Arc, time::Duration};
 use baton::{
     client::Role,
     store::{
-        Acquired, Observation, Store, Timing, conformance::Suite,
-        kubernetes::KubernetesStore,
+        Acquired, Observation, Store, Timing, conformance::Suite, kubernetes::KubernetesStore,
     },
 };
 use common::{Daemon, Proc, SOON, example, field};
@@ -61,9 +60,9 @@ impl Cluster {
     fn account(&self, name: &str, granted: bool) -> (String, std::path::PathBuf) {
         let namespaces: &[&str] = if granted { &[NS] } else { &[] };
         let token = self.api.service_account(NS, name, namespaces);
-        let path = self
-            .api
-            .write_kubeconfig(self.dir.path(), &format!("{name}.kubeconfig"), &token, NS);
+        let path =
+            self.api
+                .write_kubeconfig(self.dir.path(), &format!("{name}.kubeconfig"), &token, NS);
         (token, path)
     }
 
@@ -77,11 +76,7 @@ impl Cluster {
     /// Start a daemon of election `e` with its own account.
     fn daemon(&self, identity: &str, election: &str) -> (Daemon, String) {
         let (token, kubeconfig) = self.account(identity, true);
-        let daemon = Daemon::start_command(
-            identity,
-            self.baton(&kubeconfig),
-            &args(election, &[]),
-        );
+        let daemon = Daemon::start_command(identity, self.baton(&kubeconfig), &args(election, &[]));
         (daemon, token)
     }
 
@@ -185,7 +180,10 @@ async fn the_record_is_client_go_s_and_no_write_is_blind() {
         panic!("a free lease is acquired");
     };
     a.keep().await.unwrap();
-    let lease = cluster.api.lease(NS, "custom-name").expect("created when missing");
+    let lease = cluster
+        .api
+        .lease(NS, "custom-name")
+        .expect("created when missing");
     let spec = &lease["spec"];
     assert_eq!(spec["holderIdentity"], json!("pod-a"));
     assert_eq!(spec["leaseDurationSeconds"], json!(3));
@@ -254,7 +252,9 @@ async fn a_follower_lists_again_after_410_gone_and_still_sees_the_release() {
     let lists_before = count("list");
     // The cluster moves on (another Lease), forgets its history and ends every watch: b's
     // watch resumes from a version that is gone, is answered 410, and b must list again.
-    cluster.api.put(NS, json!({"metadata": {"name": "elsewhere"}, "spec": {}}));
+    cluster
+        .api
+        .put(NS, json!({"metadata": {"name": "elsewhere"}, "spec": {}}));
     cluster.api.compact();
     cluster.api.end_watches();
     wait_until("b listing again", || count("list") > lists_before).await;
@@ -272,7 +272,10 @@ async fn a_follower_lists_again_after_410_gone_and_still_sees_the_release() {
 async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + SOON;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "not {what} within {SOON:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {what} within {SOON:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -298,8 +301,7 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     let writes = cluster.api.writes();
     let last_a = writes
         .iter()
-        .filter(|w| w.token == token_a)
-        .last()
+        .rfind(|w| w.token == token_a)
         .expect("a wrote")
         .clone();
     let took = takeover(&writes, &token_b, "b");
@@ -308,7 +310,10 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
         "b took over {} ms after a's last renewal, before the 3 s lease ran out",
         (took.mono - last_a.mono) / 1_000_000
     );
-    assert!(stopped_a < started_b, "a's worker stopped before b's started");
+    assert!(
+        stopped_a < started_b,
+        "a's worker stopped before b's started"
+    );
     assert!(term_b > term_a, "term {term_b} after {term_a}");
     assert_eq!(took.base, Some(last_a.rv), "b replaced a's last record");
 
@@ -320,13 +325,15 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     b.proc.signal(Signal::SIGTERM);
     let (term_a2, started_a2) = mark(&worker_a2, "started", 0);
     let (_, stopped_b) = mark(&worker_b, "stopped", 0);
-    assert!(stopped_b < started_a2, "b's worker stopped before a's started");
+    assert!(
+        stopped_b < started_a2,
+        "b's worker stopped before a's started"
+    );
     assert!(term_a2 > term_b, "term {term_a2} after {term_b}");
     let writes = cluster.api.writes();
     let release = writes
         .iter()
-        .filter(|w| w.token == token_b)
-        .last()
+        .rfind(|w| w.token == token_b)
         .expect("b wrote")
         .clone();
     assert_eq!(release.holder, "", "b's last write is its release");
@@ -387,8 +394,7 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
         .api
         .writes()
         .into_iter()
-        .filter(|w| w.token == "admin")
-        .last()
+        .rfind(|w| w.token == "admin")
         .unwrap();
     let led = a.wait_role(e, Role::Leader).await;
     assert_eq!(led.term, 8, "leaseTransitions + 1");
@@ -518,7 +524,10 @@ async fn candidates_racing_from_an_empty_lease_elect_exactly_one() {
         .map(|w| w.holder)
         .collect::<std::collections::HashSet<_>>();
     assert_eq!(takeovers.len(), 1, "one holder of term 1: {takeovers:?}");
-    let conflicts: u64 = daemons.iter().map(|(_, t)| cluster.api.stats(t).conflicts).sum();
+    let conflicts: u64 = daemons
+        .iter()
+        .map(|(_, t)| cluster.api.stats(t).conflicts)
+        .sum();
     eprintln!("409s seen by the losers: {conflicts}");
 }
 
@@ -531,7 +540,10 @@ async fn a_forbidden_namespace_is_reported_and_recovers_once_granted() {
     let cluster = Cluster::new();
     let (token, kubeconfig) = cluster.account("baton", false);
     let mut daemon = Daemon::start_command("a", cluster.baton(&kubeconfig), &args(e, &[]));
-    let line = daemon.proc.stderr.wait_for("about the 403", |l| l.contains("403"));
+    let line = daemon
+        .proc
+        .stderr
+        .wait_for("about the 403", |l| l.contains("403"));
     for part in [
         "may not list",
         "leases.coordination.k8s.io",

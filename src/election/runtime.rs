@@ -129,7 +129,7 @@ impl Runtime {
                     self.machine.handle(now, Event::Shutdown)
                 }
                 Wake::Request(Some(Request::Resign { successor, reply })) => {
-                    let answer = match self.machine.view(&self.config.identity).role {
+                    match self.machine.view(&self.config.identity).role {
                         Role::Leader => {
                             tracing::info!(election = %self.config.name, ?successor, "resigning");
                             let term = self.machine.held_term().unwrap_or_default();
@@ -143,8 +143,7 @@ impl Runtime {
                             }));
                             None
                         }
-                    };
-                    answer
+                    }
                 }
                 // Every handle is gone: nobody can ask anything any more.
                 Wake::Request(None) => {

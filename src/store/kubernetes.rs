@@ -96,21 +96,21 @@ pub enum KubernetesError {
     Config {
         /// What kube reported for both attempts.
         #[source]
-        source: kube::config::InferConfigError,
+        source: Box<kube::config::InferConfigError>,
     },
     /// The kubeconfig given explicitly could not be used.
     #[error("cannot use kubeconfig: {source}")]
     Kubeconfig {
         /// Why.
         #[source]
-        source: kube::config::KubeconfigError,
+        source: Box<kube::config::KubeconfigError>,
     },
     /// The HTTP client could not be built from the configuration (TLS material, proxy).
     #[error("cannot build the Kubernetes client: {source}")]
     Client {
         /// Why.
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// The API server refused the call: the service account lacks an RBAC grant.
     #[error(
@@ -168,7 +168,7 @@ pub enum KubernetesError {
         lease: String,
         /// The error.
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// `leaseTransitions` cannot grow any more (it is an int32).
     #[error("lease {namespace}/{lease}: leaseTransitions is at its maximum; delete the Lease")]
@@ -219,7 +219,9 @@ impl KubernetesStore {
     ) -> Result<Self, KubernetesError> {
         let config = kube::Config::infer()
             .await
-            .map_err(|source| KubernetesError::Config { source })?;
+            .map_err(|source| KubernetesError::Config {
+                source: Box::new(source),
+            })?;
         Self::with_config(config, namespace, lease_name)
     }
 
@@ -232,11 +234,16 @@ impl KubernetesStore {
         namespace: Option<String>,
         lease_name: Option<String>,
     ) -> Result<Self, KubernetesError> {
-        let kubeconfig = kube::config::Kubeconfig::read_from(path)
-            .map_err(|source| KubernetesError::Kubeconfig { source })?;
+        let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+            KubernetesError::Kubeconfig {
+                source: Box::new(source),
+            }
+        })?;
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
-            .map_err(|source| KubernetesError::Kubeconfig { source })?;
+            .map_err(|source| KubernetesError::Kubeconfig {
+                source: Box::new(source),
+            })?;
         Self::with_config(config, namespace, lease_name)
     }
 
@@ -258,8 +265,9 @@ impl KubernetesStore {
             })
             .unwrap_or_else(|| config.default_namespace.clone());
         let principal = principal(&config);
-        let client =
-            Client::try_from(config).map_err(|source| KubernetesError::Client { source })?;
+        let client = Client::try_from(config).map_err(|source| KubernetesError::Client {
+            source: Box::new(source),
+        })?;
         Ok(KubernetesStore {
             client,
             namespace,
@@ -290,7 +298,7 @@ fn principal(config: &kube::Config) -> String {
     let subject = token.as_deref().and_then(|t| jwt_subject(t.trim()));
     match subject {
         Some(sub) => match sub.strip_prefix("system:serviceaccount:") {
-            Some(account) => format!("service account {sub:?} ({account})"),
+            Some(account) => format!("service account {} ({sub})", account.replacen(':', "/", 1)),
             None => format!("user {sub:?}"),
         },
         None => "this replica's Kubernetes user".to_owned(),
@@ -348,7 +356,8 @@ impl Store for KubernetesStore {
 
 /// A watch on one Lease. In a `Mutex` only to be `Sync` (the candidate is borrowed across
 /// awaits); it is reached through `&mut` and never locked.
-type LeaseWatch = std::sync::Mutex<Pin<Box<dyn Stream<Item = kube::Result<WatchEvent<Lease>>> + Send>>>;
+type LeaseWatch =
+    std::sync::Mutex<Pin<Box<dyn Stream<Item = kube::Result<WatchEvent<Lease>>> + Send>>>;
 
 /// The part of a Lease that Baton judges: the spec and the successor annotations.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,7 +379,10 @@ impl Record {
     }
 
     fn holder(&self) -> Option<&str> {
-        self.spec.holder_identity.as_deref().filter(|h| !h.is_empty())
+        self.spec
+            .holder_identity
+            .as_deref()
+            .filter(|h| !h.is_empty())
     }
 
     fn transitions(&self) -> i32 {
@@ -481,7 +493,7 @@ impl LeaseCandidate {
                 verb,
                 namespace: self.namespace.clone(),
                 lease: self.name.clone(),
-                source,
+                source: Box::new(source),
             },
         }
     }
@@ -653,12 +665,15 @@ impl LeaseCandidate {
     /// Try to take the Lease, which the last look found free or expired.
     async fn take(&mut self) -> Result<Holding, StoreError> {
         let transitions = match &self.seen {
-            Some(seen) => seen.record.transitions().max(0).checked_add(1).ok_or_else(|| {
-                KubernetesError::TermExhausted {
+            Some(seen) => seen
+                .record
+                .transitions()
+                .max(0)
+                .checked_add(1)
+                .ok_or_else(|| KubernetesError::TermExhausted {
                     namespace: self.namespace.clone(),
                     lease: self.name.clone(),
-                }
-            })?,
+                })?,
             None => 1,
         };
         let now = now_micro();
@@ -769,10 +784,8 @@ impl LeaseCandidate {
                 Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {
                     self.refresh().await?;
                 }
-                Err(StoreError::Kubernetes(KubernetesError::Api {
-                    source: kube::Error::Api(status),
-                    ..
-                })) if status.code == 404 => {
+                Err(StoreError::Kubernetes(KubernetesError::Api { source, .. })) if matches!(&*source, kube::Error::Api(status) if status.code == 404) =>
+                {
                     self.seen = None;
                     self.held = None;
                     return Err(self.lost());
@@ -837,7 +850,9 @@ impl LeaseCandidate {
                 return Ok(());
             };
             let started = *started;
-            let stream = stream.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let stream = stream
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let event = tokio::select! {
                 _ = &mut deadline => return Ok(()),
                 event = stream.next() => event,
@@ -1008,12 +1023,14 @@ mod tests {
 
     #[test]
     fn a_successor_reservation_binds_only_its_own_record() {
-        let mut lease = Lease::default();
-        lease.spec = Some(LeaseSpec {
-            holder_identity: Some(String::new()),
-            lease_transitions: Some(4),
-            ..LeaseSpec::default()
-        });
+        let mut lease = Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some(String::new()),
+                lease_transitions: Some(4),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        };
         LeaseCandidate::set_successor(&mut lease, Some(("c", 4)));
         assert_eq!(Record::of(&lease).successor(), Some("c"));
         // Another writer took and released the Lease since, leaving the annotations behind.

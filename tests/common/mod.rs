@@ -56,7 +56,10 @@ impl Lines {
             .wait_timeout_while(guard, SOON, |lines| !lines.iter().any(|l| pred(l)))
             .unwrap();
         if timeout.timed_out() {
-            panic!("no line {what} within {SOON:?}; lines:\n{}", guard.join("\n"));
+            panic!(
+                "no line {what} within {SOON:?}; lines:\n{}",
+                guard.join("\n")
+            );
         }
         guard.iter().find(|l| pred(l)).unwrap().clone()
     }
@@ -66,10 +69,15 @@ impl Lines {
         let (store, wake) = &*self.inner;
         let guard = store.lock().unwrap();
         let (guard, timeout) = wake
-            .wait_timeout_while(guard, SOON, |lines| lines.iter().filter(|l| pred(l)).count() < n)
+            .wait_timeout_while(guard, SOON, |lines| {
+                lines.iter().filter(|l| pred(l)).count() < n
+            })
             .unwrap();
         if timeout.timed_out() {
-            panic!("fewer than {n} lines {what} within {SOON:?}; lines:\n{}", guard.join("\n"));
+            panic!(
+                "fewer than {n} lines {what} within {SOON:?}; lines:\n{}",
+                guard.join("\n")
+            );
         }
     }
 }
@@ -110,14 +118,17 @@ impl Proc {
 
     /// Wait for the process to exit, at most `SOON`.
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = std::time::Instant::now() + SOON;
+        let deadline = tokio::time::Instant::now() + SOON;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            if std::time::Instant::now() > deadline {
+            if tokio::time::Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("process did not exit within {SOON:?}; stderr:\n{}", self.stderr.all().join("\n"));
+                panic!(
+                    "process did not exit within {SOON:?}; stderr:\n{}",
+                    self.stderr.all().join("\n")
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -168,7 +179,9 @@ impl Daemon {
             .args(args)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(command, "daemon: ");
-        let line = proc.stderr.wait_for("'baton serving'", |l| l.contains("baton serving"));
+        let line = proc
+            .stderr
+            .wait_for("'baton serving'", |l| l.contains("baton serving"));
         let listen = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("listen="))
@@ -181,11 +194,18 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.addr.clone()).await.expect("connect to daemon")
+        Client::connect(self.addr.clone())
+            .await
+            .expect("connect to daemon")
     }
 
     /// Wait (on the event stream) until `pred` holds for `election`; returns that state.
-    pub async fn wait_for(&self, election: &str, what: &str, pred: impl Fn(&LeaderState) -> bool) -> LeaderState {
+    pub async fn wait_for(
+        &self,
+        election: &str,
+        what: &str,
+        pred: impl Fn(&LeaderState) -> bool,
+    ) -> LeaderState {
         let client = self.client().await;
         let mut events = Box::pin(client.watch(election));
         let found = tokio::time::timeout(SOON, async {
@@ -199,11 +219,13 @@ impl Daemon {
             unreachable!("the watch stream never ends")
         })
         .await;
-        found.unwrap_or_else(|_| panic!("{}: {election}: not {what} within {SOON:?}", self.identity))
+        found
+            .unwrap_or_else(|_| panic!("{}: {election}: not {what} within {SOON:?}", self.identity))
     }
 
     pub async fn wait_role(&self, election: &str, role: Role) -> LeaderState {
-        self.wait_for(election, &format!("{role:?}"), |s| s.role == role).await
+        self.wait_for(election, &format!("{role:?}"), |s| s.role == role)
+            .await
     }
 }
 

@@ -32,6 +32,8 @@
 //! several clients have listed (to make candidates race), and per-token counters of requests,
 //! 409s and writes (with the server's monotonic time of each write).
 #![allow(dead_code)]
+// The handlers' helpers return the refusal itself (an axum `Response`) as their error.
+#![allow(clippy::result_large_err)]
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -227,7 +229,12 @@ impl ApiServer {
                         get(item).put(item).delete(item),
                     )
                     .fallback(|| async {
-                        status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource", json!({}))
+                        status(
+                            StatusCode::NOT_FOUND,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                            json!({}),
+                        )
                     })
                     .with_state(state);
                 let _ = axum::serve(listener, app)
@@ -344,7 +351,18 @@ impl ApiServer {
         }
         inner.leases.insert(key, lease.clone());
         let kind = if existed { "MODIFIED" } else { "ADDED" };
-        record(&mut inner, &self.shared, "admin", if existed { "update" } else { "create" }, namespace, &name, None, rv, kind, &lease);
+        record(
+            &mut inner,
+            &self.shared,
+            "admin",
+            if existed { "update" } else { "create" },
+            namespace,
+            &name,
+            None,
+            rv,
+            kind,
+            &lease,
+        );
         lease
     }
 
@@ -359,7 +377,13 @@ impl ApiServer {
     }
 
     /// Write [`ApiServer::kubeconfig`] into `dir`; returns its path.
-    pub fn write_kubeconfig(&self, dir: &Path, file: &str, token: &str, namespace: &str) -> PathBuf {
+    pub fn write_kubeconfig(
+        &self,
+        dir: &Path,
+        file: &str,
+        token: &str,
+        namespace: &str,
+    ) -> PathBuf {
         let path = dir.join(file);
         std::fs::write(&path, self.kubeconfig(token, namespace)).expect("write kubeconfig");
         path
@@ -422,11 +446,21 @@ fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Resp
         "details": details,
         "code": code.as_u16(),
     });
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn ok(code: StatusCode, body: &Value) -> Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn details(name: Option<&str>) -> Value {
@@ -480,24 +514,44 @@ fn authorise(
             account.user
         );
         inner.stats.entry(token).or_default().forbidden += 1;
-        return Err(status(StatusCode::FORBIDDEN, "Forbidden", &message, details(name)));
+        return Err(status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &message,
+            details(name),
+        ));
     }
     Ok(token)
 }
 
 fn count_conflict(shared: &Shared, token: &str) {
-    shared.lock().stats.entry(token.to_owned()).or_default().conflicts += 1;
+    shared
+        .lock()
+        .stats
+        .entry(token.to_owned())
+        .or_default()
+        .conflicts += 1;
 }
 
 /// `metadata.name=X,metadata.namespace=Y`: the name wanted, if any. Unknown fields are `400`.
 fn parse_field_selector(selector: Option<&String>) -> Result<Option<String>, Response> {
     let mut name = None;
-    for term in selector.map(String::as_str).unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+    for term in selector
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
         let (field, value) = term
             .split_once("==")
             .or_else(|| term.split_once('='))
             .ok_or_else(|| {
-                status(StatusCode::BAD_REQUEST, "BadRequest", &format!("invalid selector: {term:?}"), json!({}))
+                status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("invalid selector: {term:?}"),
+                    json!({}),
+                )
             })?;
         match field {
             "metadata.name" => name = Some(value.to_owned()),
@@ -579,7 +633,10 @@ async fn wait_at_gate(shared: &Shared, token: &str) {
             }
         }
         // Bounded, so a test that miscounts fails instead of hanging.
-        if tokio::time::timeout(Duration::from_secs(30), notified).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), notified)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -601,7 +658,10 @@ fn start_watch(
         .map(Duration::from_secs);
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let line = |kind: &str, object: &Value| {
-        Ok(Bytes::from(format!("{}\n", json!({"type": kind, "object": object}))))
+        Ok(Bytes::from(format!(
+            "{}\n",
+            json!({"type": kind, "object": object})
+        )))
     };
     let mut initial = Vec::new();
     let mut live;
@@ -617,7 +677,12 @@ fn start_watch(
                 }
             }
             Some(Err(_)) => {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "invalid resourceVersion", json!({}));
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "invalid resourceVersion",
+                    json!({}),
+                );
             }
             Some(Ok(rv)) if rv < inner.compacted => {
                 let gone = json!({
@@ -703,12 +768,16 @@ fn validate(lease: &Value, name: &str) -> Result<(), Response> {
     if let Some(d) = spec.get("leaseDurationSeconds").filter(|v| !v.is_null())
         && d.as_i64().is_none_or(|d| d <= 0)
     {
-        return Err(invalid(format!("spec.leaseDurationSeconds: Invalid value: {d}: must be greater than 0")));
+        return Err(invalid(format!(
+            "spec.leaseDurationSeconds: Invalid value: {d}: must be greater than 0"
+        )));
     }
     if let Some(t) = spec.get("leaseTransitions").filter(|v| !v.is_null())
         && t.as_i64().is_none_or(|t| t < 0)
     {
-        return Err(invalid(format!("spec.leaseTransitions: Invalid value: {t}: must be greater than or equal to 0")));
+        return Err(invalid(format!(
+            "spec.leaseTransitions: Invalid value: {t}: must be greater than or equal to 0"
+        )));
     }
     Ok(())
 }
@@ -719,7 +788,12 @@ fn create(shared: &Shared, namespace: &str, headers: &HeaderMap, body: &Bytes) -
         Err(response) => return response,
     };
     let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not JSON", json!({}));
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+            json!({}),
+        );
     };
     let Some(name) = lease["metadata"]["name"].as_str().map(str::to_owned) else {
         return status(
@@ -760,9 +834,12 @@ fn create(shared: &Shared, namespace: &str, headers: &HeaderMap, body: &Bytes) -
     metadata["namespace"] = json!(namespace);
     metadata["resourceVersion"] = json!(rv.to_string());
     metadata["uid"] = json!(uuid::Uuid::new_v4().to_string());
-    metadata["creationTimestamp"] = json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    metadata["creationTimestamp"] =
+        json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
     inner.leases.insert(key, lease.clone());
-    record(&mut inner, shared, &token, "create", namespace, &name, None, rv, "ADDED", &lease);
+    record(
+        &mut inner, shared, &token, "create", namespace, &name, None, rv, "ADDED", &lease,
+    );
     ok(StatusCode::CREATED, &lease)
 }
 
@@ -805,7 +882,10 @@ async fn item(
             inner.rv += 1;
             let rv = inner.rv;
             lease["metadata"]["resourceVersion"] = json!(rv.to_string());
-            record(&mut inner, &shared, &token, "delete", &namespace, &name, None, rv, "DELETED", &lease);
+            record(
+                &mut inner, &shared, &token, "delete", &namespace, &name, None, rv, "DELETED",
+                &lease,
+            );
             ok(StatusCode::OK, &lease)
         }
         _ => update(&shared, &token, &namespace, &name, &body),
@@ -814,7 +894,12 @@ async fn item(
 
 fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Bytes) -> Response {
     let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not JSON", json!({}));
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+            json!({}),
+        );
     };
     if lease["metadata"]["name"].as_str() != Some(name) {
         return status(
@@ -841,7 +926,10 @@ fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Byte
         .as_str()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    match lease["metadata"]["resourceVersion"].as_str().filter(|v| !v.is_empty()) {
+    match lease["metadata"]["resourceVersion"]
+        .as_str()
+        .filter(|v| !v.is_empty())
+    {
         Some(rv) if rv.parse::<u64>().ok() != Some(stored_rv) => {
             drop(inner);
             count_conflict(shared, token);
@@ -857,7 +945,11 @@ fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Byte
         }
         Some(_) => {}
         None => {
-            inner.stats.entry(token.to_owned()).or_default().unconditional_updates += 1;
+            inner
+                .stats
+                .entry(token.to_owned())
+                .or_default()
+                .unconditional_updates += 1;
         }
     }
     // Server-owned fields come from the stored object.
@@ -873,6 +965,17 @@ fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Byte
     let rv = inner.rv;
     lease["metadata"]["resourceVersion"] = json!(rv.to_string());
     inner.leases.insert(key, lease.clone());
-    record(&mut inner, shared, token, "update", namespace, name, Some(stored_rv), rv, "MODIFIED", &lease);
+    record(
+        &mut inner,
+        shared,
+        token,
+        "update",
+        namespace,
+        name,
+        Some(stored_rv),
+        rv,
+        "MODIFIED",
+        &lease,
+    );
     ok(StatusCode::OK, &lease)
 }
