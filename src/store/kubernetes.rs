@@ -878,6 +878,7 @@ impl LeaseCandidate {
                         message = %status.message, "watch ended with an error; listing again");
                     self.watch = None;
                     self.stale = true;
+                    self.pause_if_short(started, &mut deadline).await;
                     return Ok(());
                 }
                 Some(Err(error)) => {
