@@ -33,3 +33,7 @@ fi
 # Every test of every feature; the worker client also builds alone.
 cargo build --no-default-features --lib
 cargo test --all-features --all-targets
+
+# The benchmarks, in release mode, print the figures (they assert only safety).
+cargo build --release --all-features --bins --examples
+cargo bench --all-features

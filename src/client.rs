@@ -27,7 +27,10 @@ use std::{
 
 use futures::{Stream, StreamExt, stream};
 use rand::Rng;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::{
+    sync::watch,
+    time::{Instant, sleep, sleep_until},
+};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tonic::transport::{Channel, Endpoint};
 
@@ -338,6 +341,16 @@ impl Client {
         worker: Option<&str>,
         ready: bool,
     ) -> impl Stream<Item = WatchEvent> + Send + 'static {
+        self.watch_with(election, worker, ready, None)
+    }
+
+    fn watch_with(
+        &self,
+        election: &str,
+        worker: Option<&str>,
+        ready: bool,
+        readiness: Option<watch::Receiver<bool>>,
+    ) -> impl Stream<Item = WatchEvent> + Send + 'static {
         let request = proto::WatchLeadershipRequest {
             election: election.to_owned(),
             worker: worker.unwrap_or_default().to_owned(),
@@ -346,6 +359,7 @@ impl Client {
         let start = Watching {
             rpc: self.rpc.clone(),
             request,
+            ready: readiness,
             stream: None,
             failures: 0,
         };
@@ -371,14 +385,69 @@ impl Client {
         F: FnMut(Lease) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let worker = worker_name();
-        let events = self.watch_as(election, Some(&worker), true);
-        Follower {
+        self.worker(election).run(work).await
+    }
+
+    /// A worker of `election`, to configure (its name, its readiness) before
+    /// [`Worker::run`].
+    pub fn worker(&self, election: &str) -> Worker<'_> {
+        Worker {
             client: self,
-            election,
-            worker: &worker,
+            election: election.to_owned(),
+            name: worker_name(),
+            ready: None,
+        }
+    }
+}
+
+/// A worker that runs its work only while its replica leads: [`Client::run_while_leader`] with
+/// settings.
+pub struct Worker<'a> {
+    client: &'a Client,
+    election: String,
+    name: String,
+    ready: Option<watch::Receiver<bool>>,
+}
+
+impl Worker<'_> {
+    /// Name this worker (unique per process; default: host, pid and a random suffix).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Declare readiness from `ready` (e.g. true once caches are warm and the sink is
+    /// reachable). With `baton run --campaign when-ready` the replica campaigns only while a
+    /// worker is ready, so a replica still warming never wins. Without this, the worker is ready
+    /// at once.
+    pub fn ready_when(mut self, ready: watch::Receiver<bool>) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    /// Run `work` while the replica leads; see [`Client::run_while_leader`].
+    ///
+    /// # Errors
+    /// The daemon does not run the election (NOT_FOUND).
+    pub async fn run<F, Fut>(self, work: F) -> Result<(), ClientError>
+    where
+        F: FnMut(Lease) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let ready_now = self.ready.as_ref().is_none_or(|r| *r.borrow());
+        let events = self.client.watch_with(
+            &self.election,
+            Some(&self.name),
+            ready_now,
+            self.ready.clone(),
+        );
+        Follower {
+            client: self.client,
+            election: &self.election,
+            worker: &self.name,
             work,
             running: None,
+            ready: self.ready,
         }
         .run(events)
         .await
@@ -414,6 +483,8 @@ fn worker_name() -> String {
 struct Watching {
     rpc: LeadershipClient<Channel>,
     request: proto::WatchLeadershipRequest,
+    /// The worker's current readiness, declared again on every (re)connection.
+    ready: Option<watch::Receiver<bool>>,
     stream: Option<tonic::Streaming<proto::LeadershipEvent>>,
     failures: u32,
 }
@@ -424,6 +495,9 @@ impl Watching {
             let Some(stream) = &mut self.stream else {
                 if self.failures > 0 {
                     sleep(reconnect_delay(self.failures)).await;
+                }
+                if let Some(ready) = &self.ready {
+                    self.request.ready = *ready.borrow();
                 }
                 match self.rpc.watch_leadership(self.request.clone()).await {
                     Ok(response) => {
@@ -510,6 +584,20 @@ struct Running {
     valid_until: Instant,
 }
 
+/// The next value of a readiness receiver; pending forever without one (or once it closed).
+async fn changed(ready: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
+    match ready {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => {
+                *ready = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// The loop behind [`Client::run_while_leader`].
 struct Follower<'a, F> {
     client: &'a Client,
@@ -517,6 +605,7 @@ struct Follower<'a, F> {
     worker: &'a str,
     work: F,
     running: Option<Running>,
+    ready: Option<watch::Receiver<bool>>,
 }
 
 impl<F, Fut> Follower<'_, F>
@@ -529,9 +618,16 @@ where
         events: impl Stream<Item = WatchEvent> + Send + 'static,
     ) -> Result<(), ClientError> {
         let mut events = Box::pin(events);
+        let mut ready = self.ready.take();
         loop {
             let deadline = self.running.as_ref().map(|r| r.valid_until);
             tokio::select! {
+                Some(now_ready) = changed(&mut ready) => {
+                    if let Err(error) = self.client.set_ready(self.election, self.worker, now_ready).await {
+                        // Not subscribed right now: the next (re)connection declares it.
+                        tracing::debug!(election = self.election, %error, "readiness not declared");
+                    }
+                }
                 event = events.next() => match event {
                     Some(WatchEvent::State(state)) => self.on_state(state).await,
                     Some(WatchEvent::Disconnected(error)) => {

