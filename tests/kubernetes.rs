@@ -406,6 +406,63 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_refused_by_rbac_steps_down_before_its_lease_can_expire() {
+    let e = "revoked";
+    // A 4 s lease, a 2 s renew deadline: the leader must stop 2 s before the standby may start.
+    let timing = [
+        "--store",
+        "kubernetes",
+        "--election",
+        e,
+        "--lease-duration",
+        "4s",
+        "--renew-deadline",
+        "2s",
+        "--retry-period",
+        "500ms",
+    ];
+    let cluster = Cluster::new();
+    let (token_a, kubeconfig_a) = cluster.account("a", true);
+    let a = Daemon::start_command("a", cluster.baton(&kubeconfig_a), &timing);
+    a.wait_role(e, Role::Leader).await;
+    let worker_a = worker(&a, e);
+    let (token_b, kubeconfig_b) = cluster.account("b", true);
+    let b = Daemon::start_command("b", cluster.baton(&kubeconfig_b), &timing);
+    b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
+        .await;
+    let worker_b = worker(&b, e);
+    mark(&worker_a, "started", 0);
+
+    // The leader's grant is taken away: every renewal is refused with 403.
+    cluster.api.revoke(&token_a, NS);
+    let (_, stopped_a) = mark(&worker_a, "stopped", 0);
+    let (_, started_b) = mark(&worker_b, "started", 0);
+    let writes = cluster.api.writes();
+    let last_a = writes
+        .iter()
+        .rfind(|w| w.token == token_a)
+        .expect("a wrote")
+        .clone();
+    let took = takeover(&writes, &token_b, "b");
+    const LEASE: i128 = 4_000_000_000;
+    assert!(
+        stopped_a < last_a.mono + LEASE,
+        "a's worker stopped {} ms after a's last renewal, not before its 4 s lease ran out",
+        (stopped_a - last_a.mono) / 1_000_000
+    );
+    assert!(
+        took.mono - last_a.mono >= LEASE,
+        "b took over {} ms after a's last renewal",
+        (took.mono - last_a.mono) / 1_000_000
+    );
+    assert!(stopped_a < started_b);
+    a.proc
+        .stderr
+        .wait_for("the refused update", |l| l.contains("may not update"));
+    a.wait_role(e, Role::Unknown).await;
+}
+
 /// `faketime`, or a failure saying how to install it.
 fn faketime() -> Command {
     let found = Command::new("faketime")
