@@ -27,7 +27,8 @@
 //!   free record (empty holder) or an expired one.
 //! - **Terms**: `leaseTransitions` grows by one with every new holding, also when the same
 //!   identity takes the Lease again after a release, so terms only grow. A Lease created by
-//!   client-go starts at 0; Baton's first holding is term 1 or more.
+//!   client-go starts at 0; Baton's first holding is term 1 or more. Deleting the Lease starts
+//!   the count over for replicas that have not seen the old one: do not delete a live Lease.
 //! - **Followers watch** the Lease (a watch on `metadata.name`, resumed from the last
 //!   `resourceVersion`; on a watch error or `410 Gone` they list again), so a release or a new
 //!   holder is seen at once. Steady state costs a follower one watch request per server-side
@@ -346,6 +347,7 @@ impl Store for KubernetesStore {
             watch: None,
             held: None,
             attempt: None,
+            highest_term: 0,
         }))
     }
 
@@ -450,6 +452,9 @@ struct LeaseCandidate {
     watch: Option<(LeaseWatch, Instant)>,
     held: Option<Held>,
     attempt: Option<Attempt>,
+    /// The highest `leaseTransitions` seen, so that a Lease deleted and created again (by a
+    /// person) does not hand out a term this candidate has already seen.
+    highest_term: i32,
 }
 
 /// The current wall-clock time at the microsecond precision of a MicroTime, so that what we
@@ -521,6 +526,7 @@ impl LeaseCandidate {
             self.resume_from = Some(rv.clone());
         }
         let record = Record::of(&lease);
+        self.highest_term = self.highest_term.max(record.transitions());
         let changed_at = match &self.seen {
             Some(seen) if seen.record == record => seen.changed_at,
             _ => Instant::now(),
@@ -664,18 +670,17 @@ impl LeaseCandidate {
 
     /// Try to take the Lease, which the last look found free or expired.
     async fn take(&mut self) -> Result<Holding, StoreError> {
-        let transitions = match &self.seen {
-            Some(seen) => seen
-                .record
-                .transitions()
-                .max(0)
-                .checked_add(1)
-                .ok_or_else(|| KubernetesError::TermExhausted {
-                    namespace: self.namespace.clone(),
-                    lease: self.name.clone(),
-                })?,
-            None => 1,
-        };
+        let transitions = self
+            .seen
+            .as_ref()
+            .map_or(0, |seen| seen.record.transitions())
+            .max(self.highest_term)
+            .max(0)
+            .checked_add(1)
+            .ok_or_else(|| KubernetesError::TermExhausted {
+                namespace: self.namespace.clone(),
+                lease: self.name.clone(),
+            })?;
         let now = now_micro();
         let (mut lease, base) = match &self.seen {
             Some(seen) => (
