@@ -281,6 +281,38 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_over_https_with_the_cluster_s_own_ca() {
+    let api = ApiServer::start_tls();
+    assert!(api.url.starts_with("https://"), "{}", api.url);
+    let dir = tempfile::tempdir().unwrap();
+    let token = api.service_account(NS, "tls", &[NS]);
+    let kubeconfig = api.write_kubeconfig(dir.path(), "tls.kubeconfig", &token, NS);
+    let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+        .await
+        .unwrap();
+    let mut a = store.join("tls", "a", timing()).await.unwrap();
+    let mut b = store.join("tls", "b", timing()).await.unwrap();
+    let Acquired::Held(held) = a.acquire(&Observation::default()).await.unwrap() else {
+        panic!("a free lease is acquired over TLS");
+    };
+    let seen = b.observe(&Observation::default()).await.unwrap();
+    assert_eq!(seen.holder.as_deref(), Some("a"));
+    let (after, released) = tokio::join!(tokio::time::timeout(SOON, b.observe(&seen)), async {
+        a.keep().await.unwrap();
+        a.release(None).await
+    });
+    released.unwrap();
+    assert_eq!(
+        after.expect("b's watch sees the release").unwrap().holder,
+        None
+    );
+    let Acquired::Held(next) = b.acquire(&Observation::default()).await.unwrap() else {
+        panic!("b takes over");
+    };
+    assert!(next.term > held.term);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     let e = "handoff";
     let cluster = Cluster::new();

@@ -28,6 +28,10 @@
 //!   resource "leases" in API group "coordination.k8s.io" in the namespace "..."`).
 //! - Every error body is a `v1.Status` with `code`, `reason`, `message` and `details`.
 //!
+//! - Plain HTTP, or HTTPS with a certificate for `127.0.0.1` signed by a CA of its own
+//!   ([`ApiServer::start_tls`]), whose PEM the kubeconfig carries as
+//!   `certificate-authority-data`, as a real cluster's does.
+//!
 //! Test controls: grants, compaction, ending all watches, a gate that holds LIST calls until
 //! several clients have listed (to make candidates race), and per-token counters of requests,
 //! 409s and writes (with the server's monotonic time of each write).
@@ -163,8 +167,10 @@ impl Shared {
 
 /// The running server. Runs on its own thread and runtime, so tests may block.
 pub struct ApiServer {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` with [`ApiServer::start_tls`].
     pub url: String,
+    /// With TLS: the PEM of the CA that signed the server's certificate.
+    pub ca_pem: Option<String>,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -197,8 +203,19 @@ pub fn service_account_token(namespace: &str, account: &str) -> String {
 }
 
 impl ApiServer {
-    /// Start on `127.0.0.1:0`.
+    /// Start on `127.0.0.1:0`, plain HTTP.
     pub fn start() -> ApiServer {
+        Self::start_with(None)
+    }
+
+    /// Start on `127.0.0.1:0` with HTTPS, a server certificate signed by a fresh CA.
+    pub fn start_tls() -> ApiServer {
+        Self::start_with(Some(tls::Tls::new()))
+    }
+
+    fn start_with(tls: Option<tls::Tls>) -> ApiServer {
+        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let (events, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
@@ -237,16 +254,31 @@ impl ApiServer {
                         )
                     })
                     .with_state(state);
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await;
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                match tls {
+                    None => {
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await;
+                    }
+                    Some(tls) => {
+                        let listener = tls::TlsListener {
+                            tcp: listener,
+                            acceptor: tls.acceptor,
+                        };
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await;
+                    }
+                }
             });
         });
         let addr: SocketAddr = addr_rx.recv().expect("test double address");
         ApiServer {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
+            ca_pem,
             shared,
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -368,8 +400,15 @@ impl ApiServer {
 
     /// A kubeconfig for this server with `token`, default namespace `namespace`.
     pub fn kubeconfig(&self, token: &str, namespace: &str) -> String {
+        let ca = match &self.ca_pem {
+            Some(pem) => format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            ),
+            None => String::new(),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {url}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {url}\n{ca}\
              contexts:\n- name: double\n  context:\n    cluster: double\n    user: baton\n    namespace: {namespace}\n\
              current-context: double\nusers:\n- name: baton\n  user:\n    token: {token}\n",
             url = self.url
@@ -978,4 +1017,82 @@ fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Byte
         &lease,
     );
     ok(StatusCode::OK, &lease)
+}
+
+/// HTTPS for the double: a CA of its own and a certificate for `127.0.0.1`.
+mod tls {
+    use std::{net::SocketAddr, sync::Arc};
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{
+        TlsAcceptor,
+        rustls::{
+            ServerConfig,
+            crypto::ring,
+            pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+        },
+        server::TlsStream,
+    };
+
+    pub struct Tls {
+        pub ca_pem: String,
+        pub acceptor: TlsAcceptor,
+    }
+
+    impl Tls {
+        pub fn new() -> Tls {
+            let ca_key = rcgen::KeyPair::generate().expect("CA key");
+            let mut ca_params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "Lease API test double CA");
+            let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+            let key = rcgen::KeyPair::generate().expect("server key");
+            let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+                .expect("server params")
+                .signed_by(&key, &ca)
+                .expect("server certificate");
+            let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )
+                .expect("TLS server config");
+            Tls {
+                ca_pem: ca.pem(),
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+            }
+        }
+    }
+
+    /// Accepts TCP connections and completes the TLS handshake before handing them to axum.
+    pub struct TlsListener {
+        pub tcp: TcpListener,
+        pub acceptor: TlsAcceptor,
+    }
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = TlsStream<TcpStream>;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((tcp, addr)) = self.tcp.accept().await else {
+                    continue;
+                };
+                if let Ok(tls) = self.acceptor.accept(tcp).await {
+                    return (tls, addr);
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
 }
