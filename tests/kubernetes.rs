@@ -391,13 +391,13 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
     let e = "foreign";
     let cluster = Cluster::new();
     // As client-go leaves it: any holder string, a renewTime from a clock far in the past (an
-    // expiry judged by timestamps would take it at once), a 2 s lease.
+    // expiry judged by timestamps would take it at once), a 4 s lease.
     let foreign = |renew: &str| {
         json!({
             "metadata": {"name": e},
             "spec": {
                 "holderIdentity": "client-go-7f9c_1b2d",
-                "leaseDurationSeconds": 2,
+                "leaseDurationSeconds": 4,
                 "acquireTime": "2001-01-01T00:00:00.000000Z",
                 "renewTime": renew,
                 "leaseTransitions": 7,
@@ -432,8 +432,8 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
     assert_eq!(led.term, 8, "leaseTransitions + 1");
     let took = takeover(&cluster.api.writes(), &token, "a");
     assert!(
-        took.mono - last_foreign.mono >= 2_000_000_000,
-        "a took over {} ms after the foreign renewal, before its 2 s lease ran out",
+        took.mono - last_foreign.mono >= 4_000_000_000,
+        "a took over {} ms after the foreign renewal, before its 4 s lease ran out",
         (took.mono - last_foreign.mono) / 1_000_000
     );
 }
