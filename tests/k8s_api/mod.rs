@@ -28,6 +28,9 @@
 //!   resource "leases" in API group "coordination.k8s.io" in the namespace "..."`).
 //! - Every error body is a `v1.Status` with `code`, `reason`, `message` and `details`.
 //!
+//! - `TCP_NODELAY` on every connection, as Go's `net/http` server (the API server) sets by
+//!   default: a watch event is written at once, not held back by Nagle's algorithm until the
+//!   client's delayed ACK.
 //! - Plain HTTP, or HTTPS with a certificate for `127.0.0.1` signed by a CA of its own
 //!   ([`ApiServer::start_tls`]), whose PEM the kubeconfig carries as
 //!   `certificate-authority-data`, as a real cluster's does.
@@ -55,6 +58,7 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
+    serve::ListenerExt as _,
 };
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -259,6 +263,9 @@ impl ApiServer {
                 };
                 match tls {
                     None => {
+                        let listener = listener.tap_io(|tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        });
                         let _ = axum::serve(listener, app)
                             .with_graceful_shutdown(stop)
                             .await;
@@ -1085,6 +1092,7 @@ mod tls {
                 let Ok((tcp, addr)) = self.tcp.accept().await else {
                     continue;
                 };
+                let _ = tcp.set_nodelay(true);
                 if let Ok(tls) = self.acceptor.accept(tcp).await {
                     return (tls, addr);
                 }
