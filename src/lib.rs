@@ -25,6 +25,7 @@
 //!   work only while it leads. `cargo build --no-default-features` builds it alone, without any
 //!   store client.
 
+mod backoff;
 pub mod client;
 pub mod proto;
 

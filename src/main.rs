@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => return run(args).await,
+            Command::Run(args) => return run(*args).await,
             Command::Watch(args) => watch(&args.addr.addr, &args.election).await,
             Command::Status(args) => status(&args).await,
             Command::Resign(args) => {
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("baton: {e:#}");
+            eprintln!("baton: {e}");
             ExitCode::FAILURE
         }
     }
@@ -57,6 +57,18 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_USAGE as u8));
         }
     };
+    // The store's configuration (lock directory, TLS files) is checked before the port is bound.
+    let store = match baton::daemon::open_store(&config.store).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return Ok(ExitCode::from(if e.is_config() {
+                EXIT_USAGE as u8
+            } else {
+                1
+            }));
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -66,33 +78,40 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM received"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = baton::daemon::run_with_store(config, store, listener, async {
+        let _ = stopped.await;
+    });
+    tokio::pin!(daemon);
+    let finish = |result: Result<(), baton::daemon::DaemonError>| match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    tokio::select! {
+        result = &mut daemon => return finish(result),
+        name = next_signal(&mut terminate, &mut interrupt) => {
+            tracing::info!("{name} received");
+            let _ = stop.send(());
         }
-        // Graceful shutdown has begun; a second signal ends the process at once.
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
+    }
+    // Graceful shutdown has begun; a second signal ends the process at once.
+    tokio::select! {
+        result = &mut daemon => finish(result),
+        _ = next_signal(&mut terminate, &mut interrupt) => {
             eprintln!("baton: second signal: exiting without stepping down");
             std::process::exit(130);
-        });
-    };
-    match baton::daemon::run(config, listener, shutdown).await {
-        Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e @ baton::daemon::DaemonError::LockDir(_)) => {
-            eprintln!("baton: {e}");
-            Ok(ExitCode::from(EXIT_USAGE as u8))
         }
-        #[cfg(feature = "kubernetes")]
-        Err(e @ baton::daemon::DaemonError::Kubernetes(_)) => {
-            eprintln!("baton: {e}");
-            Ok(ExitCode::from(EXIT_USAGE as u8))
-        }
-        Err(e) => Err(e.into()),
+    }
+}
+
+/// The next SIGTERM or SIGINT, by name.
+async fn next_signal(
+    terminate: &mut tokio::signal::unix::Signal,
+    interrupt: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
     }
 }
 

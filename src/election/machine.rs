@@ -190,8 +190,9 @@ pub enum Command {
         /// Who should take over.
         successor: Option<String>,
     },
-    /// The holding ended without a release (lost, or not provable): drop the seat, best-effort
-    /// release it, and join again, so the next holding gets a fresh term.
+    /// The holding ended without a release (lost, or not provable): drop the seat without
+    /// releasing (the holding ends the store's own way, as after a crash) and join again, so the
+    /// next holding gets a fresh term.
     Abandon,
 }
 
@@ -394,10 +395,16 @@ impl Machine {
     fn acquired(&mut self, now: Instant, holding: Holding) -> Option<Command> {
         match &self.phase {
             Phase::Unknown { .. } | Phase::Follower { .. } => {
+                // Every store grants `lease_duration` from the moment of its proof: that moment,
+                // not our reading of the answer, starts the renew deadline.
+                let proven_at = holding
+                    .valid_until
+                    .checked_sub(self.timing.lease_duration)
+                    .map_or(now, |t| t.min(now));
                 self.phase = Phase::Leader {
                     lease: Lease {
                         term: holding.term,
-                        renewed_at: now,
+                        renewed_at: proven_at,
                         store_valid_until: holding.valid_until,
                     },
                 };

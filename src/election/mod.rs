@@ -20,6 +20,7 @@ use std::{
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
+    time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -101,27 +102,53 @@ pub struct Workers {
 
 #[derive(Debug, Clone, Default)]
 struct Worker {
-    /// Open WatchLeadership streams of this worker.
+    /// Open WatchLeadership streams of this worker. Zero for a worker whose stream broke while
+    /// it may still be working: it is kept until its last validity ran out.
     streams: usize,
     /// Declared warm.
     ready: bool,
     /// The last term in which this worker was told that its replica leads.
     told_term: u64,
+    /// The validity sent with the last LEADER event: the worker stops by then at the latest.
+    told_until: Option<Instant>,
     /// The last term whose work this worker confirmed stopped.
     stopped_term: u64,
+}
+
+impl Worker {
+    /// Whether this worker may still be working in `term` at `now`.
+    fn may_work(&self, term: u64, now: Instant) -> bool {
+        self.told_term == term
+            && self.stopped_term < term
+            && (self.streams > 0 || self.told_until.is_some_and(|t| t > now))
+    }
 }
 
 impl Workers {
     /// Whether any subscribed worker has declared itself ready.
     pub fn any_ready(&self) -> bool {
-        self.entries.values().any(|w| w.ready)
+        self.entries.values().any(|w| w.streams > 0 && w.ready)
     }
 
-    /// Whether every worker told it leads in `term` has confirmed it stopped.
-    pub fn drained(&self, term: u64) -> bool {
+    /// Whether every worker told it leads in `term` has confirmed it stopped, or (its stream
+    /// gone) must have stopped because the validity it was sent ran out.
+    pub fn drained(&self, term: u64, now: Instant) -> bool {
+        !self.entries.values().any(|w| w.may_work(term, now))
+    }
+
+    /// When the next worker without a stream stops counting for `term`.
+    pub fn next_expiry(&self, term: u64, now: Instant) -> Option<Instant> {
         self.entries
             .values()
-            .all(|w| w.told_term != term || w.stopped_term >= term)
+            .filter(|w| w.streams == 0 && w.may_work(term, now))
+            .filter_map(|w| w.told_until)
+            .min()
+    }
+
+    /// Forget workers without a stream that can no longer be working.
+    fn prune(&mut self, now: Instant) {
+        self.entries
+            .retain(|_, w| w.streams > 0 || w.may_work(w.told_term, now));
     }
 
     /// The number of subscribed workers.
@@ -218,6 +245,7 @@ impl Election {
     pub fn subscribe(&self, worker: Option<&str>, ready: bool) -> Subscription {
         let worker = worker.map(|name| {
             self.workers.send_modify(|w| {
+                w.prune(Instant::now());
                 let entry = w.entries.entry(name.to_owned()).or_default();
                 entry.streams += 1;
                 entry.ready |= ready;
@@ -310,9 +338,11 @@ impl Drop for WorkerGuard {
             if let Some(entry) = w.entries.get_mut(&self.name) {
                 entry.streams -= 1;
                 if entry.streams == 0 {
-                    w.entries.remove(&self.name);
+                    // Not ready any more; kept while it may still be working (see `prune`).
+                    entry.ready = false;
                 }
             }
+            w.prune(Instant::now());
         });
     }
 }
@@ -338,10 +368,13 @@ impl Subscription {
             let mut changed = false;
             if state.view.role == Role::Leader
                 && let Some(entry) = w.entries.get_mut(&guard.name)
-                && entry.told_term != state.view.term
             {
-                entry.told_term = state.view.term;
-                changed = true;
+                // Extending the validity needs no wake-up; a new term does.
+                entry.told_until = state.view.valid_until;
+                if entry.told_term != state.view.term {
+                    entry.told_term = state.view.term;
+                    changed = true;
+                }
             }
             current = Some(state);
             changed

@@ -3,10 +3,9 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use rand::Rng;
 use tokio::{
     sync::{mpsc, watch},
-    time::{Duration, Instant, sleep_until, timeout},
+    time::{Instant, sleep_until, timeout},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +13,7 @@ use super::{
     CampaignMode, ElectionConfig, ElectionError, Leadership, Request, Workers,
     machine::{Activity, Command, Event, Machine, Role},
 };
+use crate::backoff::Backoff;
 use crate::store::{Acquired, Candidate, ErrorKind, Observation, Store, StoreError};
 
 pub(super) struct Runtime {
@@ -46,44 +46,18 @@ enum Wake {
     Store(Step),
 }
 
-/// Exponential back-off with full jitter between `base` and `cap`.
-struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt += 1;
-        // Half fixed, half random: never hammer, never synchronise replicas.
-        ceiling / 2 + ceiling.mul_f64(rand::rng().random::<f64>() / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 impl Runtime {
     pub(super) async fn run(mut self) {
         let timing = self.config.timing;
         let mut seat: Option<Box<dyn Candidate>> = None;
         let mut last_seen = Observation::default();
-        let mut backoff = Backoff {
-            base: timing.retry_period,
-            cap: timing.lease_duration.max(timing.retry_period),
-            attempt: 0,
-        };
+        let mut backoff = Backoff::new(timing.retry_period, timing.lease_duration);
         // Store calls wait for this instant (back-off after a failure, renewal period).
         let mut not_before: Option<Instant> = None;
         let mut workers = self.workers.subscribe();
         let mut shutdown_seen = false;
-        self.apply_readiness(&workers.borrow_and_update());
+        let ready = workers.borrow_and_update().any_ready();
+        self.apply_readiness(ready);
         tracing::info!(
             election = %self.config.name,
             identity = %self.config.identity,
@@ -102,7 +76,18 @@ impl Runtime {
             if activity == Activity::Stop {
                 break;
             }
-            let deadline = self.machine.next_deadline();
+            // While draining, also wake when a vanished worker's validity runs out.
+            let vanished = self
+                .machine
+                .held_term()
+                .filter(|_| self.machine.draining())
+                .and_then(|term| self.workers.borrow().next_expiry(term, Instant::now()));
+            let deadline = self
+                .machine
+                .next_deadline()
+                .into_iter()
+                .chain(vanished)
+                .min();
             let wake = {
                 let step = store_step(
                     &*self.store,
@@ -115,7 +100,7 @@ impl Runtime {
                 tokio::select! {
                     biased;
                     _ = self.cancel.cancelled(), if !shutdown_seen => Wake::Shutdown,
-                    request = self.requests.recv() => Wake::Request(request),
+                    request = self.requests.recv(), if !shutdown_seen => Wake::Request(request),
                     _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Wake::Deadline,
                     Ok(()) = workers.changed() => Wake::Workers,
                     step = step => Wake::Store(step),
@@ -152,13 +137,19 @@ impl Runtime {
                 }
                 Wake::Deadline => self.machine.tick(now),
                 Wake::Workers => {
-                    let snapshot = workers.borrow_and_update().clone();
-                    self.apply_readiness(&snapshot)
+                    let ready = workers.borrow_and_update().any_ready();
+                    self.apply_readiness(ready)
                 }
                 Wake::Store(step) => match step {
                     Step::Acquired(Acquired::Held(holding)) => {
                         backoff.reset();
-                        not_before = Some(now + timing.retry_period);
+                        // Renewals are timed from the store's proof, not from our reading it.
+                        let proven_at = holding
+                            .valid_until
+                            .checked_sub(timing.lease_duration)
+                            .unwrap_or(now)
+                            .min(now);
+                        not_before = Some(proven_at + timing.retry_period);
                         self.machine.handle(now, Event::Acquired(holding))
                     }
                     Step::Acquired(Acquired::Observed(seen)) | Step::Observed(seen) => {
@@ -187,7 +178,7 @@ impl Runtime {
                             // A leader retries every retry period until its renew deadline.
                             timing.retry_period
                         } else {
-                            backoff.next()
+                            backoff.next_delay()
                         };
                         tracing::warn!(
                             election = %self.config.name,
@@ -197,8 +188,9 @@ impl Runtime {
                             "store call failed"
                         );
                         not_before = Some(now + retry_in);
-                        if kind == ErrorKind::Invalid {
-                            // Re-open from scratch next time: the fix may be a new file.
+                        if kind == ErrorKind::Invalid && self.machine.held_term().is_none() {
+                            // Re-open from scratch next time: the fix may be a new file. Never
+                            // while holding: dropping the seat would end the holding in secret.
                             seat = None;
                         }
                         self.machine.handle(
@@ -263,19 +255,19 @@ impl Runtime {
             Command::Abandon => {
                 tracing::warn!(election = %name, reason = %self.machine.view(&self.config.identity).reason,
                     "leadership ended without a release");
-                if let Some(mut candidate) = seat.take() {
-                    // Best effort: the store may be unreachable, which is why we are here.
-                    let _ = timeout(timing.retry_period, candidate.release(None)).await;
-                }
+                // No release: the holding ends the store's own way (lease expiry, or the file
+                // lock closed without the "released" mark), so the next holder allows for
+                // workers that may still be stopping, exactly as after a crash.
+                drop(seat.take());
             }
         }
     }
 
     /// Tell the machine whether readiness allows campaigning (idempotent for the machine).
-    fn apply_readiness(&mut self, workers: &Workers) -> Option<Command> {
+    fn apply_readiness(&mut self, any_ready: bool) -> Option<Command> {
         let allowed = match self.config.campaign {
             CampaignMode::Always => true,
-            CampaignMode::WhenReady => workers.any_ready(),
+            CampaignMode::WhenReady => any_ready,
         };
         self.machine
             .handle(Instant::now(), Event::CampaignAllowed(allowed))
@@ -289,7 +281,7 @@ impl Runtime {
         let term = self.machine.held_term()?;
         // Read under the same lock that a worker's stream takes when it is told LEADER, after
         // the stepping-down state was published: a worker told LEADER is counted here.
-        let drained = self.workers.borrow().drained(term);
+        let drained = self.workers.borrow().drained(term, Instant::now());
         if drained {
             tracing::info!(election = %self.config.name, term, "workers stopped; releasing");
             self.machine.handle(Instant::now(), Event::Drained)

@@ -183,13 +183,35 @@ async fn drain_gives_up_after_the_drain_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_worker_that_disconnects_is_not_waited_for() {
+async fn a_worker_that_disconnects_is_waited_for_until_its_validity_ran_out() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
     let (a, a_task) = spawn(&store, "a", &cancel);
     let sub = a.subscribe(Some("w"), true);
     until(&a, leads).await;
-    assert!(leads(&sub.deliver()));
+    let told = sub.deliver();
+    assert!(leads(&told));
+    let valid_until = told.view.valid_until.unwrap();
+    // Its stream breaks: it may still be working until `valid_until`.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    drop(sub);
+    cancel.cancel();
+    a_task.await.unwrap();
+    let released = Instant::now();
+    assert!(
+        released >= valid_until,
+        "released at {released:?} before the vanished worker's validity {valid_until:?}"
+    );
+    assert_eq!(store.holder("e"), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_never_led_is_not_waited_for() {
+    let store = MemoryStore::new();
+    let cancel = CancellationToken::new();
+    let (a, a_task) = spawn(&store, "a", &cancel);
+    until(&a, leads).await;
+    let sub = a.subscribe(Some("w"), true);
     drop(sub);
     let started = Instant::now();
     cancel.cancel();

@@ -257,6 +257,7 @@ impl Suite {
         let mut a = self.join(&e, "a").await;
         let mut b = self.join(&e, "b").await;
         let first = self.win(&mut *a, PROMPTLY, "a").await;
+        self.must_not_win(&mut *b, "b while a lives").await;
         drop(a);
         let within = self.timing.lease_duration + PROMPTLY;
         let next = self.win(&mut *b, within, "b after a vanished").await;

@@ -34,12 +34,13 @@ use std::{
     io::{self, Write},
     os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchMask};
+use nix::time::{ClockId, clock_gettime};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, sleep, sleep_until};
 
@@ -147,13 +148,23 @@ struct StateRecord {
     /// The holder's process id, for people reading the file.
     #[serde(default)]
     pid: Option<u32>,
+    /// Written by a release: the holder's workers confirmed their stop. Any other end of a
+    /// holding (a crash, or an observer clearing a dead holder's name) leaves it false, and the
+    /// next holder waits the crash grace.
+    #[serde(default)]
+    released: bool,
     /// After a release with a successor: only it may take over until `successor_until_ms`.
     #[serde(default)]
     successor: Option<String>,
-    /// Unix time in milliseconds. Wall-clock is fine here: every reader is on this host and reads
-    /// the same clock, and the reservation only steers who takes over, never exclusivity.
+    /// CLOCK_BOOTTIME in milliseconds: one clock for every process on this host, which neither
+    /// jumps with the wall clock nor stops while the machine sleeps.
     #[serde(default)]
     successor_until_ms: u64,
+}
+
+/// CLOCK_BOOTTIME now, as a duration since boot.
+fn boot_time() -> Duration {
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(Duration::ZERO, Duration::from)
 }
 
 impl StateRecord {
@@ -163,8 +174,9 @@ impl StateRecord {
         if successor == me {
             return None;
         }
-        let until = UNIX_EPOCH + Duration::from_millis(self.successor_until_ms);
-        until.duration_since(SystemTime::now()).ok()
+        Duration::from_millis(self.successor_until_ms)
+            .checked_sub(boot_time())
+            .filter(|left| !left.is_zero())
     }
 }
 
@@ -240,6 +252,7 @@ impl Store for FileStore {
             lock: None,
             held: None,
             announce_at: None,
+            created_lock: false,
             events,
         };
         candidate.open_lock()?;
@@ -266,6 +279,8 @@ struct FileCandidate {
     held: Option<u64>,
     /// After taking over from a dead holder: do not report the holding before this.
     announce_at: Option<Instant>,
+    /// Whether we created the lock file we have open (it did not exist before).
+    created_lock: bool,
     events: EventStream<Vec<u8>>,
 }
 
@@ -277,8 +292,9 @@ impl FileCandidate {
         }
     }
 
-    /// Open (creating if needed) the lock file and check that it is Baton's.
-    fn open_lock(&self) -> Result<File, FileError> {
+    /// Open (creating if needed) the lock file and check that it is Baton's. Also says whether
+    /// this call created it (a new inode: a previous holder may still hold a removed one).
+    fn open_lock(&self) -> Result<(File, bool), FileError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -288,6 +304,7 @@ impl FileCandidate {
             .map_err(|e| self.lock_error(e))?;
         let mut head = vec![0u8; LOCK_HEADER.len()];
         let n = file.read_at(&mut head, 0).map_err(|e| self.lock_error(e))?;
+        let created = n == 0;
         match &head[..n] {
             [] => file
                 .write_all_at(LOCK_HEADER, 0)
@@ -300,7 +317,7 @@ impl FileCandidate {
                 });
             }
         }
-        Ok(file)
+        Ok((file, created))
     }
 
     fn read_state(&self) -> Result<StateRecord, FileError> {
@@ -403,7 +420,11 @@ impl FileCandidate {
     fn try_lock(&mut self) -> Result<bool, FileError> {
         let file = match self.lock.take() {
             Some(file) => file,
-            None => self.open_lock()?,
+            None => {
+                let (file, created) = self.open_lock()?;
+                self.created_lock = created;
+                file
+            }
         };
         match file.try_lock() {
             Ok(()) => {
@@ -470,6 +491,19 @@ impl FileCandidate {
             // holder, to learn whether that holder is alive: a dead holder's name is cleared.
             let probe = campaign && reserved.is_none() || !campaign && state.holder.is_some();
             if probe && self.try_lock()? {
+                // Decide on the record as it is now that we hold the lock: it may have changed
+                // since the look above.
+                let state = match self.read_state() {
+                    Ok(state) => state,
+                    Err(e) => {
+                        self.close_lock();
+                        return Err(e);
+                    }
+                };
+                if campaign && state.reserved_against(&self.identity).is_some() {
+                    self.close_lock();
+                    continue;
+                }
                 if campaign {
                     let taken = self.take_over(state.term);
                     if taken.is_err() {
@@ -478,10 +512,18 @@ impl FileCandidate {
                     }
                     let term = taken?;
                     self.held = Some(term);
-                    if state.holder.is_some() {
-                        // The previous holder never released: it died.
-                        self.announce_at = Some(Instant::now() + self.crash_grace);
-                    }
+                    let grace = if self.created_lock && state.holder.is_some() {
+                        // We created the lock file while the record names a holder: someone
+                        // removed it, and that holder may still hold the old inode until its
+                        // next renewal notices. Its workers' validity ends within a lease.
+                        Some(self.timing.lease_duration)
+                    } else if !state.released && state.term > 0 {
+                        // The previous holding ended without a release: its holder died.
+                        Some(self.crash_grace)
+                    } else {
+                        None
+                    };
+                    self.announce_at = grace.map(|g| Instant::now() + g);
                     return Ok(self.announce(term).await);
                 }
                 let cleared = StateRecord {
@@ -550,15 +592,14 @@ impl Candidate for FileCandidate {
         let Some(term) = self.held else {
             return Ok(());
         };
-        let until = SystemTime::now() + self.timing.lease_duration;
+        let until = boot_time() + self.timing.lease_duration;
         let written = self.write_state(&StateRecord {
             holder: None,
             term,
             pid: None,
+            released: true,
             successor: successor.map(str::to_owned),
-            successor_until_ms: until
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            successor_until_ms: until.as_millis() as u64,
         });
         // Unlock whatever happened to the record: the next holder rewrites it anyway.
         self.close_lock();
@@ -641,7 +682,7 @@ mod tests {
     #[tokio::test]
     async fn a_crashed_holder_is_replaced_after_the_crash_grace() {
         let dir = tempfile::tempdir().unwrap();
-        let grace = Duration::from_millis(300);
+        let grace = Duration::from_secs(2);
         let store = FileStore::new(dir.path()).unwrap().with_crash_grace(grace);
         let mut a = store.join("e", "a", timing()).await.unwrap();
         let mut b = store.join("e", "b", timing()).await.unwrap();

@@ -22,6 +22,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 pub mod conformance;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod file;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
@@ -158,6 +160,10 @@ pub enum StoreError {
     /// The in-memory store failed (partitioned in a test).
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The etcd store failed.
+    #[cfg(feature = "etcd")]
+    #[error(transparent)]
+    Etcd(#[from] etcd::EtcdError),
     /// The Kubernetes store failed or was refused.
     #[cfg(feature = "kubernetes")]
     #[error(transparent)]
@@ -172,7 +178,8 @@ pub enum ErrorKind {
     /// Unreachable, slow or refusing (403, auth): report UNKNOWN and retry with back-off.
     Unavailable,
     /// The store holds data Baton cannot use (a foreign or corrupt lock file): retrying will not
-    /// help until someone fixes it, but the daemon keeps retrying slowly and says so.
+    /// help until someone fixes it; the daemon says so and retries with back-off, re-opening
+    /// its seat from scratch, so a fix takes effect without a restart.
     Invalid,
 }
 
@@ -184,6 +191,8 @@ impl StoreError {
             StoreError::Timeout { .. } => ErrorKind::Unavailable,
             StoreError::File(e) => e.kind(),
             StoreError::Memory(_) => ErrorKind::Unavailable,
+            #[cfg(feature = "etcd")]
+            StoreError::Etcd(e) => e.kind(),
             #[cfg(feature = "kubernetes")]
             StoreError::Kubernetes(e) => e.kind(),
         }

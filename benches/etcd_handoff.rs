@@ -1,0 +1,269 @@
+//! Hand-off and fail-over on a real etcd, side by side with `etcdctl elect` on the same server.
+//!
+//! ```text
+//! cargo bench --features etcd --bench etcd_handoff      # 20 runs of each
+//! ```
+//!
+//! - **baton handoff**: SIGTERM to the leading `baton run` -> the standby's worker has started.
+//!   End to end: the old daemon announces the loss, its worker stops and confirms, the daemon
+//!   deletes its key, the standby's watch fires, it proves its lease, publishes LEADER, and the
+//!   standby's worker (the timer worker's loop, in this process) starts.
+//! - **etcdctl handoff**: SIGINT to a leading `etcdctl elect` -> the waiting `etcdctl elect`
+//!   prints that it is elected (stamped when its line is read here): the store-only figure.
+//! - **baton failover minus TTL**: kill -9 of the leading daemon -> the standby's worker has
+//!   started, minus the session TTL. The server expires the lease one TTL after the last
+//!   keep-alive it received (which the leader sends every retry period) and checks expiries
+//!   every 500 ms, so this can be negative.
+//!
+//! Without `--bench` in argv (as under `cargo test --all-targets`) it does 3 runs of each;
+//! `BATON_BENCH_RUNS=N` sets the count. Figures are printed, never asserted; safety is checked on
+//! every hand-off (the old worker stopped before the new one started).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/etcd_server/mod.rs"]
+mod etcd_server;
+
+use std::time::Duration;
+
+use baton::client::{Client, Role};
+use common::{Daemon, Proc};
+use etcd_server::Etcd;
+use nix::sys::signal::Signal;
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+
+const LEASE_SECS: u64 = 3;
+
+fn daemon(identity: &str, etcd: &Etcd, election: &str) -> Daemon {
+    let lease = format!("{LEASE_SECS}s");
+    let endpoint = etcd.endpoint();
+    Daemon::start(
+        identity,
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--election",
+            election,
+            "--lease-duration",
+            &lease,
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "500ms",
+            // Campaign only with a ready worker: so "campaigning" proves the worker subscribed.
+            "--campaign",
+            "when-ready",
+        ],
+    )
+}
+
+/// A worker's start or stop, stamped.
+enum Edge {
+    Started(Instant),
+    Stopped(Instant),
+}
+
+/// The timer worker's loop, in this process: reports when it starts and stops on `edges`. A
+/// local task: the future of `run_while_leader` is not `Send`.
+fn worker(daemon: &Daemon, election: &str, edges: mpsc::UnboundedSender<Edge>) -> JoinHandle<()> {
+    let client = Client::connect_lazy(daemon.addr.clone()).expect("daemon address");
+    let election = election.to_owned();
+    tokio::task::spawn_local(async move {
+        let outcome = client
+            .run_while_leader(&election, move |lease| {
+                let edges = edges.clone();
+                async move {
+                    let _ = edges.send(Edge::Started(Instant::now()));
+                    let mut ticks = tokio::time::interval(Duration::from_millis(50));
+                    loop {
+                        tokio::select! {
+                            _ = lease.cancelled() => break,
+                            _ = ticks.tick() => {}
+                        }
+                    }
+                    let _ = edges.send(Edge::Stopped(Instant::now()));
+                }
+            })
+            .await;
+        if let Err(e) = outcome {
+            eprintln!("bench worker: {e}");
+        }
+    })
+}
+
+/// A daemon with its worker attached.
+struct Replica {
+    daemon: Daemon,
+    worker: JoinHandle<()>,
+    edges: mpsc::UnboundedReceiver<Edge>,
+}
+
+impl Replica {
+    async fn start(identity: &str, etcd: &Etcd, election: &str) -> Replica {
+        let daemon = daemon(identity, etcd, election);
+        let (tx, edges) = mpsc::unbounded_channel();
+        let worker = worker(&daemon, election, tx);
+        Replica {
+            daemon,
+            worker,
+            edges,
+        }
+    }
+
+    /// Wait until the daemon follows and campaigns, which it does only once its worker has
+    /// subscribed and declared itself ready.
+    async fn ready(&self, election: &str) {
+        self.daemon
+            .wait_for(election, "a ready standby", |s| {
+                s.role == Role::Follower && s.campaigning
+            })
+            .await;
+    }
+
+    async fn next_edge(&mut self) -> Edge {
+        tokio::time::timeout(common::SOON, self.edges.recv())
+            .await
+            .expect("the worker starts or stops soon")
+            .expect("the worker task lives")
+    }
+
+    async fn worker_started(&mut self) -> Instant {
+        match self.next_edge().await {
+            Edge::Started(at) => at,
+            Edge::Stopped(_) => panic!("the worker stopped before it started"),
+        }
+    }
+
+    async fn worker_stopped(&mut self) -> Instant {
+        match self.next_edge().await {
+            Edge::Stopped(at) => at,
+            Edge::Started(_) => panic!("the worker started twice"),
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.worker.abort();
+    }
+}
+
+/// SIGTERM to the leader -> the standby's worker started.
+async fn baton_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
+    let election = "bench-handoff";
+    let mut leader = Replica::start("r0", etcd, election).await;
+    leader.worker_started().await;
+    let mut samples = Vec::new();
+    for i in 1..=runs {
+        let mut standby = Replica::start(&format!("r{i}"), etcd, election).await;
+        standby.ready(election).await;
+        let sent = Instant::now();
+        leader.daemon.proc.signal(Signal::SIGTERM);
+        let started = standby.worker_started().await;
+        samples.push(started - sent);
+        // Safety on every run: the old worker stopped before the new one started.
+        let stopped = leader.worker_stopped().await;
+        assert!(
+            stopped < started,
+            "the new worker started before the old one stopped"
+        );
+        leader.daemon.proc.wait();
+        leader = standby;
+    }
+    samples
+}
+
+/// SIGINT to a leading `etcdctl elect` -> the waiter prints that it is elected.
+fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
+    let name = "bench-etcdctl";
+    let queued = Proc::spawn(
+        etcd.etcdctl(&["watch", "--prefix", &format!("{name}/")]),
+        "watch: ",
+    );
+    let campaign = |who: &str| Proc::spawn(etcd.etcdctl(&["elect", name, who]), "elect: ");
+    let mut leader = campaign("e0");
+    leader.stdout.wait_for("e0 elected", |l| l == "e0");
+    let mut samples = Vec::new();
+    for i in 1..=runs {
+        let who = format!("e{i}");
+        let waiter = campaign(&who);
+        queued.stdout.wait_for("the waiter's key", |l| l == who);
+        let sent = Instant::now();
+        leader.signal(Signal::SIGINT);
+        waiter.stdout.wait_for("the waiter elected", |l| l == who);
+        samples.push(sent.elapsed());
+        leader.wait();
+        leader = waiter;
+    }
+    samples
+}
+
+/// kill -9 of the leader -> the standby's worker started, minus the TTL (signed, in ms).
+async fn crash_failover(etcd: &Etcd, runs: usize) -> Vec<f64> {
+    let election = "bench-crash";
+    let mut leader = Replica::start("c0", etcd, election).await;
+    leader.worker_started().await;
+    let mut samples = Vec::new();
+    for i in 1..=runs {
+        let mut standby = Replica::start(&format!("c{i}"), etcd, election).await;
+        standby.ready(election).await;
+        let sent = Instant::now();
+        leader.daemon.proc.signal(Signal::SIGKILL);
+        let started = standby.worker_started().await;
+        leader.daemon.proc.wait();
+        let failover = (started - sent).as_secs_f64() * 1e3;
+        samples.push(failover - (LEASE_SECS * 1000) as f64);
+        leader = standby;
+    }
+    samples
+}
+
+/// The `p`-th percentile (nearest rank) of sorted `values`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn report(what: &str, mut ms: Vec<f64>) {
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "etcd {what} p50={:.1}ms p99={:.1}ms min={:.1}ms max={:.1}ms n={}",
+        percentile(&ms, 50.0),
+        percentile(&ms, 99.0),
+        ms.first().copied().unwrap_or_default(),
+        ms.last().copied().unwrap_or_default(),
+        ms.len()
+    );
+}
+
+fn millis(samples: Vec<Duration>) -> Vec<f64> {
+    samples.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let runs = std::env::var("BATON_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if full { 20 } else { 3 });
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let etcd = Etcd::start();
+    let ctl = etcdctl_handoff(&etcd, runs);
+    let local = tokio::task::LocalSet::new();
+    let (baton, crash) = runtime.block_on(local.run_until(async {
+        let baton = baton_handoff(&etcd, runs).await;
+        let crash = crash_failover(&etcd, runs).await;
+        (baton, crash)
+    }));
+    report(
+        "handoff baton (SIGTERM -> new worker started)",
+        millis(baton),
+    );
+    report("handoff etcdctl (SIGINT -> waiter elected)", millis(ctl));
+    report(
+        &format!("failover baton minus ttl={LEASE_SECS}s (kill -9 -> new worker started)"),
+        crash,
+    );
+}

@@ -1,0 +1,641 @@
+//! The etcd store against a real etcd (Debian's `etcd-server` 3.4): the shared conformance
+//! suite, interoperation with `etcdctl elect` both ways, crash fail-over, graceful hand-off with
+//! workers, an etcd outage under a leader, TLS and user authentication.
+//!
+//! Every wait is on an event (a stream event, a log line, a printed line), bounded by
+//! `common::SOON`; safety (no overlap) is asserted exactly, latency never.
+
+mod common;
+mod etcd_server;
+
+use std::{sync::Arc, time::Duration};
+
+use baton::{
+    client::{Role, WatchEvent},
+    config::EtcdConfig,
+    store::{Timing, conformance::Suite, etcd::EtcdStore},
+};
+use common::{Daemon, Proc, example, field};
+use etcd_server::{Etcd, ServerTls};
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Short enough that the crash checks wait little, long enough above etcd's 2 s minimum TTL.
+fn timing() -> Timing {
+    Timing {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(500),
+    }
+}
+
+fn plain_config(etcd: &Etcd, prefix: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![etcd.endpoint()],
+        prefix: prefix.to_owned(),
+        tls: None,
+        auth: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_conformance_suite() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
+    Suite::new(Arc::new(store), timing(), "conf-")
+        .test_all()
+        .await;
+}
+
+const LEASE: &str = "3s";
+
+/// `baton run` flags for the etcd store at `etcd`, election `election`, short timings.
+fn daemon_args(endpoint: &str, election: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoint,
+        "--election",
+        election,
+        "--lease-duration",
+        LEASE,
+        "--renew-deadline",
+        "2s",
+        "--retry-period",
+        "500ms",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+fn start(identity: &str, etcd: &Etcd, election: &str) -> Daemon {
+    let args = daemon_args(&etcd.endpoint(), election, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start(identity, &args)
+}
+
+/// Start a timer worker following `daemon` in `election`, ticking every 50 ms.
+fn worker(daemon: &Daemon, election: &str) -> Proc {
+    let mut command = example("timer_worker");
+    command.args([
+        "--daemon",
+        &daemon.addr,
+        "--election",
+        election,
+        "--period",
+        "50ms",
+    ]);
+    Proc::spawn(command, "worker: ")
+}
+
+/// The CLOCK_MONOTONIC stamps of a worker's lines that start with `prefix`.
+fn stamps(worker: &Proc, prefix: &str) -> Vec<i128> {
+    worker
+        .stdout
+        .all()
+        .iter()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| field(l, "mono").expect("mono=").parse().expect("mono"))
+        .collect()
+}
+
+fn term_of(line: &str) -> u64 {
+    field(line, "term").expect("term=").parse().expect("term")
+}
+
+/// A direct etcd client for looking at keys and leases from the test.
+async fn etcd_client(etcd: &Etcd) -> etcd_client::Client {
+    etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("connect to etcd")
+}
+
+/// The election's keys, oldest first: (key, value, lease, create revision).
+async fn queue(client: &mut etcd_client::Client, prefix: &str) -> Vec<(String, String, i64, i64)> {
+    let options = etcd_client::GetOptions::new().with_prefix().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
+    let response = client.get(prefix, Some(options)).await.expect("get");
+    response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_owned(),
+                kv.value_str().unwrap().to_owned(),
+                kv.lease(),
+                kv.create_revision(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_elect_and_baton_share_an_election_both_ways() {
+    let etcd = Etcd::start();
+    let a = start("baton-a", &etcd, "interop");
+    let first = a.wait_role("interop", Role::Leader).await;
+
+    // `etcdctl elect -l` names Baton's leader.
+    let observer = Proc::spawn(
+        etcd.etcdctl(&["elect", "-l", "baton/interop"]),
+        "elect -l: ",
+    );
+    observer
+        .stdout
+        .wait_for("'baton-a' from etcdctl elect -l", |l| l == "baton-a");
+
+    // `etcdctl elect NAME x` queues behind Baton and waits.
+    let watch = Proc::spawn(
+        etcd.etcdctl(&["watch", "--prefix", "baton/interop/"]),
+        "watch: ",
+    );
+    let mut x = Proc::spawn(etcd.etcdctl(&["elect", "baton/interop", "x"]), "elect x: ");
+    watch.stdout.wait_for("x's candidate key", |l| l == "x");
+    let still = a.client().await.get("interop").await.expect("get");
+    assert_eq!(still.role, Role::Leader, "Baton still leads after x queued");
+    assert_eq!(still.term, first.term);
+    assert!(
+        x.stdout.all().is_empty(),
+        "etcdctl must wait while Baton leads: {:?}",
+        x.stdout.all()
+    );
+
+    // Baton leaves; etcdctl is elected.
+    let mut a = a;
+    a.proc.signal(Signal::SIGTERM);
+    assert!(a.proc.wait().success());
+    x.stdout.wait_for("x elected", |l| l == "x");
+    observer
+        .stdout
+        .wait_for("'x' from etcdctl elect -l", |l| l == "x");
+
+    // While etcdctl leads, Baton follows and names it.
+    let b = start("baton-b", &etcd, "interop");
+    let following = b
+        .wait_for("interop", "following x", |s| {
+            s.role == Role::Follower && s.leader.as_deref() == Some("x")
+        })
+        .await;
+    assert!(following.term > first.term);
+
+    // etcdctl resigns on SIGINT; Baton leads.
+    x.signal(Signal::SIGINT);
+    x.wait();
+    let led = b.wait_role("interop", Role::Leader).await;
+    assert!(
+        led.term > following.term,
+        "term {} after {}",
+        led.term,
+        following.term
+    );
+    observer
+        .stdout
+        .wait_for("'baton-b' from etcdctl elect -l", |l| l == "baton-b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_hands_over_only_after_its_lease_is_gone() {
+    let etcd = Etcd::start();
+    let mut client = etcd_client(&etcd).await;
+    let mut a = start("a", &etcd, "crash");
+    let first = a.wait_role("crash", Role::Leader).await;
+    let b = start("b", &etcd, "crash");
+    let seen = b.wait_role("crash", Role::Follower).await;
+    assert_eq!(seen.leader.as_deref(), Some("a"));
+    let keys = queue(&mut client, "baton/crash/").await;
+    let (old_key, holder, old_lease, created) = keys.first().cloned().expect("a's key");
+    assert_eq!(holder, "a");
+    assert_eq!(
+        created as u64, first.term,
+        "the term is the key's create revision"
+    );
+
+    a.proc.signal(Signal::SIGKILL);
+    a.proc.wait();
+    let led = b.wait_role("crash", Role::Leader).await;
+    // b leads only once a's session lease is gone, and with it a's key.
+    let ttl = client
+        .lease_time_to_live(old_lease, None)
+        .await
+        .expect("lease time to live");
+    assert!(
+        ttl.ttl() <= 0,
+        "b leads while a's lease {old_lease:x} still has {} s",
+        ttl.ttl()
+    );
+    let keys = queue(&mut client, "baton/crash/").await;
+    assert!(
+        keys.iter().all(|(k, ..)| *k != old_key),
+        "a's key {old_key} outlived its lease: {keys:?}"
+    );
+    assert_eq!(keys.first().map(|k| k.1.as_str()), Some("b"));
+    assert!(
+        led.term > first.term,
+        "term {} after {}",
+        led.term,
+        first.term
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_over_after_the_old_worker_stopped() {
+    let etcd = Etcd::start();
+    let mut a = start("a", &etcd, "handoff");
+    a.wait_role("handoff", Role::Leader).await;
+    let b = start("b", &etcd, "handoff");
+    b.wait_role("handoff", Role::Follower).await;
+    let wa = worker(&a, "handoff");
+    let wb = worker(&b, "handoff");
+    wa.stdout
+        .wait_count("of a's ticks", 3, |l| l.starts_with("Clustered route"));
+    assert!(
+        stamps(&wb, "started").is_empty(),
+        "the follower's worker must not start"
+    );
+
+    a.proc.signal(Signal::SIGTERM);
+    let started = wb
+        .stdout
+        .wait_for("'started' from b's worker", |l| l.starts_with("started"));
+    assert!(a.proc.wait().success(), "SIGTERM is a clean stop");
+
+    let old_stop = stamps(&wa, "stopped");
+    let old_ticks = stamps(&wa, "Clustered route");
+    let new_start = stamps(&wb, "started")[0];
+    let new_ticks = stamps(&wb, "Clustered route");
+    assert_eq!(
+        old_stop.len(),
+        1,
+        "a's worker stopped once: {:?}",
+        wa.stdout.all()
+    );
+    assert!(
+        old_stop[0] < new_start,
+        "old worker stopped at {} but the new one started at {new_start}",
+        old_stop[0]
+    );
+    let last_old = old_ticks.iter().max().copied().unwrap_or_default();
+    assert!(
+        new_ticks.iter().all(|t| *t > last_old) && last_old < new_start,
+        "an old tick after a new one"
+    );
+    let old_term = term_of(
+        &wa.stdout
+            .wait_for("a's start", |l| l.starts_with("started")),
+    );
+    assert!(term_of(&started) > old_term);
+    a.proc.stderr.wait_for("'workers stopped; releasing'", |l| {
+        l.contains("workers stopped; releasing")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_longer_than_the_lease_steps_the_leader_down_in_time() {
+    let mut etcd = Etcd::start();
+    let a = start("a", &etcd, "outage");
+    let first = a.wait_role("outage", Role::Leader).await;
+    let b = start("b", &etcd, "outage");
+    b.wait_role("outage", Role::Follower).await;
+    let lease = humantime::parse_duration(LEASE).expect("lease");
+
+    // Follow a's events from before the outage.
+    let client = a.client().await;
+    let mut events = Box::pin(client.watch("outage"));
+    let stopped_at = tokio::time::Instant::now();
+    etcd.stop();
+    let stepped_down = tokio::time::timeout(common::SOON, async {
+        while let Some(event) = events.next().await {
+            if let WatchEvent::State(state) = event
+                && state.role != Role::Leader
+            {
+                return (tokio::time::Instant::now(), state);
+            }
+        }
+        unreachable!("the watch stream never ends")
+    })
+    .await
+    .expect("a steps down while etcd is away");
+    // Safety, not latency: the leader's last keep-alive was sent before etcd stopped, so its
+    // lease runs out no earlier than one lease duration after the stop.
+    assert!(
+        stepped_down.0 < stopped_at + lease,
+        "a still led {:?} after etcd stopped (lease {lease:?})",
+        stepped_down.0 - stopped_at
+    );
+    a.proc.stderr.wait_for("the step-down in a's log", |l| {
+        l.contains("leadership changed") && l.contains("could not renew within the renew deadline")
+    });
+    a.wait_role("outage", Role::Unknown).await;
+    b.wait_role("outage", Role::Unknown).await;
+    // Keep etcd away for longer than the lease.
+    tokio::time::sleep(lease + Duration::from_secs(1)).await;
+    etcd.restart();
+
+    // Exactly one leader afterwards, with a greater term; the other follows it.
+    let (leader, follower) = tokio::select! {
+        _ = a.wait_role("outage", Role::Leader) => (&a, &b),
+        _ = b.wait_role("outage", Role::Leader) => (&b, &a),
+    };
+    let follows = follower
+        .wait_for("outage", "following the new leader", |s| {
+            s.role == Role::Follower && s.leader.as_deref() == Some(leader.identity.as_str())
+        })
+        .await;
+    let led = leader.client().await.get("outage").await.expect("get");
+    assert_eq!(led.role, Role::Leader);
+    assert_eq!(follows.term, led.term);
+    assert!(
+        led.term > first.term,
+        "term {} after {}",
+        led.term,
+        first.term
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_at_start_serves_not_serving_then_leads_when_etcd_comes() {
+    let port = etcd_server::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let args = daemon_args(&endpoint, "late", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Daemon::start("a", &args);
+    let waiting = a
+        .wait_for("late", "UNKNOWN naming the store failure", |s| {
+            s.role == Role::Unknown && s.reason.contains("store unavailable")
+        })
+        .await;
+    assert!(waiting.reason.contains(&endpoint), "{}", waiting.reason);
+    a.proc
+        .stderr
+        .wait_for("a log line naming the endpoint and reason", |l| {
+            l.contains("store call failed")
+                && l.contains(&endpoint)
+                && l.contains("is etcd running")
+        });
+    assert_eq!(health(&a).await, ServingStatus::NotServing);
+
+    let _etcd = Etcd::start_at(port, None);
+    a.wait_role("late", Role::Leader).await;
+    assert_eq!(health(&a).await, ServingStatus::Serving);
+}
+
+/// grpc.health.v1 of a daemon.
+async fn health(daemon: &Daemon) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(daemon.addr.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health check");
+    ServingStatus::try_from(response.into_inner().status).expect("status")
+}
+
+/// A CA, and certificates it signs, written as PEM files in `dir`.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path) -> Pki {
+        Pki {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A CA named `name`: writes `<name>.pem`; returns its issuer.
+    fn ca(&self, name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("baton test {name}"));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
+        std::fs::write(self.path(&format!("{name}.pem")), ca.pem()).expect("write CA");
+        ca
+    }
+
+    /// A certificate for 127.0.0.1 and localhost signed by `ca`: writes `<name>.pem` and
+    /// `<name>-key.pem`.
+    fn leaf(&self, name: &str, ca: &CertifiedIssuer<'static, KeyPair>) {
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, ca).expect("sign");
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(self.path(&format!("{name}-key.pem")), key.serialize_pem())
+            .expect("write key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate_works_and_a_wrong_ca_is_named() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(scratch.path());
+    let ca = pki.ca("ca");
+    pki.leaf("server", &ca);
+    pki.leaf("client", &ca);
+    let other = pki.ca("other-ca");
+    pki.leaf("stranger", &other);
+    let etcd = Etcd::start_with(Some(ServerTls {
+        cert: pki.path("server.pem"),
+        key: pki.path("server-key.pem"),
+        ca: pki.path("ca.pem"),
+        client_cert_auth: true,
+    }));
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let file = |name: &str| pki.path(name).to_str().expect("utf-8 path").to_owned();
+    let tls_args = |ca: &str, cert: &str| {
+        let extra = [
+            "--etcd-ca-file".to_owned(),
+            file(ca),
+            "--etcd-cert-file".to_owned(),
+            file(&format!("{cert}.pem")),
+            "--etcd-key-file".to_owned(),
+            file(&format!("{cert}-key.pem")),
+        ];
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        daemon_args(&endpoint, "tls", &extra)
+    };
+    let run = |identity: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(identity, &args)
+    };
+
+    let good = run("good", tls_args("ca.pem", "client"));
+    good.wait_role("tls", Role::Leader).await;
+
+    let wrong_ca = run("wrong-ca", tls_args("other-ca.pem", "client"));
+    let refused = wrong_ca
+        .wait_for("tls", "refusing the server's certificate", |s| {
+            s.role == Role::Unknown && s.reason.contains("not signed by --etcd-ca-file")
+        })
+        .await;
+    assert!(refused.reason.contains(&endpoint), "{}", refused.reason);
+
+    let stranger = run("stranger", tls_args("ca.pem", "stranger"));
+    stranger
+        .wait_for("tls", "refused by etcd for its client certificate", |s| {
+            s.role == Role::Unknown && s.reason.contains("client certificate")
+        })
+        .await;
+    assert_eq!(
+        good.client().await.get("tls").await.expect("get").role,
+        Role::Leader,
+        "the refused daemons never disturbed the leader"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_authentication_right_password_works_wrong_password_is_named() {
+    let mut etcd = Etcd::start();
+    etcd.ctl(&["user", "add", "root", "--new-user-password=root-pw"]);
+    etcd.ctl(&["user", "add", "baton", "--new-user-password=baton-pw"]);
+    etcd.ctl(&["role", "add", "baton-rw"]);
+    etcd.ctl(&[
+        "role",
+        "grant-permission",
+        "baton-rw",
+        "readwrite",
+        "--prefix=true",
+        "baton/",
+    ]);
+    etcd.ctl(&["user", "grant-role", "baton", "baton-rw"]);
+    etcd.ctl(&["auth", "enable"]);
+    etcd.set_ctl_flags(vec!["--user=root:root-pw".to_owned()]);
+
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let right = scratch.path().join("right");
+    let wrong = scratch.path().join("wrong");
+    std::fs::write(&right, "baton-pw\n").expect("write");
+    std::fs::write(&wrong, "not-the-password\n").expect("write");
+    let run = |identity: &str, password_file: &std::path::Path| {
+        let extra = [
+            "--etcd-username",
+            "baton",
+            "--etcd-password-file",
+            password_file.to_str().expect("utf-8 path"),
+        ];
+        let args = daemon_args(&etcd.endpoint(), "auth", &extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(identity, &args)
+    };
+
+    let good = run("good", &right);
+    good.wait_role("auth", Role::Leader).await;
+    let keys = etcd.ctl(&["get", "--prefix", "--keys-only", "baton/auth/"]);
+    assert!(
+        keys.contains("baton/auth/"),
+        "the key is written as user baton: {keys}"
+    );
+
+    let bad = run("bad", &wrong);
+    bad.wait_for("auth", "refused for its password", |s| {
+        s.role == Role::Unknown && s.reason.contains("wrong --etcd-username or password")
+    })
+    .await;
+    bad.proc.stderr.wait_for("the refusal in the log", |l| {
+        l.contains("store call failed") && l.contains("authentication failed")
+    });
+}
+
+#[test]
+fn bad_etcd_flags_and_unreadable_files_exit_2_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--etcd-endpoints", "ftp://127.0.0.1:2379"],
+            "--etcd-endpoints",
+        ),
+        (&["--lease-duration", "2500ms"], "--lease-duration"),
+        (
+            &[
+                "--etcd-endpoints",
+                "https://127.0.0.1:2379",
+                "--etcd-ca-file",
+                "/no/such/ca.pem",
+            ],
+            "--etcd-ca-file",
+        ),
+        (
+            &[
+                "--etcd-username",
+                "u",
+                "--etcd-password-file",
+                "/no/such/password",
+            ],
+            "--etcd-password-file",
+        ),
+    ];
+    for (args, flag) in cases {
+        let output = common::baton()
+            .args(["run", "--store", "etcd", "--listen", "127.0.0.1:0"])
+            .args(*args)
+            .output()
+            .expect("run baton");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?} names {flag}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_key_is_deleted_by_hand_steps_down_at_once() {
+    let etcd = Etcd::start();
+    let mut client = etcd_client(&etcd).await;
+    let a = start("a", &etcd, "vanish");
+    let first = a.wait_role("vanish", Role::Leader).await;
+    let b = start("b", &etcd, "vanish");
+    b.wait_role("vanish", Role::Follower).await;
+    let keys = queue(&mut client, "baton/vanish/").await;
+    let (key, holder, ..) = keys.first().cloned().expect("a's key");
+    assert_eq!(holder, "a");
+
+    etcd.ctl(&["del", &key]);
+    let lost = a
+        .wait_for("vanish", "stepped down for the lost key", |s| {
+            s.role != Role::Leader && s.reason.contains("vanished")
+        })
+        .await;
+    assert!(lost.reason.contains(&key), "{}", lost.reason);
+    let led = b.wait_role("vanish", Role::Leader).await;
+    assert!(led.term > first.term);
+    // a campaigns again with a new session, behind b.
+    a.wait_for("vanish", "following b", |s| {
+        s.role == Role::Follower && s.leader.as_deref() == Some("b")
+    })
+    .await;
+}

@@ -1,0 +1,212 @@
+//! A real etcd for tests and benchmarks: Debian's `etcd` on free loopback ports with a scratch
+//! data dir, killed on drop, and able to stop and start again on the same ports and data (an
+//! outage). `etcdctl` is run against it with the same TLS and user settings.
+//!
+//! Missing binaries fail the test with the command that installs them: never a silent skip.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::common::Proc;
+
+/// How to install what this harness needs.
+pub const INSTALL: &str = "apt-get install etcd-server etcd-client";
+
+/// Panic with the install command if `etcd` or `etcdctl` is missing.
+pub fn require_binaries() {
+    for binary in ["etcd", "etcdctl"] {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "`{binary}` is not on PATH: the etcd tests need a real etcd; run `{INSTALL}` \
+             (scripts/test-all.sh does)"
+        );
+    }
+}
+
+/// A free loopback port (bound and released; etcd binds it right after).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Server TLS files, and whether clients must present a certificate.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub client_cert_auth: bool,
+}
+
+/// A running (or stopped) etcd.
+pub struct Etcd {
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    tls: Option<ServerTls>,
+    proc: Option<Proc>,
+    /// Extra etcdctl flags (TLS files, user) used by [`Etcd::etcdctl`].
+    ctl_flags: Vec<String>,
+}
+
+impl Etcd {
+    /// Start a plain-text etcd and wait until it serves.
+    pub fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// Start an etcd, with TLS on the client port if given, and wait until it serves.
+    pub fn start_with(tls: Option<ServerTls>) -> Etcd {
+        Self::start_at(free_port(), tls)
+    }
+
+    /// Start an etcd on the given client port and wait until it serves.
+    pub fn start_at(client_port: u16, tls: Option<ServerTls>) -> Etcd {
+        require_binaries();
+        let mut etcd = Etcd {
+            dir: tempfile::tempdir().expect("scratch dir"),
+            client_port,
+            peer_port: free_port(),
+            tls,
+            proc: None,
+            ctl_flags: Vec::new(),
+        };
+        if let Some(tls) = &etcd.tls {
+            etcd.ctl_flags = vec![
+                format!("--cacert={}", tls.ca.display()),
+                format!("--cert={}", tls.cert.display()),
+                format!("--key={}", tls.key.display()),
+            ];
+        }
+        etcd.run();
+        etcd
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+    }
+
+    /// The scratch directory (data and anything a test wants to put beside it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn run(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut command = Command::new("etcd");
+        command
+            .arg("--name=baton-test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=baton-test={peer}"))
+            .arg("--log-level=warn")
+            .arg("--logger=zap");
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()));
+            if tls.client_cert_auth {
+                command.arg("--client-cert-auth");
+            }
+        }
+        let proc = Proc::spawn(command, "etcd: ");
+        self.proc = Some(proc);
+        self.wait_ready();
+    }
+
+    /// Wait until `etcdctl endpoint health` answers.
+    fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + crate::common::SOON;
+        loop {
+            let out = self
+                .etcdctl(&["endpoint", "health", "--command-timeout=1s"])
+                .output()
+                .expect("run etcdctl");
+            if out.status.success() {
+                return;
+            }
+            if let Some(proc) = &self.proc {
+                let stderr = proc.stderr.all().join("\n");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "etcd did not become healthy within {:?}:\n{stderr}\netcdctl: {}",
+                    crate::common::SOON,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stop etcd (SIGKILL, as an outage), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            let _ = proc.child.kill();
+            let _ = proc.child.wait();
+        }
+    }
+
+    /// Start etcd again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// `etcdctl` against this etcd (API v3, its endpoint, TLS and user flags).
+    pub fn etcdctl(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("etcdctl");
+        command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(&self.ctl_flags)
+            .args(args);
+        command
+    }
+
+    /// Run `etcdctl` to completion; panics on failure; returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl(args).output().expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Use these flags for every later etcdctl call (e.g. `--user=root:pw` once auth is on).
+    pub fn set_ctl_flags(&mut self, flags: Vec<String>) {
+        self.ctl_flags = flags;
+    }
+
+    /// The etcdctl flags in use.
+    pub fn ctl_flags(&self) -> &[String] {
+        &self.ctl_flags
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
