@@ -55,6 +55,31 @@ fn replica(api: &ApiServer, dir: &Path, identity: &'static str) -> Replica {
     }
 }
 
+/// Start a standby and wait until it follows the leader with its watch open at the server
+/// (a standby in its steady state, not one still starting).
+async fn start_standby(api: &ApiServer, replica: &Replica) -> Daemon {
+    let watches = |api: &ApiServer| {
+        api.stats(&replica.token)
+            .requests
+            .get("watch")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = watches(api);
+    let daemon = start(replica);
+    daemon
+        .wait_for(ELECTION, "following", |s| {
+            s.role == Role::Follower && s.leader.is_some()
+        })
+        .await;
+    let deadline = Instant::now() + SOON;
+    while watches(api) == before {
+        assert!(Instant::now() < deadline, "the standby opened no watch");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemon
+}
+
 /// SIGTERM the leader; the time until the follower's stream says LEADER.
 async fn hand_off(leader: &mut Daemon, follower: &Daemon) -> Duration {
     let client = follower.client().await;
@@ -122,21 +147,13 @@ async fn main() {
     // Hand-off on release.
     let mut leader = start(&replicas[0]);
     leader.wait_role(ELECTION, Role::Leader).await;
-    let mut follower = start(&replicas[1]);
-    follower
-        .wait_for(ELECTION, "following", |s| s.leader.is_some())
-        .await;
+    let mut follower = start_standby(&api, &replicas[1]).await;
     let mut which = 0;
     let mut times = Vec::new();
     for _ in 0..runs {
         times.push(hand_off(&mut leader, &follower).await);
         // The old leader comes back as the standby.
-        leader = start(&replicas[which]);
-        leader
-            .wait_for(ELECTION, "following", |s| {
-                s.role == Role::Follower && s.leader.is_some()
-            })
-            .await;
+        leader = start_standby(&api, &replicas[which]).await;
         std::mem::swap(&mut leader, &mut follower);
         which = 1 - which;
     }
