@@ -7,11 +7,15 @@
 //!
 //! Each line also carries the term and `mono=<CLOCK_MONOTONIC ns>`, one clock for every process
 //! on the host, so that tests can order one worker's last tick before another's first.
+//!
+//! SIGTERM or SIGINT end it at once (in a container it is PID 1, which the kernel would not let
+//! SIGTERM end without a handler); its daemon sees the stream close.
 
 use std::time::Duration;
 
 use baton::client::Client;
 use nix::time::{ClockId, clock_gettime};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// CLOCK_MONOTONIC in nanoseconds.
 fn mono() -> i128 {
@@ -69,24 +73,43 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let period = args.period;
-    let outcome = client
-        .run_while_leader(&args.election, move |lease| async move {
-            println!("started term={} mono={}", lease.term(), mono());
-            let mut ticks = tokio::time::interval(period);
-            loop {
-                tokio::select! {
-                    _ = lease.cancelled() => break,
-                    _ = ticks.tick() => println!(
-                        "Clustered route (timer) {} term={} mono={}",
-                        uuid::Uuid::new_v4(),
-                        lease.term(),
-                        mono()
-                    ),
-                }
+    let (mut terminate, mut interrupt) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("timer_worker: cannot install signal handlers: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let work = client.run_while_leader(&args.election, move |lease| async move {
+        println!("started term={} mono={}", lease.term(), mono());
+        let mut ticks = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = lease.cancelled() => break,
+                _ = ticks.tick() => println!(
+                    "Clustered route (timer) {} term={} mono={}",
+                    uuid::Uuid::new_v4(),
+                    lease.term(),
+                    mono()
+                ),
             }
-            println!("stopped term={} mono={}", lease.term(), mono());
-        })
-        .await;
+        }
+        println!("stopped term={} mono={}", lease.term(), mono());
+    });
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        _ = terminate.recv() => {
+            eprintln!("timer_worker: SIGTERM: exiting");
+            Ok(())
+        }
+        _ = interrupt.recv() => {
+            eprintln!("timer_worker: SIGINT: exiting");
+            Ok(())
+        }
+    };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

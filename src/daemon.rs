@@ -2,28 +2,52 @@
 //! until `shutdown` resolves; then it steps down gracefully in every election (announce, wait for
 //! workers, release) before it stops serving.
 //!
+//! ```text
+//!  --listen (TCP, TLS or Unix socket)  baton.v1.Leadership, grpc.health.v1, reflection
+//!  --health-listen (optional)          grpc.health.v1 alone, for Kubernetes gRPC probes
+//!  --metrics-listen (optional)         GET /metrics, Prometheus text
+//! ```
+//!
 //! `main.rs` calls [`run`] with a signal future; tests call it with a oneshot.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{
     StreamExt,
     future::{join_all, select_all},
     stream,
 };
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::WatchStream;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::{Config, StoreConfig},
     election::{Election, ElectionConfig, Role},
+    listen::{Listener, Socket},
+    metrics::{ElectionMetrics, Metrics, MetricsError},
     proto,
     server::LeadershipService,
     store::{Store, file::FileStore},
 };
+
+/// Health service (grpc.health.v1 `service` name) that is SERVING while every election has a
+/// subscribed worker: a worker container's liveness probe.
+pub const HEALTH_WORKER_ATTACHED: &str = "baton.worker.attached";
+
+/// Health service that is SERVING while every election has a subscribed worker that declared
+/// itself ready (warm): a worker container's readiness probe.
+pub const HEALTH_WORKER_READY: &str = "baton.worker.ready";
+
+/// Health service of the daemon itself (as `""`): SERVING while every election's store answers.
+/// A daemon container's readiness probe.
+pub const HEALTH_LEADERSHIP: &str = "baton.v1.Leadership";
+
+/// Health service that is SERVING from the start until the daemon has stepped down: a daemon
+/// container's liveness probe (an unreachable store is no reason to restart the daemon).
+pub const HEALTH_LIVE: &str = "baton.live";
 
 /// How long the server waits for open calls to finish once the elections have stopped.
 const SERVER_GRACE: Duration = Duration::from_secs(2);
@@ -52,6 +76,18 @@ pub enum DaemonError {
          `kubernetes`)"
     )]
     KubernetesNotBuilt,
+    /// The metrics endpoint cannot be bound, or failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// The health-only address cannot be bound.
+    #[error("--health-listen {addr}: cannot bind: {source}")]
+    HealthListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The gRPC reflection service could not be built from the descriptors.
     #[error("cannot build the gRPC reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -72,7 +108,9 @@ impl DaemonError {
         match self {
             DaemonError::LockDir(_)
             | DaemonError::EtcdNotBuilt
-            | DaemonError::KubernetesNotBuilt => true,
+            | DaemonError::KubernetesNotBuilt
+            | DaemonError::HealthListen { .. }
+            | DaemonError::Metrics(MetricsError::Bind { .. }) => true,
             #[cfg(feature = "etcd")]
             DaemonError::EtcdConfig(_) => true,
             // No kubeconfig and no service account: a configuration problem.
@@ -115,14 +153,15 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonEr
     }
 }
 
-/// Run the daemon on an already bound `listener` until `shutdown` resolves, then step down in
-/// every election and return.
+/// Run the daemon on an already bound `listener` (a [`Listener`] from [`Listener::bind`], or a
+/// plain `TcpListener`) until `shutdown` resolves, then step down in every election and return.
 ///
 /// # Errors
-/// The store cannot be opened, or the gRPC server fails.
+/// The store cannot be opened, the metrics or health address cannot be bound, or a server
+/// fails.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let store = open_store(&config.store).await?;
@@ -133,20 +172,60 @@ pub async fn run(
 /// configuration before it binds the port).
 ///
 /// # Errors
-/// The gRPC server fails, or an election's task ends before `shutdown`.
+/// The metrics or health address cannot be bound, a server fails, or an election's task ends
+/// before `shutdown`.
 pub async fn run_with_store(
     config: Config,
     store: Arc<dyn Store>,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    // With `--listen 127.0.0.1:0` the kernel picks the port; log the real one.
-    let local = listener.local_addr().map_or(config.listen, |a| a);
+    let listener = listener.into();
+    // Everything that can be refused is refused before any election starts.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(Metrics::bind(addr).await?),
+        None => None,
+    };
+    let health_listener = match config.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::HealthListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let local = listener.local_addr();
+    // What can still fail is built before any election starts: an error leaves no task behind.
+    let tls = listener.is_tls();
+    if listener.is_remote() && !tls {
+        tracing::warn!(listen = %local,
+            "serving plaintext gRPC beyond loopback: whoever reaches it can resign this replica; \
+             consider --tls-cert-file and --tls-client-ca-file");
+    }
+    let Listener {
+        socket,
+        tls: tls_config,
+    } = listener;
+    let mut builder = Server::builder();
+    if let Some(tls_config) = tls_config {
+        builder = builder.tls_config(tls_config)?;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
     let stop_elections = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut elections = Vec::new();
     for name in &config.elections {
-        let (election, task) = Election::spawn(
+        let election_metrics = metrics
+            .as_ref()
+            .map_or_else(ElectionMetrics::default, |m| m.election(name));
+        let (election, task) = Election::spawn_with_metrics(
             store.clone(),
             ElectionConfig {
                 name: name.clone(),
@@ -155,6 +234,7 @@ pub async fn run_with_store(
                 drain_timeout: config.drain_timeout,
                 campaign: config.campaign,
             },
+            election_metrics,
             stop_elections.child_token(),
         );
         elections.push(election);
@@ -169,27 +249,56 @@ pub async fn run_with_store(
         stop_health.clone(),
     ));
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
     let stop_server = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(LeadershipService::new(elections).into_server())
-        .serve_with_incoming_shutdown(
-            // Small frames must leave at once: Nagle + delayed ACK would add ~40 ms per event.
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(30))),
-            stop_server.clone().cancelled_owned(),
-        );
-    let server = tokio::spawn(server);
+    let router = builder
+        .add_service(health_service.clone())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(LeadershipService::new(elections.clone()).into_server());
+    let stopped = || stop_server.clone().cancelled_owned();
+    // Held until the end: dropping it removes the socket file.
+    let mut socket_file = None;
+    let server: JoinHandle<Result<(), tonic::transport::Error>> = match socket {
+        Socket::Tcp(listener) => tokio::spawn(
+            router.serve_with_incoming_shutdown(
+                // Small frames must leave at once: Nagle + delayed ACK would add ~40 ms per event.
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(30))),
+                stopped(),
+            ),
+        ),
+        Socket::Unix(listener, file) => {
+            socket_file = Some(file);
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
+            )
+        }
+    };
+    let mut health_addr = None;
+    let health_server = health_listener.map(|listener| {
+        health_addr = listener.local_addr().ok();
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopped()),
+        )
+    });
+    let stop_metrics = CancellationToken::new();
+    let mut metrics_addr = None;
+    let metrics_server = match (metrics, metrics_listener) {
+        (Some(metrics), Some(listener)) => {
+            metrics_addr = listener.local_addr().ok();
+            Some(tokio::spawn(metrics.serve(listener, stop_metrics.clone())))
+        }
+        _ => None,
+    };
+    let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         listen = %local,
+        tls,
+        health = %off(health_addr),
+        metrics = %off(metrics_addr),
         identity = %config.identity,
         elections = ?config.elections,
         store = %store.describe(),
@@ -208,8 +317,9 @@ pub async fn run_with_store(
         }
     };
     tracing::info!("stopping: stepping down in every election");
-    // The server keeps serving while the elections step down, so that workers hear of the loss
-    // and can confirm their stop. Bounded: drain, then a release that may time out.
+    // The servers keep serving while the elections step down, so that workers hear of the loss
+    // and can confirm their stop, and a scrape sees the step-down. Bounded: drain, then a
+    // release that may time out.
     stop_elections.cancel();
     let bound = config.drain_timeout + config.timing.renew_deadline + SERVER_GRACE;
     if tokio::time::timeout(bound, join_all(tasks)).await.is_err() {
@@ -221,51 +331,110 @@ pub async fn run_with_store(
     stop_health.cancel();
     let _ = health_task.await;
     stop_server.cancel();
-    match tokio::time::timeout(SERVER_GRACE, server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(e)) => tracing::error!(error = %e, "the gRPC server task failed"),
-        Err(_) => tracing::warn!("gRPC calls still open after {SERVER_GRACE:?}; closing them"),
+    stop_metrics.cancel();
+    let grace = tokio::time::Instant::now() + SERVER_GRACE;
+    if let Some(health_server) = health_server {
+        match tokio::time::timeout_at(grace, health_server).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the health server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the health server task failed"),
+            Ok(Ok(Ok(()))) | Err(_) => {}
+        }
     }
+    if let Some(metrics_server) = metrics_server {
+        match tokio::time::timeout_at(grace, metrics_server).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the metrics server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the metrics server task failed"),
+            Ok(Ok(Ok(()))) | Err(_) => {}
+        }
+    }
+    let outcome = match tokio::time::timeout_at(grace, server).await {
+        Ok(Ok(result)) => result.map_err(DaemonError::from),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "the gRPC server task failed");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("gRPC calls still open after {SERVER_GRACE:?}; closing them");
+            Ok(())
+        }
+    };
+    drop(socket_file);
     tracing::info!("stopped");
+    outcome?;
     match failed {
         Some(election) => Err(DaemonError::ElectionFailed { election }),
         None => Ok(()),
     }
 }
 
-/// Keep grpc.health.v1 in step with the elections: SERVING while every election's store answers
-/// (no election in role UNKNOWN), NOT_SERVING otherwise and after `stop`.
+/// Keep grpc.health.v1 in step with the elections, until `stop` (then everything is
+/// NOT_SERVING):
+/// - `""` and [`HEALTH_LEADERSHIP`]: SERVING while every election's store answers (no election
+///   in role UNKNOWN);
+/// - [`HEALTH_LIVE`]: SERVING until `stop`;
+/// - [`HEALTH_WORKER_ATTACHED`]: SERVING while every election has a subscribed worker;
+/// - [`HEALTH_WORKER_READY`]: SERVING while every election has a subscribed, ready worker.
 async fn report_health(
     reporter: HealthReporter,
     elections: Vec<Election>,
     stop: CancellationToken,
 ) {
-    let service = "baton.v1.Leadership";
-    let mut changes = stream::select_all(elections.iter().map(|e| WatchStream::new(e.changes())));
-    let mut last = None;
+    let leadership = elections
+        .iter()
+        .map(|e| WatchStream::new(e.changes()).map(|_| ()).boxed());
+    let workers = elections
+        .iter()
+        .map(|e| WatchStream::new(e.workers()).map(|_| ()).boxed());
+    let mut changes = stream::select_all(leadership.chain(workers));
+    let status = |serving| {
+        if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    reporter
+        .set_service_status(HEALTH_LIVE, ServingStatus::Serving)
+        .await;
+    let mut last: Option<[bool; 3]> = None;
     loop {
-        let serving = elections
-            .iter()
-            .all(|e| e.current().view.role != Role::Unknown);
-        if last != Some(serving) {
-            let status = if serving {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            reporter.set_service_status("", status).await;
-            reporter.set_service_status(service, status).await;
-            last = Some(serving);
+        let now = [
+            elections
+                .iter()
+                .all(|e| e.current().view.role != Role::Unknown),
+            elections
+                .iter()
+                .all(|e| e.workers().borrow().subscribed() > 0),
+            elections.iter().all(|e| e.workers().borrow().any_ready()),
+        ];
+        if last != Some(now) {
+            let [store, attached, ready] = now;
+            reporter.set_service_status("", status(store)).await;
+            reporter
+                .set_service_status(HEALTH_LEADERSHIP, status(store))
+                .await;
+            reporter
+                .set_service_status(HEALTH_WORKER_ATTACHED, status(attached))
+                .await;
+            reporter
+                .set_service_status(HEALTH_WORKER_READY, status(ready))
+                .await;
+            last = Some(now);
         }
         tokio::select! {
             _ = stop.cancelled() => break,
             next = changes.next() => if next.is_none() { break },
         }
     }
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(service, ServingStatus::NotServing)
-        .await;
+    for service in [
+        "",
+        HEALTH_LEADERSHIP,
+        HEALTH_LIVE,
+        HEALTH_WORKER_ATTACHED,
+        HEALTH_WORKER_READY,
+    ] {
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
 }

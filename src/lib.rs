@@ -20,7 +20,8 @@
 //!
 //! There are two ways to use this crate:
 //! - **The daemon** (`baton run`, feature `daemon`, on by default): runs the elections over a
-//!   store and serves them over gRPC. See [`daemon::run`].
+//!   store and serves them over gRPC on loopback TCP, TLS or a Unix socket ([`listen`]),
+//!   with Prometheus metrics ([`metrics`]). See [`daemon::run`].
 //! - **The client** ([`client`], always built): what a worker embeds to follow its daemon and
 //!   work only while it leads. `cargo build --no-default-features` builds it alone, without any
 //!   store client.
@@ -35,6 +36,10 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod election;
+#[cfg(feature = "daemon")]
+pub mod listen;
+#[cfg(feature = "daemon")]
+pub mod metrics;
 #[cfg(feature = "daemon")]
 pub mod server;
 #[cfg(feature = "daemon")]

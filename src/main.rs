@@ -6,7 +6,8 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use anyhow::Context;
 use baton::{
     client::{Client, LeaderState, Role, WatchEvent},
-    config::{Cli, Command, EXIT_USAGE, RunArgs},
+    config::{Cli, Command, EXIT_USAGE, LogFormat, RunArgs},
+    listen::Listener,
 };
 use clap::Parser;
 use futures::StreamExt;
@@ -14,13 +15,22 @@ use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object a line, the event's fields at the top level beside timestamp, level,
+        // target and message: what log collectors index.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -69,10 +79,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }));
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    // TLS files are read and checked, then the address bound.
+    let listener = match Listener::bind(&config.listen, config.tls.as_ref()).await {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("baton: --listen {}: cannot bind: {e}", config.listen);
+            eprintln!("baton: {e}");
             return Ok(ExitCode::from(EXIT_USAGE as u8));
         }
     };
@@ -85,6 +96,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tokio::pin!(daemon);
     let finish = |result: Result<(), baton::daemon::DaemonError>| match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
+        // A taken --metrics-listen or --health-listen port, found before any election starts.
+        Err(e) if e.is_config() => {
+            eprintln!("baton: {e}");
+            Ok(ExitCode::from(EXIT_USAGE as u8))
+        }
         Err(e) => Err(anyhow::Error::from(e)),
     };
     tokio::select! {

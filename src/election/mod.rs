@@ -24,7 +24,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, Timing};
+use crate::{
+    metrics::ElectionMetrics,
+    store::{Store, Timing},
+};
 
 pub mod machine;
 mod runtime;
@@ -151,6 +154,11 @@ impl Workers {
             .retain(|_, w| w.streams > 0 || w.may_work(w.told_term, now));
     }
 
+    /// The number of workers with an open stream.
+    pub fn subscribed(&self) -> usize {
+        self.entries.values().filter(|w| w.streams > 0).count()
+    }
+
     /// The number of subscribed workers.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -176,6 +184,7 @@ pub struct Election {
     state: watch::Receiver<Leadership>,
     workers: Arc<watch::Sender<Workers>>,
     requests: mpsc::Sender<Request>,
+    metrics: ElectionMetrics,
 }
 
 impl Election {
@@ -184,6 +193,16 @@ impl Election {
     pub fn spawn(
         store: Arc<dyn Store>,
         config: ElectionConfig,
+        cancel: CancellationToken,
+    ) -> (Election, JoinHandle<()>) {
+        Self::spawn_with_metrics(store, config, ElectionMetrics::default(), cancel)
+    }
+
+    /// [`Election::spawn`], recording the election's metrics into `metrics`.
+    pub fn spawn_with_metrics(
+        store: Arc<dyn Store>,
+        config: ElectionConfig,
+        metrics: ElectionMetrics,
         cancel: CancellationToken,
     ) -> (Election, JoinHandle<()>) {
         let name: Arc<str> = config.name.as_str().into();
@@ -209,6 +228,7 @@ impl Election {
             workers: workers.clone(),
             requests: requests_rx,
             cancel,
+            metrics: metrics.clone(),
         };
         let task = tokio::spawn(runtime.run());
         let handle = Election {
@@ -216,6 +236,7 @@ impl Election {
             state: state_rx,
             workers,
             requests: requests_tx,
+            metrics,
         };
         (handle, task)
     }
@@ -249,10 +270,13 @@ impl Election {
                 let entry = w.entries.entry(name.to_owned()).or_default();
                 entry.streams += 1;
                 entry.ready |= ready;
+                // Under the same lock, so the gauge is right before anyone sees the change.
+                self.metrics.subscribers(w.subscribed());
             });
             WorkerGuard {
                 name: name.to_owned(),
                 workers: self.workers.clone(),
+                metrics: self.metrics.clone(),
             }
         });
         Subscription {
@@ -330,6 +354,7 @@ pub struct Subscription {
 struct WorkerGuard {
     name: String,
     workers: Arc<watch::Sender<Workers>>,
+    metrics: ElectionMetrics,
 }
 
 impl Drop for WorkerGuard {
@@ -343,6 +368,7 @@ impl Drop for WorkerGuard {
                 }
             }
             w.prune(Instant::now());
+            self.metrics.subscribers(w.subscribed());
         });
     }
 }

@@ -14,7 +14,10 @@ use super::{
     machine::{Activity, Command, Event, Machine, Role},
 };
 use crate::backoff::Backoff;
-use crate::store::{Acquired, Candidate, ErrorKind, Observation, Store, StoreError};
+use crate::{
+    metrics::ElectionMetrics,
+    store::{Acquired, Candidate, ErrorKind, Observation, Store, StoreError},
+};
 
 pub(super) struct Runtime {
     pub(super) store: Arc<dyn Store>,
@@ -24,6 +27,8 @@ pub(super) struct Runtime {
     pub(super) workers: Arc<watch::Sender<Workers>>,
     pub(super) requests: mpsc::Receiver<Request>,
     pub(super) cancel: CancellationToken,
+    /// Where the runtime records what happens (the machine stays pure).
+    pub(super) metrics: ElectionMetrics,
 }
 
 /// What one store step produced.
@@ -50,7 +55,7 @@ impl Runtime {
     pub(super) async fn run(mut self) {
         let timing = self.config.timing;
         let mut seat: Option<Box<dyn Candidate>> = None;
-        let mut last_seen = Observation::default();
+        let mut last_seen = Observation::unseen();
         let mut backoff = Backoff::new(timing.retry_period, timing.lease_duration);
         // Store calls wait for this instant (back-off after a failure, renewal period).
         let mut not_before: Option<Instant> = None;
@@ -58,6 +63,7 @@ impl Runtime {
         let mut shutdown_seen = false;
         let ready = workers.borrow_and_update().any_ready();
         self.apply_readiness(ready);
+        self.metrics.published(&self.state.borrow().view);
         tracing::info!(
             election = %self.config.name,
             identity = %self.config.identity,
@@ -163,6 +169,7 @@ impl Runtime {
                         valid_until,
                     } => {
                         backoff.reset();
+                        self.metrics.renewed(now.saturating_duration_since(sent_at));
                         not_before = Some(sent_at + timing.retry_period);
                         self.machine.handle(
                             now,
@@ -174,6 +181,7 @@ impl Runtime {
                     }
                     Step::Failed(error) => {
                         let kind = error.kind();
+                        self.metrics.store_failed(kind);
                         let retry_in = if self.machine.held_term().is_some() {
                             // A leader retries every retry period until its renew deadline.
                             timing.retry_period
@@ -225,7 +233,7 @@ impl Runtime {
         self.execute(command, seat).await;
         if self.machine.activity() != Activity::Renew {
             // Campaign afresh: report the first observation at once.
-            *last_seen = Observation::default();
+            *last_seen = Observation::unseen();
             *not_before = None;
         }
     }
@@ -301,6 +309,8 @@ impl Runtime {
             previous = Some(current.view.clone());
             current.view = view.clone();
             current.observed_at = SystemTime::now();
+            // Before the receivers are woken: whoever sees this state scrapes it too.
+            self.metrics.published(&view);
             true
         });
         if let Some(previous) = previous

@@ -254,6 +254,9 @@ async fn when_ready_campaigns_only_with_a_ready_worker() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(!leads(&a.current()));
     assert!(!a.current().view.campaigning);
+    // Not campaigning is no reason to stay UNKNOWN: the store answered, nobody leads.
+    assert_eq!(a.current().view.role, Role::Follower);
+    assert_eq!(a.current().view.reason, Reason::WaitingForReadyWorker);
     let warming = a.subscribe(Some("w"), false);
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(

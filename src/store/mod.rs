@@ -61,6 +61,17 @@ pub struct Observation {
     pub term: u64,
 }
 
+impl Observation {
+    /// What a caller has seen before its first look: differs from every real observation, so
+    /// the store answers the first `acquire`/`observe` at once, even for a free election.
+    pub fn unseen() -> Self {
+        Observation {
+            holder: None,
+            term: u64::MAX,
+        }
+    }
+}
+
 /// A holding won by [`Candidate::acquire`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Holding {

@@ -199,11 +199,25 @@ impl Daemon {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("listen="))
             .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+        // A Unix socket is its own client address (`unix:PATH`).
+        let addr = if listen.starts_with("unix:") {
+            listen.to_owned()
+        } else {
+            format!("http://{listen}")
+        };
         Daemon {
             proc,
-            addr: format!("http://{listen}"),
+            addr,
             identity: identity.to_owned(),
         }
+    }
+
+    /// The daemon's `baton serving` log line (its addresses: `listen=`, `tls=`, `health=`,
+    /// `metrics=`).
+    pub fn serving(&self) -> String {
+        self.proc
+            .stderr
+            .wait_for("'baton serving'", |l| l.contains("baton serving"))
     }
 
     pub async fn client(&self) -> Client {
