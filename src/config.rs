@@ -62,6 +62,9 @@ pub enum Command {
 pub enum StoreKind {
     /// An flock(2)-held file in --lock-dir: one host, no server.
     File,
+    /// A coordination.k8s.io/v1 Lease per election in --namespace, as client-go writes it
+    /// (needs the `kubernetes` cargo feature, on by default).
+    Kubernetes,
     /// etcd v3 at --etcd-endpoints, with the election recipe of `etcdctl elect` (needs the
     /// `etcd` cargo feature).
     Etcd,
@@ -152,6 +155,16 @@ pub struct RunArgs {
     #[arg(long, env = "BATON_LOCK_DIR")]
     pub lock_dir: Option<PathBuf>,
 
+    /// Kubernetes store: the namespace of the Leases [default: the pod's namespace, else the
+    /// kubeconfig context's].
+    #[arg(long, env = "BATON_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Kubernetes store: the Lease to use instead of one named after the election (only with a
+    /// single --election).
+    #[arg(long, env = "BATON_LEASE_NAME")]
+    pub lease_name: Option<String>,
+
     /// etcd store: client URLs of the cluster; repeat or separate with commas. `https://` with
     /// --etcd-ca-file; a bare HOST:PORT is `http://`, or `https://` when a TLS flag is given.
     #[arg(
@@ -228,6 +241,13 @@ pub enum StoreConfig {
     File {
         /// The lock directory.
         lock_dir: PathBuf,
+    },
+    /// The Kubernetes Lease store.
+    Kubernetes {
+        /// The namespace; `None`: the pod's, else the kubeconfig context's.
+        namespace: Option<String>,
+        /// One Lease for the single election instead of one named after it.
+        lease_name: Option<String>,
     },
     /// The etcd store.
     Etcd(EtcdConfig),
@@ -335,6 +355,47 @@ pub enum ConfigError {
         /// The retry period.
         retry_period: Duration,
     },
+    /// A Lease duration Kubernetes cannot express.
+    #[error(
+        "--lease-duration ({lease_duration:?}): the Kubernetes store needs whole seconds, \
+         at least 1s (leaseDurationSeconds is an integer)"
+    )]
+    LeaseSeconds {
+        /// The rejected duration.
+        lease_duration: Duration,
+    },
+    /// `--lease-name` with more than one election.
+    #[error(
+        "--lease-name {lease_name:?} is valid only with a single --election (given {count}); \
+         without it each election uses a Lease of its own name"
+    )]
+    LeaseNameWithElections {
+        /// The Lease name.
+        lease_name: String,
+        /// How many elections were given.
+        count: usize,
+    },
+    /// A Lease or namespace name Kubernetes would refuse.
+    #[error(
+        "{flag} {name:?}: must be a DNS-1123 name (1-{max} characters of a-z, 0-9, '-'{dots}, \
+         starting and ending with a letter or digit)"
+    )]
+    KubernetesName {
+        /// The flag.
+        flag: &'static str,
+        /// The rejected name.
+        name: String,
+        /// The longest allowed name.
+        max: usize,
+        /// Whether dots are allowed, for the message.
+        dots: &'static str,
+    },
+    /// `--store kubernetes` in a build without the Kubernetes store.
+    #[error(
+        "--store kubernetes: this baton was built without the Kubernetes store; \
+         rebuild with `cargo build --features kubernetes`"
+    )]
+    KubernetesNotBuilt,
     /// `--store etcd` in a build without the etcd store.
     #[error(
         "--store etcd: this baton was built without the etcd store; \
@@ -407,6 +468,20 @@ pub fn valid_election_name(name: &str) -> bool {
         && bytes.first().is_some_and(edge)
         && bytes.last().is_some_and(edge)
         && bytes.iter().all(|b| edge(b) || *b == b'-' || *b == b'.')
+}
+
+/// Whether `name` is a DNS-1123 subdomain (`dots`, at most 253 characters: a Lease name) or
+/// label (no dots, at most 63: a namespace).
+fn valid_dns_name(name: &str, dots: bool) -> bool {
+    let bytes = name.as_bytes();
+    let max = if dots { 253 } else { 63 };
+    let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (1..=max).contains(&bytes.len())
+        && bytes.first().is_some_and(edge)
+        && bytes.last().is_some_and(edge)
+        && bytes
+            .iter()
+            .all(|b| edge(b) || *b == b'-' || (dots && *b == b'.'))
 }
 
 /// The default identity: `POD_NAME`, else the host name and process id.
@@ -613,6 +688,50 @@ impl RunArgs {
                     .lock_dir
                     .unwrap_or_else(|| std::env::temp_dir().join("baton")),
             },
+            StoreKind::Kubernetes => {
+                if !cfg!(feature = "kubernetes") {
+                    return Err(ConfigError::KubernetesNotBuilt);
+                }
+                let lease = self.lease_duration;
+                if lease.subsec_nanos() != 0
+                    || lease.as_secs() == 0
+                    || lease.as_secs() > i32::MAX as u64
+                {
+                    return Err(ConfigError::LeaseSeconds {
+                        lease_duration: lease,
+                    });
+                }
+                if let Some(name) = &self.lease_name {
+                    if elections.len() != 1 {
+                        return Err(ConfigError::LeaseNameWithElections {
+                            lease_name: name.clone(),
+                            count: elections.len(),
+                        });
+                    }
+                    if !valid_dns_name(name, true) {
+                        return Err(ConfigError::KubernetesName {
+                            flag: "--lease-name",
+                            name: name.clone(),
+                            max: 253,
+                            dots: ", '.'",
+                        });
+                    }
+                }
+                if let Some(namespace) = &self.namespace
+                    && !valid_dns_name(namespace, false)
+                {
+                    return Err(ConfigError::KubernetesName {
+                        flag: "--namespace",
+                        name: namespace.clone(),
+                        max: 63,
+                        dots: "",
+                    });
+                }
+                StoreConfig::Kubernetes {
+                    namespace: self.namespace,
+                    lease_name: self.lease_name,
+                }
+            }
             StoreKind::Etcd => {
                 if !cfg!(feature = "etcd") {
                     return Err(ConfigError::EtcdNotBuilt);
@@ -817,6 +936,72 @@ mod tests {
             let error = run(&argv).unwrap_err();
             assert!(error.contains(flag), "{args:?}: {error}");
         }
+    }
+
+    #[cfg(feature = "kubernetes")]
+    #[test]
+    fn kubernetes_flags() {
+        let config = run(&[
+            "--store",
+            "kubernetes",
+            "--namespace",
+            "prod",
+            "--lease-name",
+            "x.y",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.store,
+            StoreConfig::Kubernetes {
+                namespace: Some("prod".into()),
+                lease_name: Some("x.y".into()),
+            }
+        );
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "--lease-duration",
+                    "1500ms",
+                    "--renew-deadline",
+                    "1s",
+                    "--retry-period",
+                    "100ms",
+                ],
+                "--lease-duration",
+            ),
+            (&["--lease-duration", "0s"], "--lease-duration"),
+            (&["--election", "a,b", "--lease-name", "x"], "--lease-name"),
+            (&["--lease-name", "Bad_Name"], "--lease-name"),
+            (&["--namespace", "a.b"], "--namespace"),
+        ];
+        for (args, flag) in cases {
+            let mut argv = vec!["--store", "kubernetes"];
+            argv.extend_from_slice(args);
+            let error = run(&argv).unwrap_err();
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+        // Sub-second renew deadline and retry period are local timers: allowed.
+        run(&[
+            "--store",
+            "kubernetes",
+            "--lease-duration",
+            "2s",
+            "--renew-deadline",
+            "1500ms",
+            "--retry-period",
+            "200ms",
+        ])
+        .unwrap();
+    }
+
+    #[cfg(not(feature = "kubernetes"))]
+    #[test]
+    fn store_kubernetes_without_the_feature_names_it() {
+        let error = run(&["--store", "kubernetes"]).unwrap_err();
+        assert!(
+            error.contains("--store kubernetes") && error.contains("--features kubernetes"),
+            "{error}"
+        );
     }
 
     #[test]

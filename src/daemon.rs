@@ -58,6 +58,10 @@ pub enum DaemonError {
     /// The file store's lock directory is unusable.
     #[error("--lock-dir: {0}")]
     LockDir(#[source] crate::store::file::FileError),
+    /// The Kubernetes store has no usable configuration (kubeconfig or in-cluster).
+    #[cfg(feature = "kubernetes")]
+    #[error("--store kubernetes: {0}")]
+    Kubernetes(#[source] crate::store::kubernetes::KubernetesError),
     /// The etcd store's configuration is unusable (a TLS or password file cannot be read).
     #[cfg(feature = "etcd")]
     #[error("{0}")]
@@ -65,6 +69,13 @@ pub enum DaemonError {
     /// `--store etcd` in a build without the etcd store (normally refused by the config).
     #[error("--store etcd: this baton was built without the etcd store (cargo feature `etcd`)")]
     EtcdNotBuilt,
+    /// `--store kubernetes` in a build without the Kubernetes store (normally refused by the
+    /// config).
+    #[error(
+        "--store kubernetes: this baton was built without the Kubernetes store (cargo feature \
+         `kubernetes`)"
+    )]
+    KubernetesNotBuilt,
     /// The metrics endpoint cannot be bound, or failed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -97,10 +108,14 @@ impl DaemonError {
         match self {
             DaemonError::LockDir(_)
             | DaemonError::EtcdNotBuilt
+            | DaemonError::KubernetesNotBuilt
             | DaemonError::HealthListen { .. }
             | DaemonError::Metrics(MetricsError::Bind { .. }) => true,
             #[cfg(feature = "etcd")]
             DaemonError::EtcdConfig(_) => true,
+            // No kubeconfig and no service account: a configuration problem.
+            #[cfg(feature = "kubernetes")]
+            DaemonError::Kubernetes(_) => true,
             _ => false,
         }
     }
@@ -109,11 +124,23 @@ impl DaemonError {
 /// Open the configured store.
 ///
 /// # Errors
-/// The store's configuration is unusable (e.g. an unwritable lock directory).
+/// The store's configuration is unusable (e.g. an unwritable lock directory, no kubeconfig).
 pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonError> {
     match config {
         StoreConfig::File { lock_dir } => Ok(Arc::new(
             FileStore::new(lock_dir).map_err(DaemonError::LockDir)?,
+        )),
+        #[cfg(feature = "kubernetes")]
+        StoreConfig::Kubernetes {
+            namespace,
+            lease_name,
+        } => Ok(Arc::new(
+            crate::store::kubernetes::KubernetesStore::connect(
+                namespace.clone(),
+                lease_name.clone(),
+            )
+            .await
+            .map_err(DaemonError::Kubernetes)?,
         )),
         #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => Ok(Arc::new(
@@ -121,6 +148,8 @@ pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonEr
         )),
         #[cfg(not(feature = "etcd"))]
         StoreConfig::Etcd(_) => Err(DaemonError::EtcdNotBuilt),
+        #[cfg(not(feature = "kubernetes"))]
+        StoreConfig::Kubernetes { .. } => Err(DaemonError::KubernetesNotBuilt),
     }
 }
 

@@ -25,6 +25,8 @@ pub mod conformance;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod memory;
 
 /// Timing shared by the elector and the stores. Validated by the config: `lease_duration >
@@ -173,6 +175,10 @@ pub enum StoreError {
     #[cfg(feature = "etcd")]
     #[error(transparent)]
     Etcd(#[from] etcd::EtcdError),
+    /// The Kubernetes store failed or was refused.
+    #[cfg(feature = "kubernetes")]
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
 }
 
 /// How the elector treats a [`StoreError`].
@@ -198,6 +204,8 @@ impl StoreError {
             StoreError::Memory(_) => ErrorKind::Unavailable,
             #[cfg(feature = "etcd")]
             StoreError::Etcd(e) => e.kind(),
+            #[cfg(feature = "kubernetes")]
+            StoreError::Kubernetes(e) => e.kind(),
         }
     }
 }

@@ -171,7 +171,22 @@ impl Daemon {
 
     /// Start a daemon on a given `listen` address (to restart one where its workers expect it).
     pub fn start_on(identity: &str, listen: &str, args: &[&str]) -> Daemon {
-        let mut command = baton();
+        Self::start_command_on(identity, baton(), listen, args)
+    }
+
+    /// Like [`Daemon::start`], from a prepared `command`: the `baton` binary with its
+    /// environment set, or a wrapper (e.g. `faketime`) whose last argument is the binary.
+    pub fn start_command(identity: &str, command: Command, args: &[&str]) -> Daemon {
+        Self::start_command_on(identity, command, "127.0.0.1:0", args)
+    }
+
+    /// [`Daemon::start_command`] on a given `listen` address.
+    pub fn start_command_on(
+        identity: &str,
+        mut command: Command,
+        listen: &str,
+        args: &[&str],
+    ) -> Daemon {
         command
             .args(["run", "--identity", identity, "--listen", listen])
             .args(args)

@@ -1,0 +1,1106 @@
+//! **A test double of the Kubernetes API server**, for `coordination.k8s.io/v1` Leases only. It is
+//! not Kubernetes: it serves exactly the calls Baton's Kubernetes store makes, over plain HTTP
+//! on `127.0.0.1:0`, and keeps the real API's semantics for them (reference: the Kubernetes API
+//! concepts page, "Resource versions", "Efficient detection of changes", and the Lease and
+//! Status API references).
+//!
+//! Behaviours kept:
+//! - Paths `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: `GET` one, `GET`
+//!   list (with `fieldSelector` on `metadata.name` / `metadata.namespace`), `GET ?watch=true`,
+//!   `POST` (create), `PUT` (replace), `DELETE`.
+//! - A cluster-wide `resourceVersion` that grows on every write; a list carries the current one.
+//!   A no-op update (nothing but the version differs) changes nothing and sends no event.
+//! - `PUT` is a compare-and-swap when the body carries `metadata.resourceVersion`: a stale one is
+//!   `409 Conflict`; without one the update is unconditional (allowed for Leases, as in the real
+//!   API), and counted in [`Stats::unconditional_updates`] so tests can assert Baton never does
+//!   that. `PUT` of a missing Lease is `404` (Leases do not allow create-on-update); `POST` of an
+//!   existing one is `409 AlreadyExists`.
+//! - Validation of what Baton writes: `leaseDurationSeconds > 0`, `leaseTransitions >= 0`, the
+//!   name in the body matching the path (`422 Invalid` / `400`).
+//! - Watches stream newline-delimited `{"type": ADDED|MODIFIED|DELETED|ERROR, "object": ...}`:
+//!   from `resourceVersion` N they replay retained history after N, then live events; without a
+//!   version (or "0") they start with synthetic `ADDED` events for the current objects. A
+//!   version older than the retained history ([`ApiServer::compact`]) gets an `ERROR` event with
+//!   a `410 Expired` Status, as the real server sends. `timeoutSeconds` ends the stream.
+//!   Bookmarks are not sent (they are optional in the real API too).
+//! - Bearer tokens with per-namespace grants, changeable at run time: an unknown token is `401`,
+//!   a namespace without a grant is `403` with the real message (`User "..." cannot VERB
+//!   resource "leases" in API group "coordination.k8s.io" in the namespace "..."`).
+//! - Every error body is a `v1.Status` with `code`, `reason`, `message` and `details`.
+//!
+//! - `TCP_NODELAY` on every connection, as Go's `net/http` server (the API server) sets by
+//!   default: a watch event is written at once, not held back by Nagle's algorithm until the
+//!   client's delayed ACK.
+//! - Plain HTTP, or HTTPS with a certificate for `127.0.0.1` signed by a CA of its own
+//!   ([`ApiServer::start_tls`]), whose PEM the kubeconfig carries as
+//!   `certificate-authority-data`, as a real cluster's does.
+//!
+//! Test controls: grants, compaction, ending all watches, a gate that holds LIST calls until
+//! several clients have listed (to make candidates race), and per-token counters of requests,
+//! 409s and writes (with the server's monotonic time of each write).
+#![allow(dead_code)]
+// The handlers' helpers return the refusal itself (an axum `Response`) as their error.
+#![allow(clippy::result_large_err)]
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Path as UrlPath, Query, State},
+    http::{HeaderMap, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+    serve::ListenerExt as _,
+};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+const GROUP: &str = "coordination.k8s.io";
+const API_VERSION: &str = "coordination.k8s.io/v1";
+/// How many events the server remembers for watches that resume.
+const HISTORY: usize = 1000;
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the timer worker prints as `mono=`.
+pub fn mono() -> i128 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+        .unwrap_or_default()
+}
+
+/// One write that the server applied.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// The bearer token that wrote.
+    pub token: String,
+    /// `create`, `update` or `delete`.
+    pub verb: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// CLOCK_MONOTONIC ns when the server applied it.
+    pub mono: i128,
+    /// `spec.holderIdentity` after the write.
+    pub holder: String,
+    /// `spec.leaseTransitions` after the write.
+    pub transitions: i64,
+    /// The version the write replaced (`None` for a create).
+    pub base: Option<u64>,
+    /// The version it produced.
+    pub rv: u64,
+}
+
+/// Requests of one token.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Requests by verb (`get`, `list`, `watch`, `create`, `update`, `delete`), refused ones too.
+    pub requests: BTreeMap<&'static str, u64>,
+    /// `409` answers (Conflict and AlreadyExists).
+    pub conflicts: u64,
+    /// `403` answers.
+    pub forbidden: u64,
+    /// Updates without a resourceVersion (blind overwrites).
+    pub unconditional_updates: u64,
+}
+
+impl Stats {
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.requests.values().sum()
+    }
+
+    /// Requests that change state.
+    pub fn writes(&self) -> u64 {
+        ["create", "update", "delete", "patch"]
+            .iter()
+            .map(|v| self.requests.get(v).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
+#[derive(Clone)]
+struct Event {
+    rv: u64,
+    namespace: String,
+    name: String,
+    kind: &'static str,
+    object: Value,
+}
+
+struct Account {
+    user: String,
+    namespaces: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    leases: BTreeMap<(String, String), Value>,
+    history: VecDeque<Event>,
+    /// Versions at or below this are no longer in the history.
+    compacted: u64,
+    accounts: HashMap<String, Account>,
+    stats: HashMap<String, Stats>,
+    writes: Vec<Write>,
+    /// Hold LIST calls until this many distinct tokens have listed.
+    list_gate: Option<(usize, HashSet<String>)>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<Event>,
+    gate: Notify,
+    /// Bumped to end every open watch.
+    end_watches: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running server. Runs on its own thread and runtime, so tests may block.
+pub struct ApiServer {
+    /// `http://127.0.0.1:PORT`, or `https://` with [`ApiServer::start_tls`].
+    pub url: String,
+    /// With TLS: the PEM of the CA that signed the server's certificate.
+    pub ca_pem: Option<String>,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A bearer token that looks like a service account token (a JWT with `sub`), unsigned: the
+/// double does not verify it, and Baton decodes `sub` only to name the account in errors.
+pub fn service_account_token(namespace: &str, account: &str) -> String {
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.{}",
+        b64(&json!({"alg": "none"})),
+        b64(&json!({
+            "sub": format!("system:serviceaccount:{namespace}:{account}"),
+            "jti": uuid::Uuid::new_v4().to_string(),
+        })),
+        "unsigned"
+    )
+}
+
+impl ApiServer {
+    /// Start on `127.0.0.1:0`, plain HTTP.
+    pub fn start() -> ApiServer {
+        Self::start_with(None)
+    }
+
+    /// Start on `127.0.0.1:0` with HTTPS, a server certificate signed by a fresh CA.
+    pub fn start_tls() -> ApiServer {
+        Self::start_with(Some(tls::Tls::new()))
+    }
+
+    fn start_with(tls: Option<tls::Tls>) -> ApiServer {
+        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let (events, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner::default()),
+            events,
+            gate: Notify::new(),
+            end_watches: watch::channel(0).0,
+        });
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let state = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("test double runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind test double");
+                addr_tx
+                    .send(listener.local_addr().expect("local addr"))
+                    .expect("report address");
+                let prefix = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases";
+                let app = Router::new()
+                    .route(prefix, get(collection).post(collection))
+                    .route(
+                        &format!("{prefix}/{{name}}"),
+                        get(item).put(item).delete(item),
+                    )
+                    .fallback(|| async {
+                        status(
+                            StatusCode::NOT_FOUND,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                            json!({}),
+                        )
+                    })
+                    .with_state(state);
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                match tls {
+                    None => {
+                        let listener = listener.tap_io(|tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        });
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await;
+                    }
+                    Some(tls) => {
+                        let listener = tls::TlsListener {
+                            tcp: listener,
+                            acceptor: tls.acceptor,
+                        };
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await;
+                    }
+                }
+            });
+        });
+        let addr: SocketAddr = addr_rx.recv().expect("test double address");
+        ApiServer {
+            url: format!("{scheme}://{addr}"),
+            ca_pem,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Let `token` act as `user` in `namespaces`.
+    pub fn add_token(&self, token: &str, user: &str, namespaces: &[&str]) {
+        self.shared.lock().accounts.insert(
+            token.to_owned(),
+            Account {
+                user: user.to_owned(),
+                namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+            },
+        );
+    }
+
+    /// A new service account token, granted `namespaces`.
+    pub fn service_account(&self, namespace: &str, account: &str, namespaces: &[&str]) -> String {
+        let token = service_account_token(namespace, account);
+        self.add_token(
+            &token,
+            &format!("system:serviceaccount:{namespace}:{account}"),
+            namespaces,
+        );
+        token
+    }
+
+    /// Grant `token` the namespace.
+    pub fn grant(&self, token: &str, namespace: &str) {
+        if let Some(account) = self.shared.lock().accounts.get_mut(token) {
+            account.namespaces.insert(namespace.to_owned());
+        }
+    }
+
+    /// Take the namespace away from `token`.
+    pub fn revoke(&self, token: &str, namespace: &str) {
+        if let Some(account) = self.shared.lock().accounts.get_mut(token) {
+            account.namespaces.remove(namespace);
+        }
+    }
+
+    /// Forget the event history: watches from any earlier version get `410`.
+    pub fn compact(&self) {
+        let mut inner = self.shared.lock();
+        inner.history.clear();
+        inner.compacted = inner.rv;
+    }
+
+    /// End every open watch (as an API server restart does).
+    pub fn end_watches(&self) {
+        self.shared.end_watches.send_modify(|g| *g += 1);
+    }
+
+    /// Hold LIST calls until `n` distinct tokens have listed, then let them all through.
+    pub fn gate_lists(&self, n: usize) {
+        self.shared.lock().list_gate = Some((n, HashSet::new()));
+    }
+
+    /// The Lease as stored.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .leases
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Counters of `token`.
+    pub fn stats(&self, token: &str) -> Stats {
+        self.shared
+            .lock()
+            .stats
+            .get(token)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every applied write, in order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.shared.lock().writes.clone()
+    }
+
+    /// Write `lease` into the store as a privileged client would (no resourceVersion check),
+    /// e.g. a foreign holder. Returns the stored object.
+    pub fn put(&self, namespace: &str, mut lease: Value) -> Value {
+        let name = lease["metadata"]["name"]
+            .as_str()
+            .expect("lease has a name")
+            .to_owned();
+        let mut inner = self.shared.lock();
+        let key = (namespace.to_owned(), name.clone());
+        let existed = inner.leases.contains_key(&key);
+        inner.rv += 1;
+        let rv = inner.rv;
+        lease["apiVersion"] = json!(API_VERSION);
+        lease["kind"] = json!("Lease");
+        lease["metadata"]["namespace"] = json!(namespace);
+        lease["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if lease["metadata"]["uid"].is_null() {
+            lease["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+        }
+        inner.leases.insert(key, lease.clone());
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        record(
+            &mut inner,
+            &self.shared,
+            "admin",
+            if existed { "update" } else { "create" },
+            namespace,
+            &name,
+            None,
+            rv,
+            kind,
+            &lease,
+        );
+        lease
+    }
+
+    /// A kubeconfig for this server with `token`, default namespace `namespace`.
+    pub fn kubeconfig(&self, token: &str, namespace: &str) -> String {
+        let ca = match &self.ca_pem {
+            Some(pem) => format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            ),
+            None => String::new(),
+        };
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {url}\n{ca}\
+             contexts:\n- name: double\n  context:\n    cluster: double\n    user: baton\n    namespace: {namespace}\n\
+             current-context: double\nusers:\n- name: baton\n  user:\n    token: {token}\n",
+            url = self.url
+        )
+    }
+
+    /// Write [`ApiServer::kubeconfig`] into `dir`; returns its path.
+    pub fn write_kubeconfig(
+        &self,
+        dir: &Path,
+        file: &str,
+        token: &str,
+        namespace: &str,
+    ) -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, self.kubeconfig(token, namespace)).expect("write kubeconfig");
+        path
+    }
+}
+
+/// Apply the bookkeeping of a write: history, broadcast, the write log.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    inner: &mut Inner,
+    shared: &Shared,
+    token: &str,
+    verb: &'static str,
+    namespace: &str,
+    name: &str,
+    base: Option<u64>,
+    rv: u64,
+    kind: &'static str,
+    object: &Value,
+) {
+    let event = Event {
+        rv,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        kind,
+        object: object.clone(),
+    };
+    inner.history.push_back(event.clone());
+    while inner.history.len() > HISTORY {
+        if let Some(old) = inner.history.pop_front() {
+            inner.compacted = old.rv;
+        }
+    }
+    inner.writes.push(Write {
+        token: token.to_owned(),
+        verb,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        mono: mono(),
+        holder: object["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        transitions: object["spec"]["leaseTransitions"].as_i64().unwrap_or(0),
+        base,
+        rv,
+    });
+    // Sent under the lock, so a watch that subscribes under the lock misses nothing.
+    let _ = shared.events.send(event);
+}
+
+fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Response {
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": details,
+        "code": code.as_u16(),
+    });
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok(code: StatusCode, body: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn details(name: Option<&str>) -> Value {
+    match name {
+        Some(name) => json!({"name": name, "group": GROUP, "kind": "leases"}),
+        None => json!({"group": GROUP, "kind": "leases"}),
+    }
+}
+
+fn resource(name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("leases.{GROUP} {name:?}"),
+        None => format!("leases.{GROUP}"),
+    }
+}
+
+/// Authenticate and authorise; counts the request. Returns the token.
+fn authorise(
+    shared: &Shared,
+    headers: &HeaderMap,
+    verb: &'static str,
+    namespace: &str,
+    name: Option<&str>,
+) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned();
+    let mut inner = shared.lock();
+    *inner
+        .stats
+        .entry(token.clone())
+        .or_default()
+        .requests
+        .entry(verb)
+        .or_default() += 1;
+    let Some(account) = inner.accounts.get(&token) else {
+        return Err(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+            json!({}),
+        ));
+    };
+    if !account.namespaces.contains(namespace) {
+        let message = format!(
+            "{} is forbidden: User {:?} cannot {verb} resource \"leases\" in API group {GROUP:?} in the namespace {namespace:?}",
+            resource(name),
+            account.user
+        );
+        inner.stats.entry(token).or_default().forbidden += 1;
+        return Err(status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &message,
+            details(name),
+        ));
+    }
+    Ok(token)
+}
+
+fn count_conflict(shared: &Shared, token: &str) {
+    shared
+        .lock()
+        .stats
+        .entry(token.to_owned())
+        .or_default()
+        .conflicts += 1;
+}
+
+/// `metadata.name=X,metadata.namespace=Y`: the name wanted, if any. Unknown fields are `400`.
+fn parse_field_selector(selector: Option<&String>) -> Result<Option<String>, Response> {
+    let mut name = None;
+    for term in selector
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
+        let (field, value) = term
+            .split_once("==")
+            .or_else(|| term.split_once('='))
+            .ok_or_else(|| {
+                status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("invalid selector: {term:?}"),
+                    json!({}),
+                )
+            })?;
+        match field {
+            "metadata.name" => name = Some(value.to_owned()),
+            "metadata.namespace" => {}
+            other => {
+                return Err(status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("field label not supported: {other}"),
+                    json!({}),
+                ));
+            }
+        }
+    }
+    Ok(name)
+}
+
+fn matches(event_ns: &str, event_name: &str, namespace: &str, name: &Option<String>) -> bool {
+    event_ns == namespace && name.as_deref().is_none_or(|n| n == event_name)
+}
+
+/// `GET` (list, watch) and `POST` on the collection.
+async fn collection(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(namespace): UrlPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if method == Method::POST {
+        return create(&shared, &namespace, &headers, &body);
+    }
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = if watching { "watch" } else { "list" };
+    let token = match authorise(&shared, &headers, verb, &namespace, None) {
+        Ok(token) => token,
+        Err(response) => return response,
+    };
+    let name = match parse_field_selector(query.get("fieldSelector")) {
+        Ok(name) => name,
+        Err(response) => return response,
+    };
+    if watching {
+        return start_watch(shared, namespace, name, &query);
+    }
+    wait_at_gate(&shared, &token).await;
+    let inner = shared.lock();
+    let items: Vec<Value> = inner
+        .leases
+        .iter()
+        .filter(|((ns, n), _)| matches(ns, n, &namespace, &name))
+        .map(|(_, lease)| lease.clone())
+        .collect();
+    ok(
+        StatusCode::OK,
+        &json!({
+            "apiVersion": API_VERSION,
+            "kind": "LeaseList",
+            "metadata": {"resourceVersion": inner.rv.to_string()},
+            "items": items,
+        }),
+    )
+}
+
+async fn wait_at_gate(shared: &Shared, token: &str) {
+    loop {
+        let notified = shared.gate.notified();
+        {
+            let mut inner = shared.lock();
+            let Some((n, seen)) = inner.list_gate.as_mut() else {
+                return;
+            };
+            seen.insert(token.to_owned());
+            if seen.len() >= *n {
+                inner.list_gate = None;
+                shared.gate.notify_waiters();
+                return;
+            }
+        }
+        // Bounded, so a test that miscounts fails instead of hanging.
+        if tokio::time::timeout(Duration::from_secs(30), notified)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn start_watch(
+    shared: Arc<Shared>,
+    namespace: String,
+    name: Option<String>,
+    query: &HashMap<String, String>,
+) -> Response {
+    let from = query
+        .get("resourceVersion")
+        .filter(|v| !v.is_empty() && v.as_str() != "0")
+        .map(|v| v.parse::<u64>());
+    let limit = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let line = |kind: &str, object: &Value| {
+        Ok(Bytes::from(format!(
+            "{}\n",
+            json!({"type": kind, "object": object})
+        )))
+    };
+    let mut initial = Vec::new();
+    let mut live;
+    {
+        let inner = shared.lock();
+        live = shared.events.subscribe();
+        match from {
+            None => {
+                for ((ns, n), lease) in &inner.leases {
+                    if matches(ns, n, &namespace, &name) {
+                        initial.push(line("ADDED", lease));
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "invalid resourceVersion",
+                    json!({}),
+                );
+            }
+            Some(Ok(rv)) if rv < inner.compacted => {
+                let gone = json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {rv} ({})", inner.compacted + 1),
+                    "reason": "Expired", "code": 410,
+                });
+                initial.push(line("ERROR", &gone));
+                drop(inner);
+                let stream = ReceiverStream::new(rx);
+                tokio::spawn(async move {
+                    for l in initial {
+                        let _ = tx.send(l).await;
+                    }
+                });
+                return Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from_stream(stream))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+            }
+            Some(Ok(rv)) => {
+                for event in inner.history.iter().filter(|e| e.rv > rv) {
+                    if matches(&event.namespace, &event.name, &namespace, &name) {
+                        initial.push(line(event.kind, &event.object));
+                    }
+                }
+            }
+        }
+    }
+    let mut ended = shared.end_watches.subscribe();
+    tokio::spawn(async move {
+        for l in initial {
+            if tx.send(l).await.is_err() {
+                return;
+            }
+        }
+        let timeout = tokio::time::sleep(limit.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(timeout);
+        loop {
+            tokio::select! {
+                _ = &mut timeout => return,
+                _ = ended.changed() => return,
+                _ = tx.closed() => return,
+                event = live.recv() => match event {
+                    Ok(event) => {
+                        if matches(&event.namespace, &event.name, &namespace, &name)
+                            && tx.send(line(event.kind, &event.object)).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // Lagged or closed: end the watch; the client resumes or lists.
+                    Err(_) => return,
+                },
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(ReceiverStream::new(rx)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Checks of the Lease validation that Baton's writes could violate.
+fn validate(lease: &Value, name: &str) -> Result<(), Response> {
+    let invalid = |message: String| {
+        status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            &format!("Lease.{GROUP} {name:?} is invalid: {message}"),
+            details(Some(name)),
+        )
+    };
+    if lease["kind"] != json!("Lease") || lease["apiVersion"] != json!(API_VERSION) {
+        return Err(status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not a coordination.k8s.io/v1 Lease",
+            json!({}),
+        ));
+    }
+    let spec = &lease["spec"];
+    if let Some(d) = spec.get("leaseDurationSeconds").filter(|v| !v.is_null())
+        && d.as_i64().is_none_or(|d| d <= 0)
+    {
+        return Err(invalid(format!(
+            "spec.leaseDurationSeconds: Invalid value: {d}: must be greater than 0"
+        )));
+    }
+    if let Some(t) = spec.get("leaseTransitions").filter(|v| !v.is_null())
+        && t.as_i64().is_none_or(|t| t < 0)
+    {
+        return Err(invalid(format!(
+            "spec.leaseTransitions: Invalid value: {t}: must be greater than or equal to 0"
+        )));
+    }
+    Ok(())
+}
+
+fn create(shared: &Shared, namespace: &str, headers: &HeaderMap, body: &Bytes) -> Response {
+    let token = match authorise(shared, headers, "create", namespace, None) {
+        Ok(token) => token,
+        Err(response) => return response,
+    };
+    let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+            json!({}),
+        );
+    };
+    let Some(name) = lease["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name: Required value: name or generateName is required",
+            details(None),
+        );
+    };
+    if let Err(response) = validate(&lease, &name) {
+        return response;
+    }
+    if let Some(ns) = lease["metadata"]["namespace"].as_str()
+        && ns != namespace
+    {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the namespace of the provided object does not match the namespace sent on the request",
+            json!({}),
+        );
+    }
+    let mut inner = shared.lock();
+    let key = (namespace.to_owned(), name.clone());
+    if inner.leases.contains_key(&key) {
+        drop(inner);
+        count_conflict(shared, &token);
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{} already exists", resource(Some(&name))),
+            details(Some(&name)),
+        );
+    }
+    inner.rv += 1;
+    let rv = inner.rv;
+    let metadata = &mut lease["metadata"];
+    metadata["namespace"] = json!(namespace);
+    metadata["resourceVersion"] = json!(rv.to_string());
+    metadata["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    metadata["creationTimestamp"] =
+        json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    inner.leases.insert(key, lease.clone());
+    record(
+        &mut inner, shared, &token, "create", namespace, &name, None, rv, "ADDED", &lease,
+    );
+    ok(StatusCode::CREATED, &lease)
+}
+
+/// `GET`, `PUT` and `DELETE` of one Lease.
+async fn item(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let verb = match method {
+        Method::GET => "get",
+        Method::PUT => "update",
+        _ => "delete",
+    };
+    let token = match authorise(&shared, &headers, verb, &namespace, Some(&name)) {
+        Ok(token) => token,
+        Err(response) => return response,
+    };
+    let key = (namespace.clone(), name.clone());
+    let not_found = || {
+        status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} not found", resource(Some(&name))),
+            details(Some(&name)),
+        )
+    };
+    match verb {
+        "get" => match shared.lock().leases.get(&key) {
+            Some(lease) => ok(StatusCode::OK, lease),
+            None => not_found(),
+        },
+        "delete" => {
+            let mut inner = shared.lock();
+            let Some(mut lease) = inner.leases.remove(&key) else {
+                return not_found();
+            };
+            inner.rv += 1;
+            let rv = inner.rv;
+            lease["metadata"]["resourceVersion"] = json!(rv.to_string());
+            record(
+                &mut inner, &shared, &token, "delete", &namespace, &name, None, rv, "DELETED",
+                &lease,
+            );
+            ok(StatusCode::OK, &lease)
+        }
+        _ => update(&shared, &token, &namespace, &name, &body),
+    }
+}
+
+fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Bytes) -> Response {
+    let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+            json!({}),
+        );
+    };
+    if lease["metadata"]["name"].as_str() != Some(name) {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the name of the object does not match the name on the URL",
+            json!({}),
+        );
+    }
+    if let Err(response) = validate(&lease, name) {
+        return response;
+    }
+    let mut inner = shared.lock();
+    let key = (namespace.to_owned(), name.to_owned());
+    let Some(stored) = inner.leases.get(&key).cloned() else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} not found", resource(Some(name))),
+            details(Some(name)),
+        );
+    };
+    let stored_rv = stored["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    match lease["metadata"]["resourceVersion"]
+        .as_str()
+        .filter(|v| !v.is_empty())
+    {
+        Some(rv) if rv.parse::<u64>().ok() != Some(stored_rv) => {
+            drop(inner);
+            count_conflict(shared, token);
+            return status(
+                StatusCode::CONFLICT,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {}: the object has been modified; please apply your changes to the latest version and try again",
+                    resource(Some(name))
+                ),
+                details(Some(name)),
+            );
+        }
+        Some(_) => {}
+        None => {
+            inner
+                .stats
+                .entry(token.to_owned())
+                .or_default()
+                .unconditional_updates += 1;
+        }
+    }
+    // Server-owned fields come from the stored object.
+    for field in ["uid", "creationTimestamp", "namespace"] {
+        lease["metadata"][field] = stored["metadata"][field].clone();
+    }
+    lease["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"].clone();
+    if lease == stored {
+        // A no-op update: no new version, no event.
+        return ok(StatusCode::OK, &stored);
+    }
+    inner.rv += 1;
+    let rv = inner.rv;
+    lease["metadata"]["resourceVersion"] = json!(rv.to_string());
+    inner.leases.insert(key, lease.clone());
+    record(
+        &mut inner,
+        shared,
+        token,
+        "update",
+        namespace,
+        name,
+        Some(stored_rv),
+        rv,
+        "MODIFIED",
+        &lease,
+    );
+    ok(StatusCode::OK, &lease)
+}
+
+/// HTTPS for the double: a CA of its own and a certificate for `127.0.0.1`.
+mod tls {
+    use std::{net::SocketAddr, sync::Arc};
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{
+        TlsAcceptor,
+        rustls::{
+            ServerConfig,
+            crypto::ring,
+            pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+        },
+        server::TlsStream,
+    };
+
+    pub struct Tls {
+        pub ca_pem: String,
+        pub acceptor: TlsAcceptor,
+    }
+
+    impl Tls {
+        pub fn new() -> Tls {
+            let ca_key = rcgen::KeyPair::generate().expect("CA key");
+            let mut ca_params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "Lease API test double CA");
+            let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
+            let key = rcgen::KeyPair::generate().expect("server key");
+            let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+                .expect("server params")
+                .signed_by(&key, &ca)
+                .expect("server certificate");
+            let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )
+                .expect("TLS server config");
+            Tls {
+                ca_pem: ca.pem(),
+                acceptor: TlsAcceptor::from(Arc::new(config)),
+            }
+        }
+    }
+
+    /// Accepts TCP connections and completes the TLS handshake before handing them to axum.
+    pub struct TlsListener {
+        pub tcp: TcpListener,
+        pub acceptor: TlsAcceptor,
+    }
+
+    impl axum::serve::Listener for TlsListener {
+        type Io = TlsStream<TcpStream>;
+        type Addr = SocketAddr;
+
+        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+            loop {
+                let Ok((tcp, addr)) = self.tcp.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                if let Ok(tls) = self.acceptor.accept(tcp).await {
+                    return (tls, addr);
+                }
+            }
+        }
+
+        fn local_addr(&self) -> std::io::Result<Self::Addr> {
+            self.tcp.local_addr()
+        }
+    }
+}

@@ -1,0 +1,703 @@
+//! The Kubernetes Lease store against a test double of the Kubernetes API (`k8s_api`): the shared
+//! conformance suite in process, and real `baton run` daemons with real timer workers, signals,
+//! clock skew (libfaketime) and RBAC refusals.
+//!
+//! Waits are on events (log lines, leadership streams, writes at the server), bounded by
+//! `common::SOON`; safety is asserted exactly (who wrote what, in which order, on one monotonic
+//! clock), never with latency bounds.
+
+mod common;
+mod k8s_api;
+
+use std::{process::Command, sync::Arc, time::Duration};
+
+use baton::{
+    client::Role,
+    store::{
+        Acquired, Observation, Store, Timing, conformance::Suite, kubernetes::KubernetesStore,
+    },
+};
+use common::{Daemon, Proc, SOON, example, field};
+use k8s_api::{ApiServer, Write};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+const NS: &str = "team-a";
+
+/// Short timings: a 3 s lease (whole seconds, as Kubernetes needs).
+fn timing() -> Timing {
+    Timing {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(500),
+    }
+}
+
+const TIMING_ARGS: [&str; 6] = [
+    "--lease-duration",
+    "3s",
+    "--renew-deadline",
+    "2s",
+    "--retry-period",
+    "500ms",
+];
+
+/// A test double, a scratch directory for kubeconfigs.
+struct Cluster {
+    api: ApiServer,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        Cluster {
+            api: ApiServer::start(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A service account token granted `NS` (unless `granted` is false) and its kubeconfig.
+    fn account(&self, name: &str, granted: bool) -> (String, std::path::PathBuf) {
+        let namespaces: &[&str] = if granted { &[NS] } else { &[] };
+        let token = self.api.service_account(NS, name, namespaces);
+        let path =
+            self.api
+                .write_kubeconfig(self.dir.path(), &format!("{name}.kubeconfig"), &token, NS);
+        (token, path)
+    }
+
+    /// `baton` pointed at the double through `kubeconfig`.
+    fn baton(&self, kubeconfig: &std::path::Path) -> Command {
+        let mut command = common::baton();
+        command.env("KUBECONFIG", kubeconfig);
+        command
+    }
+
+    /// Start a daemon of election `e` with its own account.
+    fn daemon(&self, identity: &str, election: &str) -> (Daemon, String) {
+        let (token, kubeconfig) = self.account(identity, true);
+        let daemon = Daemon::start_command(identity, self.baton(&kubeconfig), &args(election, &[]));
+        (daemon, token)
+    }
+
+    fn writes_by(&self, token: &str) -> Vec<Write> {
+        self.api
+            .writes()
+            .into_iter()
+            .filter(|w| w.token == token)
+            .collect()
+    }
+}
+
+fn args<'a>(election: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--store", "kubernetes", "--election", election];
+    args.extend_from_slice(&TIMING_ARGS);
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A timer worker following `daemon`.
+fn worker(daemon: &Daemon, election: &str) -> Proc {
+    let mut command = example("timer_worker");
+    command.args([
+        "--daemon",
+        &daemon.addr,
+        "--election",
+        election,
+        "--period",
+        "50ms",
+    ]);
+    Proc::spawn(command, "worker: ")
+}
+
+/// `(term, mono)` of the `n`-th (0-based) line starting with `what` (`started`/`stopped`).
+fn mark(worker: &Proc, what: &str, n: usize) -> (u64, i128) {
+    let prefix = format!("{what} ");
+    worker
+        .stdout
+        .wait_count(&format!("{what} #{n}"), n + 1, |l| l.starts_with(&prefix));
+    let line = worker
+        .stdout
+        .all()
+        .into_iter()
+        .filter(|l| l.starts_with(&prefix))
+        .nth(n)
+        .expect("counted");
+    let term = field(&line, "term").and_then(|t| t.parse().ok());
+    let at = field(&line, "mono").and_then(|t| t.parse().ok());
+    (term.expect("term="), at.expect("mono="))
+}
+
+/// Wait (polling the double, which has no event to wait on) until `pred` holds for its writes.
+fn wait_writes(api: &ApiServer, what: &str, pred: impl Fn(&[Write]) -> bool) -> Vec<Write> {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let writes = api.writes();
+        if pred(&writes) {
+            return writes;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what} within {SOON:?}; writes: {writes:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first write of `token` that made `holder` the holder.
+fn takeover(writes: &[Write], token: &str, holder: &str) -> Write {
+    writes
+        .iter()
+        .find(|w| w.token == token && w.holder == holder)
+        .cloned()
+        .unwrap_or_else(|| panic!("no take-over by {holder}: {writes:#?}"))
+}
+
+const LEASE_NS: i128 = 3_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_conformance_suite() {
+    let cluster = Cluster::new();
+    let (_, kubeconfig) = cluster.account("suite", true);
+    let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+        .await
+        .expect("store");
+    assert_eq!(store.namespace(), NS, "the kubeconfig context's namespace");
+    Suite::new(Arc::new(store), timing(), "k8s-")
+        .test_all()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_is_client_go_s_and_no_write_is_blind() {
+    let cluster = Cluster::new();
+    let (token, kubeconfig) = cluster.account("rec", true);
+    let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, Some("custom-name".into()))
+        .await
+        .expect("store");
+    let mut a = store.join("orders", "pod-a", timing()).await.unwrap();
+    let Acquired::Held(first) = a.acquire(&Observation::default()).await.unwrap() else {
+        panic!("a free lease is acquired");
+    };
+    a.keep().await.unwrap();
+    let lease = cluster
+        .api
+        .lease(NS, "custom-name")
+        .expect("created when missing");
+    let spec = &lease["spec"];
+    assert_eq!(spec["holderIdentity"], json!("pod-a"));
+    assert_eq!(spec["leaseDurationSeconds"], json!(3));
+    assert_eq!(spec["leaseTransitions"], json!(first.term));
+    for time in ["acquireTime", "renewTime"] {
+        let text = spec[time].as_str().unwrap_or_default();
+        // MicroTime: RFC 3339 with exactly six fractional digits.
+        assert!(
+            text.len() == 27 && text.ends_with('Z') && text.as_bytes()[19] == b'.',
+            "{time}: {text:?}"
+        );
+    }
+    a.release(None).await.unwrap();
+    let released = cluster.api.lease(NS, "custom-name").unwrap();
+    assert_eq!(released["spec"]["holderIdentity"], json!(""));
+    assert_eq!(released["spec"]["leaseDurationSeconds"], json!(3));
+    assert_eq!(released["spec"]["leaseTransitions"], json!(first.term));
+    // The same identity again: a new holding, a new term.
+    let Acquired::Held(second) = a.acquire(&Observation::default()).await.unwrap() else {
+        panic!("re-acquired");
+    };
+    assert_eq!(second.term, first.term + 1);
+    a.release(Some("pod-b")).await.unwrap();
+    let reserved = cluster.api.lease(NS, "custom-name").unwrap();
+    assert_eq!(
+        reserved["metadata"]["annotations"]["baton.dev/successor"],
+        json!("pod-b")
+    );
+    assert_eq!(cluster.api.stats(&token).unconditional_updates, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_lists_again_after_410_gone_and_still_sees_the_release() {
+    let cluster = Cluster::new();
+    let (token, kubeconfig) = cluster.account("gone", true);
+    let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+        .await
+        .unwrap();
+    let mut a = store.join("gone", "a", timing()).await.unwrap();
+    let mut b = store.join("gone", "b", timing()).await.unwrap();
+    assert!(matches!(
+        a.acquire(&Observation::default()).await.unwrap(),
+        Acquired::Held(_)
+    ));
+    let seen = b.observe(&Observation::default()).await.unwrap();
+    assert_eq!(seen.holder.as_deref(), Some("a"));
+    let count = |verb: &str| {
+        cluster
+            .api
+            .stats(&token)
+            .requests
+            .get(verb)
+            .copied()
+            .unwrap_or(0)
+    };
+    let watching = tokio::spawn(async move {
+        let mut last = seen;
+        loop {
+            last = b.observe(&last).await.unwrap();
+            if last.holder.is_none() {
+                return last;
+            }
+        }
+    });
+    wait_until("b watching", || count("watch") >= 1).await;
+    let lists_before = count("list");
+    // The cluster moves on (another Lease), forgets its history and ends every watch: b's
+    // watch resumes from a version that is gone, is answered 410, and b must list again.
+    cluster
+        .api
+        .put(NS, json!({"metadata": {"name": "elsewhere"}, "spec": {}}));
+    cluster.api.compact();
+    cluster.api.end_watches();
+    wait_until("b listing again", || count("list") > lists_before).await;
+    wait_until("b watching again", || count("watch") >= 3).await;
+    a.keep().await.unwrap();
+    a.release(None).await.unwrap();
+    let after = tokio::time::timeout(SOON, watching)
+        .await
+        .expect("b sees the release")
+        .unwrap();
+    assert_eq!(after.holder, None);
+}
+
+/// Poll `cond` (state at the test double, which has no event to wait on) until it holds.
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {what} within {SOON:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_over_https_with_the_cluster_s_own_ca() {
+    let api = ApiServer::start_tls();
+    assert!(api.url.starts_with("https://"), "{}", api.url);
+    let dir = tempfile::tempdir().unwrap();
+    let token = api.service_account(NS, "tls", &[NS]);
+    let kubeconfig = api.write_kubeconfig(dir.path(), "tls.kubeconfig", &token, NS);
+    let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+        .await
+        .unwrap();
+    let mut a = store.join("tls", "a", timing()).await.unwrap();
+    let mut b = store.join("tls", "b", timing()).await.unwrap();
+    let Acquired::Held(held) = a.acquire(&Observation::default()).await.unwrap() else {
+        panic!("a free lease is acquired over TLS");
+    };
+    let seen = b.observe(&Observation::default()).await.unwrap();
+    assert_eq!(seen.holder.as_deref(), Some("a"));
+    let (after, released) = tokio::join!(tokio::time::timeout(SOON, b.observe(&seen)), async {
+        a.keep().await.unwrap();
+        a.release(None).await
+    });
+    released.unwrap();
+    assert_eq!(
+        after.expect("b's watch sees the release").unwrap().holder,
+        None
+    );
+    let Acquired::Held(next) = b.acquire(&Observation::default()).await.unwrap() else {
+        panic!("b takes over");
+    };
+    assert!(next.term > held.term);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
+    let e = "handoff";
+    let cluster = Cluster::new();
+    let (a, token_a) = cluster.daemon("a", e);
+    let first = a.wait_role(e, Role::Leader).await;
+    let worker_a = worker(&a, e);
+    let (b, token_b) = cluster.daemon("b", e);
+    b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
+        .await;
+    let worker_b = worker(&b, e);
+    let (term_a, _) = mark(&worker_a, "started", 0);
+    assert_eq!(term_a, first.term);
+
+    // kill -9: no release; b may take over only once a's last write is a lease old.
+    a.proc.signal(Signal::SIGKILL);
+    let (term_b, started_b) = mark(&worker_b, "started", 0);
+    let (_, stopped_a) = mark(&worker_a, "stopped", 0);
+    let writes = cluster.api.writes();
+    let last_a = writes
+        .iter()
+        .rfind(|w| w.token == token_a)
+        .expect("a wrote")
+        .clone();
+    let took = takeover(&writes, &token_b, "b");
+    assert!(
+        took.mono - last_a.mono >= LEASE_NS,
+        "b took over {} ms after a's last renewal, before the 3 s lease ran out",
+        (took.mono - last_a.mono) / 1_000_000
+    );
+    assert!(
+        stopped_a < started_b,
+        "a's worker stopped before b's started"
+    );
+    assert!(term_b > term_a, "term {term_b} after {term_a}");
+    assert_eq!(took.base, Some(last_a.rv), "b replaced a's last record");
+
+    // a comes back as a follower; SIGTERM b: b drains, releases, and a takes over at once.
+    let (a2, token_a2) = cluster.daemon("a", e);
+    a2.wait_for(e, "following b", |s| s.leader.as_deref() == Some("b"))
+        .await;
+    let worker_a2 = worker(&a2, e);
+    b.proc.signal(Signal::SIGTERM);
+    let (term_a2, started_a2) = mark(&worker_a2, "started", 0);
+    let (_, stopped_b) = mark(&worker_b, "stopped", 0);
+    assert!(
+        stopped_b < started_a2,
+        "b's worker stopped before a's started"
+    );
+    assert!(term_a2 > term_b, "term {term_a2} after {term_b}");
+    let writes = cluster.api.writes();
+    let release = writes
+        .iter()
+        .rfind(|w| w.token == token_b)
+        .expect("b wrote")
+        .clone();
+    assert_eq!(release.holder, "", "b's last write is its release");
+    let took = takeover(&writes, &token_a2, "a");
+    assert_eq!(
+        took.base,
+        Some(release.rv),
+        "a took over the released record, not an expired one"
+    );
+    eprintln!(
+        "release -> take-over at the server: {:.1} ms",
+        (took.mono - release.mono) as f64 / 1e6
+    );
+    let mut b = b;
+    assert!(b.proc.wait().success(), "b exits cleanly on SIGTERM");
+    for token in [&token_a, &token_b, &token_a2] {
+        assert_eq!(cluster.api.stats(token).unconditional_updates, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_holder_is_respected_until_it_expires() {
+    let e = "foreign";
+    let cluster = Cluster::new();
+    // As client-go leaves it: any holder string, a renewTime from a clock far in the past (an
+    // expiry judged by timestamps would take it at once), a 4 s lease.
+    let foreign = |renew: &str| {
+        json!({
+            "metadata": {"name": e},
+            "spec": {
+                "holderIdentity": "client-go-7f9c_1b2d",
+                "leaseDurationSeconds": 4,
+                "acquireTime": "2001-01-01T00:00:00.000000Z",
+                "renewTime": renew,
+                "leaseTransitions": 7,
+            }
+        })
+    };
+    cluster.api.put(NS, foreign("2001-01-01T00:00:00.000000Z"));
+    let (a, token) = cluster.daemon("a", e);
+    let seen = a
+        .wait_for(e, "following the foreign holder", |s| s.leader.is_some())
+        .await;
+    assert_eq!(seen.leader.as_deref(), Some("client-go-7f9c_1b2d"));
+    assert_eq!(seen.term, 7);
+    // The foreign holder renews every second (its own pace: this sleep plays the other client).
+    for i in 1..=4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster
+            .api
+            .put(NS, foreign(&format!("2001-01-01T00:00:0{i}.000000Z")));
+    }
+    assert!(
+        cluster.writes_by(&token).is_empty(),
+        "a wrote while the foreign holder renewed"
+    );
+    let last_foreign = cluster
+        .api
+        .writes()
+        .into_iter()
+        .rfind(|w| w.token == "admin")
+        .unwrap();
+    let led = a.wait_role(e, Role::Leader).await;
+    assert_eq!(led.term, 8, "leaseTransitions + 1");
+    let took = takeover(&cluster.api.writes(), &token, "a");
+    assert!(
+        took.mono - last_foreign.mono >= 4_000_000_000,
+        "a took over {} ms after the foreign renewal, before its 4 s lease ran out",
+        (took.mono - last_foreign.mono) / 1_000_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_refused_by_rbac_steps_down_before_its_lease_can_expire() {
+    let e = "revoked";
+    // A 4 s lease, a 2 s renew deadline: the leader must stop 2 s before the standby may start.
+    let timing = [
+        "--store",
+        "kubernetes",
+        "--election",
+        e,
+        "--lease-duration",
+        "4s",
+        "--renew-deadline",
+        "2s",
+        "--retry-period",
+        "500ms",
+    ];
+    let cluster = Cluster::new();
+    let (token_a, kubeconfig_a) = cluster.account("a", true);
+    let a = Daemon::start_command("a", cluster.baton(&kubeconfig_a), &timing);
+    a.wait_role(e, Role::Leader).await;
+    let worker_a = worker(&a, e);
+    let (token_b, kubeconfig_b) = cluster.account("b", true);
+    let b = Daemon::start_command("b", cluster.baton(&kubeconfig_b), &timing);
+    b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
+        .await;
+    let worker_b = worker(&b, e);
+    mark(&worker_a, "started", 0);
+
+    // The leader's grant is taken away: every renewal is refused with 403.
+    cluster.api.revoke(&token_a, NS);
+    let (_, stopped_a) = mark(&worker_a, "stopped", 0);
+    let (_, started_b) = mark(&worker_b, "started", 0);
+    let writes = cluster.api.writes();
+    let last_a = writes
+        .iter()
+        .rfind(|w| w.token == token_a)
+        .expect("a wrote")
+        .clone();
+    let took = takeover(&writes, &token_b, "b");
+    const LEASE: i128 = 4_000_000_000;
+    assert!(
+        stopped_a < last_a.mono + LEASE,
+        "a's worker stopped {} ms after a's last renewal, not before its 4 s lease ran out",
+        (stopped_a - last_a.mono) / 1_000_000
+    );
+    assert!(
+        took.mono - last_a.mono >= LEASE,
+        "b took over {} ms after a's last renewal",
+        (took.mono - last_a.mono) / 1_000_000
+    );
+    assert!(stopped_a < started_b);
+    a.proc
+        .stderr
+        .wait_for("the refused update", |l| l.contains("may not update"));
+    a.wait_role(e, Role::Unknown).await;
+}
+
+/// `faketime`, or a failure saying how to install it.
+fn faketime() -> Command {
+    let found = Command::new("faketime")
+        .args(["-f", "+0", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "this test needs libfaketime's `faketime` (Debian: apt-get install faketime; \
+         scripts/test-all.sh installs it)"
+    );
+    Command::new("faketime")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_an_hour_ahead_never_takes_a_live_lease() {
+    let e = "skew";
+    let cluster = Cluster::new();
+    let (a, token_a) = cluster.daemon("a", e);
+    a.wait_role(e, Role::Leader).await;
+
+    let (token_b, kubeconfig_b) = cluster.account("b", true);
+    let mut ahead = faketime();
+    ahead
+        .args(["-f", "+1h", env!("CARGO_BIN_EXE_baton")])
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("KUBECONFIG", &kubeconfig_b);
+    let b = Daemon::start_command("b", ahead, &args(e, &[]));
+    b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
+        .await;
+    // Six renewals by a (3 s, a whole lease) after b started: b never writes.
+    let renewed = cluster.writes_by(&token_a).len();
+    wait_writes(&cluster.api, "six renewals by a", |w| {
+        w.iter().filter(|w| w.token == token_a).count() >= renewed + 6
+    });
+    assert!(
+        cluster.writes_by(&token_b).is_empty(),
+        "b (clock +1h) wrote to a live lease"
+    );
+
+    // a dies; b takes over by expiry, writing timestamps an hour ahead (faketime works).
+    a.proc.signal(Signal::SIGKILL);
+    b.wait_role(e, Role::Leader).await;
+    let lease = cluster.api.lease(NS, e).unwrap();
+    let renew: k8s_openapi::jiff::Timestamp = lease["spec"]["renewTime"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ahead_by = renew.duration_since(k8s_openapi::jiff::Timestamp::now());
+    assert!(
+        ahead_by > k8s_openapi::jiff::SignedDuration::from_mins(50),
+        "b's clock is an hour ahead (renewTime {renew})"
+    );
+
+    // The reverse: a replica an hour behind b never takes b's live lease either.
+    let (a2, token_a2) = cluster.daemon("a2", e);
+    a2.wait_for(e, "following b", |s| s.leader.as_deref() == Some("b"))
+        .await;
+    let renewed = cluster.writes_by(&token_b).len();
+    wait_writes(&cluster.api, "six renewals by b", |w| {
+        w.iter().filter(|w| w.token == token_b).count() >= renewed + 6
+    });
+    assert!(
+        cluster.writes_by(&token_a2).is_empty(),
+        "a2 (an hour behind the leader) wrote to a live lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_racing_from_an_empty_lease_elect_exactly_one() {
+    let e = "race";
+    let cluster = Cluster::new();
+    cluster.api.put(
+        NS,
+        json!({
+            "metadata": {"name": e},
+            "spec": {"holderIdentity": "", "leaseDurationSeconds": 3, "leaseTransitions": 0},
+        }),
+    );
+    let ids = ["r1", "r2", "r3", "r4"];
+    // Every candidate reads the same empty record before any of them writes.
+    cluster.api.gate_lists(ids.len());
+    let daemons: Vec<(Daemon, String)> = ids.iter().map(|id| cluster.daemon(id, e)).collect();
+    let leader = daemons[0]
+        .0
+        .wait_for(e, "a leader known", |s| s.leader.is_some())
+        .await
+        .leader
+        .unwrap();
+    let mut leaders = 0;
+    for (daemon, token) in &daemons {
+        let state = daemon
+            .wait_for(e, "the same leader", |s| {
+                s.leader.as_deref() == Some(leader.as_str())
+            })
+            .await;
+        let stats = cluster.api.stats(token);
+        if state.role == Role::Leader {
+            leaders += 1;
+        } else {
+            assert!(
+                stats.conflicts >= 1,
+                "{}: lost the race without a 409: {stats:?}",
+                daemon.identity
+            );
+        }
+        assert_eq!(stats.unconditional_updates, 0);
+    }
+    assert_eq!(leaders, 1, "exactly one leader");
+    let takeovers = cluster
+        .api
+        .writes()
+        .into_iter()
+        .filter(|w| w.token != "admin" && w.transitions == 1)
+        .map(|w| w.holder)
+        .collect::<std::collections::HashSet<_>>();
+    assert_eq!(takeovers.len(), 1, "one holder of term 1: {takeovers:?}");
+    let conflicts: u64 = daemons
+        .iter()
+        .map(|(_, t)| cluster.api.stats(t).conflicts)
+        .sum();
+    eprintln!("409s seen by the losers: {conflicts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_namespace_is_reported_and_recovers_once_granted() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let e = "rbac";
+    let cluster = Cluster::new();
+    let (token, kubeconfig) = cluster.account("baton", false);
+    let mut daemon = Daemon::start_command("a", cluster.baton(&kubeconfig), &args(e, &[]));
+    let line = daemon
+        .proc
+        .stderr
+        .wait_for("about the 403", |l| l.contains("403"));
+    for part in [
+        "may not list",
+        "leases.coordination.k8s.io",
+        "\"team-a\"",
+        "system:serviceaccount:team-a:baton",
+        "deploy/",
+    ] {
+        assert!(line.contains(part), "{part:?} missing from: {line}");
+    }
+    let health = |addr: String| async move {
+        let channel = tonic::transport::Endpoint::from_shared(addr)
+            .expect("address")
+            .connect()
+            .await
+            .expect("health connect");
+        let mut client = HealthClient::new(channel);
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status
+    };
+    assert_eq!(
+        health(daemon.addr.clone()).await,
+        ServingStatus::NotServing as i32
+    );
+    // It retries with back-off, and keeps running.
+    daemon
+        .proc
+        .stderr
+        .wait_count("a second 403", 2, |l| l.contains("403"));
+    assert!(
+        daemon.proc.child.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    assert!(cluster.api.stats(&token).forbidden >= 2);
+
+    cluster.api.grant(&token, NS);
+    daemon.wait_role(e, Role::Leader).await;
+    assert_eq!(
+        health(daemon.addr.clone()).await,
+        ServingStatus::Serving as i32
+    );
+    daemon.proc.signal(Signal::SIGTERM);
+    assert!(daemon.proc.wait().success());
+}
+
+#[test]
+fn lease_name_with_several_elections_is_refused() {
+    let output = common::baton()
+        .args([
+            "run",
+            "--store",
+            "kubernetes",
+            "--election",
+            "a,b",
+            "--lease-name",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("--lease-name"), "{text}");
+}
