@@ -22,7 +22,7 @@ mod common;
 use std::time::Duration;
 
 use baton::client::{Client, Role, WatchEvent};
-use common::{Daemon, Proc, example, field, lock_dir, mono_now};
+use common::{Daemon, Proc, field, lock_dir, mono_now, timer_worker};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 
@@ -49,19 +49,6 @@ fn summary(mut samples: Vec<Duration>) -> String {
     )
 }
 
-fn worker(daemon: &Daemon) -> Proc {
-    let mut command = example("timer_worker");
-    command.args([
-        "--daemon",
-        &daemon.addr,
-        "--election",
-        "default",
-        "--period",
-        "1s",
-    ]);
-    Proc::spawn(command, "worker: ")
-}
-
 fn mono_of(worker: &Proc, prefix: &str) -> i128 {
     let line = worker.stdout.wait_for(prefix, |l| l.starts_with(prefix));
     field(&line, "mono").unwrap().parse().unwrap()
@@ -79,7 +66,7 @@ async fn kill_9_round() -> (Duration, Duration) {
     a.wait_role("default", Role::Leader).await;
     let b = Daemon::start("b", &["--lock-dir", lock]);
     b.wait_role("default", Role::Follower).await;
-    let wb = worker(&b);
+    let wb = timer_worker(&b, "default", "1s");
     let client = Client::connect(b.addr.clone()).await.unwrap();
     let mut events = Box::pin(client.watch("default"));
     // The first event is the current state: following a.
@@ -112,8 +99,8 @@ async fn sigterm_round() -> Duration {
     a.wait_role("default", Role::Leader).await;
     let b = Daemon::start("b", &["--lock-dir", lock]);
     b.wait_role("default", Role::Follower).await;
-    let wa = worker(&a);
-    let wb = worker(&b);
+    let wa = timer_worker(&a, "default", "1s");
+    let wb = timer_worker(&b, "default", "1s");
     mono_of(&wa, "started");
     let signalled = mono_now();
     a.proc.signal(Signal::SIGTERM);

@@ -15,7 +15,7 @@ use baton::{
     config::EtcdConfig,
     store::{Timing, conformance::Suite, etcd::EtcdStore},
 };
-use common::{Daemon, Proc, example, field};
+use common::{Daemon, Proc, field, stamps, timer_worker};
 use etcd_server::{Etcd, ServerTls};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
@@ -83,31 +83,6 @@ fn start(identity: &str, etcd: &Etcd, election: &str) -> Daemon {
     let args = daemon_args(&etcd.endpoint(), election, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Daemon::start(identity, &args)
-}
-
-/// Start a timer worker following `daemon` in `election`, ticking every 50 ms.
-fn worker(daemon: &Daemon, election: &str) -> Proc {
-    let mut command = example("timer_worker");
-    command.args([
-        "--daemon",
-        &daemon.addr,
-        "--election",
-        election,
-        "--period",
-        "50ms",
-    ]);
-    Proc::spawn(command, "worker: ")
-}
-
-/// The CLOCK_MONOTONIC stamps of a worker's lines that start with `prefix`.
-fn stamps(worker: &Proc, prefix: &str) -> Vec<i128> {
-    worker
-        .stdout
-        .all()
-        .iter()
-        .filter(|l| l.starts_with(prefix))
-        .map(|l| field(l, "mono").expect("mono=").parse().expect("mono"))
-        .collect()
 }
 
 fn term_of(line: &str) -> u64 {
@@ -257,8 +232,8 @@ async fn sigterm_hands_over_after_the_old_worker_stopped() {
     a.wait_role("handoff", Role::Leader).await;
     let b = start("b", &etcd, "handoff");
     b.wait_role("handoff", Role::Follower).await;
-    let wa = worker(&a, "handoff");
-    let wb = worker(&b, "handoff");
+    let wa = timer_worker(&a, "handoff", "50ms");
+    let wb = timer_worker(&b, "handoff", "50ms");
     wa.stdout
         .wait_count("of a's ticks", 3, |l| l.starts_with("Clustered route"));
     assert!(

@@ -4,38 +4,8 @@
 mod common;
 
 use baton::client::Role;
-use common::{Daemon, Proc, example, field, lock_dir};
+use common::{Daemon, field, lock_dir, stamps, timer_worker};
 use nix::sys::signal::Signal;
-
-/// Start a timer worker following `daemon` in election `default`, ticking every 50 ms.
-fn worker(daemon: &Daemon) -> Proc {
-    let mut command = example("timer_worker");
-    command.args([
-        "--daemon",
-        &daemon.addr,
-        "--election",
-        "default",
-        "--period",
-        "50ms",
-    ]);
-    Proc::spawn(command, "worker: ")
-}
-
-/// The CLOCK_MONOTONIC stamps of a worker's lines that start with `prefix`.
-fn stamps(worker: &Proc, prefix: &str) -> Vec<i128> {
-    worker
-        .stdout
-        .all()
-        .iter()
-        .filter(|l| l.starts_with(prefix))
-        .map(|l| {
-            field(l, "mono")
-                .expect("mono=")
-                .parse()
-                .expect("mono is a number")
-        })
-        .collect()
-}
 
 fn term_of(line: &str) -> u64 {
     field(line, "term")
@@ -84,8 +54,8 @@ async fn sigterm_hands_over_after_the_old_worker_stopped() {
     a.wait_role("default", Role::Leader).await;
     let b = Daemon::start("b", &["--lock-dir", lock]);
     b.wait_role("default", Role::Follower).await;
-    let wa = worker(&a);
-    let wb = worker(&b);
+    let wa = timer_worker(&a, "default", "50ms");
+    let wb = timer_worker(&b, "default", "50ms");
     wa.stdout.wait_count("of a's ticks", 3, |l| {
         l.starts_with("Clustered route (timer)")
     });
@@ -148,7 +118,7 @@ async fn a_paused_daemon_never_leaves_its_worker_running() {
         ],
     );
     a.wait_role("default", Role::Leader).await;
-    let w = worker(&a);
+    let w = timer_worker(&a, "default", "50ms");
     w.stdout
         .wait_count("ticks", 2, |l| l.starts_with("Clustered route (timer)"));
     a.proc.signal(Signal::SIGSTOP);

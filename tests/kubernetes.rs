@@ -17,7 +17,7 @@ use baton::{
         Acquired, Observation, Store, Timing, conformance::Suite, kubernetes::KubernetesStore,
     },
 };
-use common::{Daemon, Proc, SOON, example, field};
+use common::{Daemon, Proc, SOON, field, timer_worker};
 use k8s_api::{ApiServer, Write};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -94,20 +94,6 @@ fn args<'a>(election: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(&TIMING_ARGS);
     args.extend_from_slice(extra);
     args
-}
-
-/// A timer worker following `daemon`.
-fn worker(daemon: &Daemon, election: &str) -> Proc {
-    let mut command = example("timer_worker");
-    command.args([
-        "--daemon",
-        &daemon.addr,
-        "--election",
-        election,
-        "--period",
-        "50ms",
-    ]);
-    Proc::spawn(command, "worker: ")
 }
 
 /// `(term, mono)` of the `n`-th (0-based) line starting with `what` (`started`/`stopped`).
@@ -318,11 +304,11 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     let cluster = Cluster::new();
     let (a, token_a) = cluster.daemon("a", e);
     let first = a.wait_role(e, Role::Leader).await;
-    let worker_a = worker(&a, e);
+    let worker_a = timer_worker(&a, e, "50ms");
     let (b, token_b) = cluster.daemon("b", e);
     b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
         .await;
-    let worker_b = worker(&b, e);
+    let worker_b = timer_worker(&b, e, "50ms");
     let (term_a, _) = mark(&worker_a, "started", 0);
     assert_eq!(term_a, first.term);
 
@@ -353,7 +339,7 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     let (a2, token_a2) = cluster.daemon("a", e);
     a2.wait_for(e, "following b", |s| s.leader.as_deref() == Some("b"))
         .await;
-    let worker_a2 = worker(&a2, e);
+    let worker_a2 = timer_worker(&a2, e, "50ms");
     b.proc.signal(Signal::SIGTERM);
     let (term_a2, started_a2) = mark(&worker_a2, "started", 0);
     let (_, stopped_b) = mark(&worker_b, "stopped", 0);
@@ -458,12 +444,12 @@ async fn a_leader_refused_by_rbac_steps_down_before_its_lease_can_expire() {
     let (token_a, kubeconfig_a) = cluster.account("a", true);
     let a = Daemon::start_command("a", cluster.baton(&kubeconfig_a), &timing);
     a.wait_role(e, Role::Leader).await;
-    let worker_a = worker(&a, e);
+    let worker_a = timer_worker(&a, e, "50ms");
     let (token_b, kubeconfig_b) = cluster.account("b", true);
     let b = Daemon::start_command("b", cluster.baton(&kubeconfig_b), &timing);
     b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
         .await;
-    let worker_b = worker(&b, e);
+    let worker_b = timer_worker(&b, e, "50ms");
     mark(&worker_a, "started", 0);
 
     // The leader's grant is taken away: every renewal is refused with 403.

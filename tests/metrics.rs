@@ -12,7 +12,7 @@ use std::{
 };
 
 use baton::{client::Role, daemon::HEALTH_WORKER_ATTACHED};
-use common::{Daemon, Proc, SOON, baton, example, field, lock_dir};
+use common::{Daemon, Proc, SOON, baton, field, lock_dir, timer_worker};
 use nix::sys::signal::Signal;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -128,12 +128,6 @@ fn start(identity: &str, lock: &str) -> Daemon {
     )
 }
 
-fn worker(d: &Daemon) -> Proc {
-    let mut command = example("timer_worker");
-    command.args(["--daemon", &d.addr, "--period", "100ms"]);
-    Proc::spawn(command, "worker: ")
-}
-
 #[tokio::test]
 async fn metrics_follow_the_hand_offs() {
     let dir = lock_dir();
@@ -143,8 +137,8 @@ async fn metrics_follow_the_hand_offs() {
     let mut b = start("b", lock);
     b.wait_role("default", Role::Follower).await;
     let (ma, mb) = (metrics_addr(&a), metrics_addr(&b));
-    let _wa = worker(&a);
-    let _wb = worker(&b);
+    let _wa = timer_worker(&a, "default", "100ms");
+    let _wb = timer_worker(&b, "default", "100ms");
     wait_attached(&a).await;
     wait_attached(&b).await;
 

@@ -280,3 +280,34 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// A timer worker (`examples/timer_worker.rs`) following `daemon` in `election`, ticking every
+/// `period` (e.g. "50ms"); its lines carry CLOCK_MONOTONIC stamps (`mono=`).
+pub fn timer_worker(daemon: &Daemon, election: &str, period: &str) -> Proc {
+    let mut command = example("timer_worker");
+    command.args([
+        "--daemon",
+        &daemon.addr,
+        "--election",
+        election,
+        "--period",
+        period,
+    ]);
+    Proc::spawn(command, "worker: ")
+}
+
+/// The CLOCK_MONOTONIC stamps of a worker's lines that start with `prefix`.
+pub fn stamps(worker: &Proc, prefix: &str) -> Vec<i128> {
+    worker
+        .stdout
+        .all()
+        .iter()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| {
+            field(l, "mono")
+                .expect("mono=")
+                .parse()
+                .expect("mono is a number")
+        })
+        .collect()
+}
