@@ -55,6 +55,9 @@ fi
 
 # Every test of every feature; the worker client also builds alone.
 cargo build --no-default-features --lib
+# The tests start the examples as real processes; `cargo test --all-targets` builds examples
+# only as test harnesses, so build the runnable ones first.
+cargo build --all-features --examples
 cargo test --all-features --all-targets
 
 # The benchmarks, in release mode, print the figures (they assert only safety).

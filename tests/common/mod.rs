@@ -146,13 +146,20 @@ pub fn baton() -> Command {
     Command::new(env!("CARGO_BIN_EXE_baton"))
 }
 
-/// A built example (`cargo test` builds examples before integration tests).
+/// A built example. `cargo test --all-targets` builds examples only as test harnesses, so the
+/// test command (`scripts/test-all.sh`) runs `cargo build --all-features --examples` first.
 pub fn example(name: &str) -> Command {
     let exe = Path::new(env!("CARGO_BIN_EXE_baton"))
         .parent()
         .unwrap()
         .join("examples")
         .join(name);
+    assert!(
+        exe.is_file(),
+        "example {name} is not built at {}: run `cargo build --all-features --examples` \
+         (scripts/test-all.sh does) before the tests",
+        exe.display()
+    );
     Command::new(exe)
 }
 
