@@ -11,10 +11,15 @@
 //! - The producer is idempotent (`enable.idempotence`): a retried send is never written twice.
 //! - The bridge declares itself ready (warm) only once the brokers answer for the topic, so a
 //!   daemon run with `--campaign when-ready` never makes a bridge that cannot publish the leader.
-//! - On loss of leadership (told, stream lost, or `valid_for` run out) it stops reading, closes
-//!   the feed connection, flushes the producer (or commits its transaction), and only then
-//!   returns, which the client stub confirms to the daemon: the standby's bridge connects to the
-//!   feed only after this one let go of it.
+//! - On a hand-over (the daemon steps down and waits: SIGTERM, Resign, readiness lost) it stops
+//!   reading, closes the feed connection, flushes the producer (or commits its transaction),
+//!   and only then returns, which the client stub confirms to the daemon: the standby's bridge
+//!   connects to the feed only after this one let go of it and its records landed.
+//! - On an abrupt end (the stream to the daemon broke, `valid_for` ran out: the leadership may
+//!   already be elsewhere) it stops reading and purges what is still queued or in flight (or
+//!   aborts its transaction) instead of flushing: those records are lost, never late behind the
+//!   next term's.
+//! - SIGTERM or SIGINT end a running term by hand-over and exit 0.
 //! - With `--transactional-id ID` (the same on every replica of the election) it writes in Kafka
 //!   transactions, so a new leader's producer fences an old one that is still alive (the broker
 //!   bumps the producer epoch). That needs a broker with transactions (Apache Kafka, Redpanda).
@@ -24,7 +29,7 @@
 
 use std::time::Duration;
 
-use baton::client::{Client, Lease};
+use baton::client::{Client, Ending, Lease};
 use nix::time::{ClockId, clock_gettime};
 use rdkafka::{
     ClientConfig,
@@ -35,6 +40,7 @@ use rdkafka::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     net::TcpStream,
+    signal::unix::{SignalKind, signal},
     sync::watch,
 };
 
@@ -170,9 +176,18 @@ impl Sink {
         })
     }
 
-    /// The end of the term: flush, or commit the open transaction (abort it if that fails).
-    fn finish(self) -> Result<(), KafkaError> {
+    /// The end of the term. On a hand-over: flush, or commit the open transaction (abort it if
+    /// that fails). On an abrupt end: drop what is not yet out.
+    fn finish(self, ending: Ending) -> Result<(), KafkaError> {
         tokio::task::block_in_place(|| {
+            if ending == Ending::Abrupt {
+                if self.transactional {
+                    return self.producer.abort_transaction(FLUSH_TIMEOUT);
+                }
+                self.producer
+                    .purge(PurgeConfig::default().queue().inflight());
+                return Ok(());
+            }
             if !self.transactional {
                 return self.producer.flush(FLUSH_TIMEOUT).inspect_err(|_| {
                     self.producer
@@ -262,11 +277,15 @@ async fn bridge(lease: Lease, shared: FutureProducer, args: Args) {
             published += 1;
         }
     }
-    // The feed connection is closed (dropped above); now make what was read durable.
-    if let Err(e) = sink.finish() {
-        eprintln!("kafka_bridge: flush at the end of term {term} failed: {e}");
+    // The feed connection is closed (dropped above); now make what was read durable, or drop it.
+    let ending = lease.ending().unwrap_or(Ending::Abrupt);
+    if let Err(e) = sink.finish(ending) {
+        eprintln!("kafka_bridge: {ending} end of term {term} failed: {e}");
     }
-    println!("stopped term={term} published={published} mono={}", mono());
+    println!(
+        "stopped term={term} ending={ending} published={published} mono={}",
+        mono()
+    );
 }
 
 #[tokio::main]
@@ -294,9 +313,26 @@ async fn main() -> std::process::ExitCode {
     };
     let (ready_tx, ready_rx) = watch::channel(false);
     let warming = tokio::spawn(warm_up(producer.clone(), args.topic.clone(), ready_tx));
+    let (mut terminate, mut interrupt) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("kafka_bridge: cannot install signal handlers: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => eprintln!("kafka_bridge: SIGTERM: stopping"),
+            _ = interrupt.recv() => eprintln!("kafka_bridge: SIGINT: stopping"),
+        }
+    };
     let outcome = client
         .worker(&args.election)
         .ready_when(ready_rx)
+        .until(shutdown)
         .run(|lease| bridge(lease, producer.clone(), args.clone()))
         .await;
     warming.abort();

@@ -8,12 +8,14 @@
 //! Each line also carries the term and `mono=<CLOCK_MONOTONIC ns>`, one clock for every process
 //! on the host, so that tests can order one worker's last tick before another's first.
 //!
-//! SIGTERM or SIGINT end it at once (in a container it is PID 1, which the kernel would not let
-//! SIGTERM end without a handler); its daemon sees the stream close.
+//! SIGTERM or SIGINT stop it for good: a running term ends (`stopped term=T ending=hand-over`),
+//! the stop is confirmed to the daemon, and it exits 0 (in a container it is PID 1, which the
+//! kernel would not let SIGTERM end without a handler). `ending=abrupt` marks a stop where the
+//! leadership may already be elsewhere (stream to the daemon lost, validity ran out).
 
 use std::time::Duration;
 
-use baton::client::Client;
+use baton::client::{Client, Ending, Lease};
 use nix::time::{ClockId, clock_gettime};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -83,7 +85,13 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let work = client.run_while_leader(&args.election, move |lease| async move {
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => eprintln!("timer_worker: SIGTERM: stopping"),
+            _ = interrupt.recv() => eprintln!("timer_worker: SIGINT: stopping"),
+        }
+    };
+    let work = |lease: Lease| async move {
         println!("started term={} mono={}", lease.term(), mono());
         let mut ticks = tokio::time::interval(period);
         loop {
@@ -97,19 +105,18 @@ async fn main() -> std::process::ExitCode {
                 ),
             }
         }
-        println!("stopped term={} mono={}", lease.term(), mono());
-    });
-    let outcome = tokio::select! {
-        outcome = work => outcome,
-        _ = terminate.recv() => {
-            eprintln!("timer_worker: SIGTERM: exiting");
-            Ok(())
-        }
-        _ = interrupt.recv() => {
-            eprintln!("timer_worker: SIGINT: exiting");
-            Ok(())
-        }
+        let ending = lease.ending().unwrap_or(Ending::Abrupt);
+        println!(
+            "stopped term={} ending={ending} mono={}",
+            lease.term(),
+            mono()
+        );
     };
+    let outcome = client
+        .worker(&args.election)
+        .until(shutdown)
+        .run(work)
+        .await;
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -15,12 +15,16 @@
 //! [`Client::run_while_leader`] starts the work on acquire and cancels it on loss, on stream
 //! loss, and when `valid_for` of the last LEADER event runs out with no new event (a paused or
 //! dead daemon). It confirms each stop to the daemon, so that a graceful hand-off starts the
-//! standby only after this worker stopped, and reconnects with jittered back-off.
+//! standby only after this worker stopped, and reconnects with jittered back-off. The work
+//! learns how it must stop from [`Lease::ending`]: finish what it started when the daemon still
+//! holds the leadership for it, drop what is not yet out when the leadership may be elsewhere.
 //!
 //! [`Client::watch`] is the same stream as typed events, for anything else.
 
 use std::{
     future::Future,
+    pin::pin,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
@@ -390,6 +394,7 @@ impl Client {
             election: election.to_owned(),
             name: worker_name(),
             ready: None,
+            until: None,
         }
     }
 }
@@ -401,9 +406,10 @@ pub struct Worker<'a> {
     election: String,
     name: String,
     ready: Option<watch::Receiver<bool>>,
+    until: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
 }
 
-impl Worker<'_> {
+impl<'a> Worker<'a> {
     /// Name this worker (unique per process; default: host, pid and a random suffix).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -419,6 +425,15 @@ impl Worker<'_> {
         self
     }
 
+    /// Stop for good once `shutdown` resolves (e.g. on SIGTERM): the running work is cancelled
+    /// with [`Ending::HandOver`] (the daemon still holds the leadership until it returns), the
+    /// stop is confirmed, the worker declares itself not ready (so a `--campaign when-ready`
+    /// daemon hands over at once), and [`Worker::run`] returns `Ok(())`.
+    pub fn until(mut self, shutdown: impl Future<Output = ()> + Send + 'a) -> Self {
+        self.until = Some(Box::pin(shutdown));
+        self
+    }
+
     /// Run `work` while the replica leads; see [`Client::run_while_leader`].
     ///
     /// # Errors
@@ -428,6 +443,9 @@ impl Worker<'_> {
         F: FnMut(Lease) -> Fut + Send,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let until = self
+            .until
+            .unwrap_or_else(|| Box::pin(std::future::pending()));
         let ready_now = self.ready.as_ref().is_none_or(|r| *r.borrow());
         let events = self.client.watch_with(
             &self.election,
@@ -444,7 +462,7 @@ impl Worker<'_> {
             stopped: 0,
             resigned: 0,
         }
-        .run(events, self.ready)
+        .run(events, self.ready, until)
         .await
     }
 }
@@ -526,12 +544,34 @@ impl Watching {
     }
 }
 
+/// How a term's work is asked to stop: what it may still do before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The daemon still holds the leadership and waits for this work to return (bounded by its
+    /// `--drain-timeout`): finish what was started (flush, commit), then return.
+    HandOver,
+    /// The leadership may already be someone else's: the stream to the daemon broke, the
+    /// term's validity ran out, or the daemon moved on without waiting. Drop what is not yet
+    /// out (purge queues, abort transactions) and return at once: late is worse than lost.
+    Abrupt,
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ending::HandOver => "hand-over",
+            Ending::Abrupt => "abrupt",
+        })
+    }
+}
+
 /// What a worker's task is handed while its replica leads.
 #[derive(Debug, Clone)]
 pub struct Lease {
     election: String,
     term: u64,
     token: CancellationToken,
+    ending: Arc<OnceLock<Ending>>,
 }
 
 impl Lease {
@@ -559,6 +599,14 @@ impl Lease {
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
     }
+
+    /// How the work must stop: `None` while it may go on; set before the token is cancelled.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ending.get().copied().or_else(|| {
+            // Cancelled through a clone of the token: nothing promised, so the safe way.
+            self.token.is_cancelled().then_some(Ending::Abrupt)
+        })
+    }
 }
 
 /// How long a call to the daemon may take outside a running term.
@@ -571,12 +619,20 @@ struct Running {
     term: u64,
     valid_until: Instant,
     token: CancellationToken,
+    ending: Arc<OnceLock<Ending>>,
     task: AbortOnDropHandle<()>,
+}
+
+impl Running {
+    fn cancel(&self, ending: Ending) {
+        let _ = self.ending.set(ending);
+        self.token.cancel();
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.token.cancel();
+        self.cancel(Ending::Abrupt);
     }
 }
 
@@ -617,8 +673,10 @@ where
         mut self,
         events: impl Stream<Item = WatchEvent> + Send + 'static,
         mut ready: Option<watch::Receiver<bool>>,
+        until: impl Future<Output = ()>,
     ) -> Result<(), ClientError> {
         let mut events = Box::pin(events);
+        let mut until = pin!(until);
         // Declare readiness again once each new stream is registered: a declaration made
         // between connecting and registering would be lost.
         let mut fresh_stream = true;
@@ -627,7 +685,14 @@ where
             tokio::select! {
                 biased;
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    self.stop("valid_for ran out with no new event").await;
+                    self.stop("valid_for ran out with no new event", Ending::Abrupt).await;
+                }
+                () = &mut until => {
+                    self.stop("the worker is shutting down", Ending::HandOver).await;
+                    if ready.is_some() {
+                        self.declare_ready(false).await;
+                    }
+                    return Ok(());
                 }
                 finished = async { (&mut self.running.as_mut().expect("guarded").task).await }, if self.running.is_some() => {
                     let term = self.running.take().map(|r| r.term).unwrap_or_default();
@@ -652,14 +717,14 @@ where
                     Some(WatchEvent::Disconnected(error)) => {
                         fresh_stream = true;
                         if error.code() == Some(tonic::Code::NotFound) {
-                            self.stop("election unknown to the daemon").await;
+                            self.stop("election unknown to the daemon", Ending::Abrupt).await;
                             return Err(error);
                         }
                         tracing::warn!(election = self.election, %error, "lost the daemon; stopping work");
-                        self.stop("stream to the daemon lost").await;
+                        self.stop("stream to the daemon lost", Ending::Abrupt).await;
                     }
                     None => {
-                        self.stop("stream ended").await;
+                        self.stop("stream ended", Ending::Abrupt).await;
                         return Err(ClientError::StreamEnded);
                     }
                 },
@@ -671,11 +736,21 @@ where
     async fn on_state(&mut self, state: LeaderState) {
         let now = Instant::now();
         if !state.leads_at(now) {
-            if self.running.is_some() {
-                self.stop(&format!(
-                    "daemon reports {:?}: {}",
-                    state.role, state.reason
-                ))
+            if let Some(running) = &self.running {
+                // Stepping down: the daemon keeps the holding of this very term until its
+                // workers confirm (it reports itself as the leader while not leading).
+                let stepping_down = state.role != Role::Leader
+                    && state.term == running.term
+                    && state.leader.as_deref() == Some(state.identity.as_str());
+                let ending = if stepping_down {
+                    Ending::HandOver
+                } else {
+                    Ending::Abrupt
+                };
+                self.stop(
+                    &format!("daemon reports {:?}: {}", state.role, state.reason),
+                    ending,
+                )
                 .await;
             }
             return;
@@ -690,7 +765,7 @@ where
                 self.resign(state.term).await;
             }
             _ => {
-                self.stop("a new term began").await;
+                self.stop("a new term began", Ending::Abrupt).await;
                 self.start(state.term, valid_until);
             }
         }
@@ -699,26 +774,29 @@ where
     fn start(&mut self, term: u64, valid_until: Instant) {
         tracing::info!(election = self.election, term, "leading: starting work");
         let token = CancellationToken::new();
+        let ending = Arc::new(OnceLock::new());
         let lease = Lease {
             election: self.election.to_owned(),
             term,
             token: token.clone(),
+            ending: ending.clone(),
         };
         let task = AbortOnDropHandle::new(tokio::spawn((self.work)(lease)));
         self.running = Some(Running {
             term,
             valid_until,
             token,
+            ending,
             task,
         });
     }
 
     /// Cancel the running work, wait for it to return, and confirm the stop.
-    async fn stop(&mut self, why: &str) {
+    async fn stop(&mut self, why: &str, ending: Ending) {
         let Some(mut running) = self.running.take() else {
             return;
         };
-        running.token.cancel();
+        running.cancel(ending);
         if let Err(e) = (&mut running.task).await {
             tracing::error!(election = self.election, term = running.term, error = %e, "work panicked");
         }
@@ -726,6 +804,7 @@ where
             election = self.election,
             term = running.term,
             why,
+            %ending,
             "work stopped"
         );
         self.stopped = self.stopped.max(running.term);

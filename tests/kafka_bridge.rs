@@ -1,9 +1,11 @@
 //! The promise Baton exists for, end to end: two replicas, each a `baton run` daemon with a
 //! `kafka_bridge` beside it, in front of a feed that sends every record to every connected
 //! client, publishing into a real Kafka-protocol broker (tansu). Then at least 30 faults in
-//! random order: kill -9 of a daemon or a bridge, SIGTERM of a daemon, SIGSTOP of the leading
-//! daemon for longer than the lease (its bridge keeps running), Resign. The topic, read back with
-//! an rdkafka consumer, must hold no feed record twice, and its terms must never decrease.
+//! random order: kill -9 of a daemon or a bridge, SIGTERM of a daemon or a bridge, SIGSTOP of the
+//! leading daemon for longer than the lease (its bridge keeps running), Resign. The topic, read
+//! back with an rdkafka consumer, must hold no feed record twice, and its terms must never
+//! decrease. Each old bridge must have ended its term the right way: by hand-over (flush) when
+//! its daemon stepped down and waited, abruptly (purge) when the leadership could be elsewhere.
 //!
 //! The broker: `tansu` from crates.io (`cargo install tansu --features dynostore`; the test
 //! command installs it), with in-memory storage, on a free loopback port. tansu does not support
@@ -223,6 +225,7 @@ struct Replica {
 enum Fault {
     KillDaemon,
     KillBridge,
+    TermBridge,
     TermDaemon,
     StopDaemon,
     Resign,
@@ -278,6 +281,23 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("no leader within {SOON:?}");
+    }
+
+    /// The `ending=` of the `n`th (0-based) `stopped` line of replica `i`'s bridge or of `proc`.
+    fn ending_of_stop(bridge: &Proc, n: usize) -> String {
+        bridge
+            .stdout
+            .wait_count("of the old bridge's stop", n + 1, |l| {
+                l.starts_with("stopped")
+            });
+        let line = bridge
+            .stdout
+            .all()
+            .into_iter()
+            .filter(|l| l.starts_with("stopped"))
+            .nth(n)
+            .unwrap();
+        field(&line, "ending").expect("ending=").to_owned()
     }
 
     /// Lines `first-record term=T mono=NS` of every bridge ever started.
@@ -363,6 +383,7 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
     let kinds = [
         Fault::KillDaemon,
         Fault::KillBridge,
+        Fault::TermBridge,
         Fault::TermDaemon,
         Fault::StopDaemon,
         Fault::Resign,
@@ -378,6 +399,16 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
         let i = cluster.leader().await;
         // Let records flow for a moment in this term.
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
+        let stops_before = cluster.replicas[i]
+            .bridge
+            .as_ref()
+            .unwrap()
+            .stdout
+            .all()
+            .iter()
+            .filter(|l| l.starts_with("stopped"))
+            .count();
+        let mut old_bridge = None;
         let at = mono_now();
         println!("fault {n}: {kind:?} on {}", cluster.replicas[i].identity);
         match kind {
@@ -391,6 +422,15 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
                 let mut b = cluster.replicas[i].bridge.take().unwrap();
                 b.signal(Signal::SIGKILL);
                 b.wait();
+                retired.push(b);
+                cluster.start_bridge(i);
+            }
+            Fault::TermBridge => {
+                let mut b = cluster.replicas[i].bridge.take().unwrap();
+                b.signal(Signal::SIGTERM);
+                let status = b.wait();
+                assert!(status.success(), "a bridge exits 0 on SIGTERM: {status:?}");
+                old_bridge = Some(retired.len());
                 retired.push(b);
                 cluster.start_bridge(i);
             }
@@ -429,6 +469,24 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
             waited += Duration::from_millis(10);
+        }
+        // How the old bridge ended its term: flush only where the daemon still held the
+        // leadership for it.
+        let expected = match kind {
+            Fault::KillBridge => None,
+            Fault::KillDaemon | Fault::StopDaemon => Some("abrupt"),
+            Fault::TermBridge | Fault::TermDaemon | Fault::Resign => Some("hand-over"),
+        };
+        if let Some(expected) = expected {
+            let bridge = match old_bridge {
+                Some(k) => &retired[k],
+                None => cluster.replicas[i].bridge.as_ref().unwrap(),
+            };
+            let ending = Cluster::ending_of_stop(bridge, stops_before);
+            assert_eq!(
+                ending, expected,
+                "how the bridge ended its term after {kind:?}"
+            );
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -544,9 +602,6 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
 /// Both stores in one test, one after the other: two runs side by side on two cores would
 /// measure the machine, not Baton.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect, open in issue 5: after kill -9 of a daemon the old bridge's queued \
-            records can land after the new term's (terms went back 2 -> 1 once in ~5 runs); \
-            run with `cargo test --features full --test kafka_bridge -- --ignored`"]
 async fn no_record_twice_under_faults() {
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap().to_owned();
