@@ -155,6 +155,13 @@ pub struct RunArgs {
     #[arg(long, env = "BATON_LOCK_DIR")]
     pub lock_dir: Option<PathBuf>,
 
+    /// File store: after a holder died without releasing, how long the new holder waits before
+    /// it reports leadership, so that the dead daemon's workers (which see their streams close
+    /// as the kernel frees the lock) stop first. Raise it on a host where workers may take
+    /// longer to stop after losing their daemon.
+    #[arg(long, env = "BATON_CRASH_GRACE", default_value = "25ms", value_parser = duration)]
+    pub crash_grace: Duration,
+
     /// Kubernetes store: the namespace of the Leases [default: the pod's namespace, else the
     /// kubeconfig context's].
     #[arg(long, env = "BATON_NAMESPACE")]
@@ -241,6 +248,8 @@ pub enum StoreConfig {
     File {
         /// The lock directory.
         lock_dir: PathBuf,
+        /// The wait after a holder died without releasing.
+        crash_grace: Duration,
     },
     /// The Kubernetes Lease store.
     Kubernetes {
@@ -687,6 +696,7 @@ impl RunArgs {
                 lock_dir: self
                     .lock_dir
                     .unwrap_or_else(|| std::env::temp_dir().join("baton")),
+                crash_grace: self.crash_grace,
             },
             StoreKind::Kubernetes => {
                 if !cfg!(feature = "kubernetes") {

@@ -127,8 +127,13 @@ impl DaemonError {
 /// The store's configuration is unusable (e.g. an unwritable lock directory, no kubeconfig).
 pub async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, DaemonError> {
     match config {
-        StoreConfig::File { lock_dir } => Ok(Arc::new(
-            FileStore::new(lock_dir).map_err(DaemonError::LockDir)?,
+        StoreConfig::File {
+            lock_dir,
+            crash_grace,
+        } => Ok(Arc::new(
+            FileStore::new(lock_dir)
+                .map_err(DaemonError::LockDir)?
+                .with_crash_grace(*crash_grace),
         )),
         #[cfg(feature = "kubernetes")]
         StoreConfig::Kubernetes {
