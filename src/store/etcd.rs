@@ -27,6 +27,9 @@
 //!   merely queued: leaving the election). Dropping a candidate without releasing is a crash: its
 //!   key lives until its lease expires.
 //! - **observe** takes the own key out of the queue, then follows the leader key.
+//! - A waiter **revokes its predecessor's lease the moment etcd's clock says it expired**
+//!   ([`revoke_when_expired`]) instead of waiting up to 500 ms for etcd's lessor, which revokes
+//!   expired leases lazily: a crashed leader is replaced within milliseconds of its TTL.
 //!
 //! ## Releasing to a named successor
 //!
@@ -998,6 +1001,99 @@ impl EtcdCandidate {
     }
 }
 
+/// While a lease is in its last second, how often a waiter asks for it.
+const EXPIRY_POLL: Duration = Duration::from_millis(20);
+/// Allowance for etcd's clock and ours running at different rates over that last second.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
+/// The longest gap between two answers about a lease in its last second: a renewal restores a
+/// TTL of at least 2 s, so it shows as a remaining TTL >= 1 for at least this long after it.
+const EXPIRY_MAX_GAP: Duration = Duration::from_secs(1);
+/// Pause after a failed request about the predecessor's lease.
+const EXPIRY_RETRY: Duration = Duration::from_secs(1);
+
+/// The remaining TTL of `lease` in whole seconds, rounded towards zero as etcd reports it
+/// (negative: gone, or expired a second ago); `None` if etcd did not answer.
+async fn remaining(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Option<i64> {
+    match timeout(limit, leases.time_to_live(lease, None)).await {
+        Ok(Ok(answer)) => Some(answer.ttl()),
+        Ok(Err(error)) => {
+            tracing::debug!(lease = format!("{lease:x}"), %error, "lease time-to-live failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Revoke `lease` (a predecessor's) as soon as etcd's own clock says it expired; resolves when
+/// the lease is gone. Errors only delay it: the watch on the predecessor's key stays the way
+/// the waiter learns of the deletion.
+///
+/// etcd revokes expired leases lazily (its lessor looks every 500 ms), so a crashed leader's
+/// key can outlive its TTL by half a second. A waiter asks for the remaining TTL instead, which
+/// etcd reports in whole seconds, rounded towards zero:
+///
+/// - `v >= 2`: the lease cannot reach its last second for `v - 1` s: sleep that long. With the
+///   holder renewing every third of the TTL, that is a few requests per minute.
+/// - `v == 1`: ask every [`EXPIRY_POLL`], to see the moment it turns 0.
+/// - The first `0`, received at `d`: the lease had less than 1 s left when etcd answered, so
+///   unless renewed it expires before `d + 1 s`. Keep asking every [`EXPIRY_POLL`]: a renewal
+///   restores at least 2 s, so any answer `>= 1` is one (start over), and a gap of more than
+///   [`EXPIRY_MAX_GAP`] between answers could hide one (start over too).
+/// - A `0` to a request sent after `d + 1 s +` [`EXPIRY_MARGIN`] proves the lease expired on
+///   etcd's clock with no renewal. etcd never renews an expired lease again (its `Renew` waits
+///   for the revocation), so revoking it takes nothing from a live holder: it does now what
+///   etcd's lessor would do within 500 ms. The holder itself stopped leading earlier still: it
+///   steps down at its renew deadline, before the TTL counted from its last renewal.
+async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duration) {
+    if lease == 0 {
+        // A key without a lease (written by hand): nothing expires.
+        return std::future::pending().await;
+    }
+    let name = format!("{lease:x}");
+    'watch: loop {
+        // Until the lease is in its last second.
+        let (mut asked, expires_by) = loop {
+            let sent = Instant::now();
+            match remaining(&mut leases, lease, limit).await {
+                None => tokio::time::sleep(EXPIRY_RETRY).await,
+                Some(v) if v < 0 => break 'watch,
+                Some(0) => {
+                    break (
+                        sent,
+                        Instant::now() + Duration::from_secs(1) + EXPIRY_MARGIN,
+                    );
+                }
+                Some(1) => tokio::time::sleep(EXPIRY_POLL).await,
+                Some(v) => tokio::time::sleep(Duration::from_secs(v as u64 - 1)).await,
+            }
+        };
+        loop {
+            sleep_until(expires_by.min(Instant::now() + EXPIRY_POLL)).await;
+            let sent = Instant::now();
+            let answer = remaining(&mut leases, lease, limit).await;
+            if Instant::now() - asked > EXPIRY_MAX_GAP {
+                continue 'watch;
+            }
+            match answer {
+                Some(0) if sent >= expires_by => break 'watch,
+                Some(0) => asked = sent,
+                Some(v) if v < 0 => break 'watch,
+                // Renewed, or no answer: the holder may be alive.
+                _ => continue 'watch,
+            }
+        }
+    }
+    // Expired on etcd's clock (or already gone, when revoking again does nothing).
+    match timeout(limit, leases.revoke(lease)).await {
+        Ok(Ok(_)) => tracing::info!(
+            lease = name,
+            "the predecessor's session lease expired; revoked it without waiting for etcd"
+        ),
+        Ok(Err(error)) => tracing::debug!(lease = name, %error, "revoking an expired lease"),
+        Err(_) => tracing::debug!(lease = name, "revoking an expired lease timed out"),
+    }
+}
+
 #[async_trait]
 impl Candidate for EtcdCandidate {
     async fn acquire(&mut self, last_seen: &Observation) -> Result<Acquired, StoreError> {
@@ -1057,14 +1153,23 @@ impl Candidate for EtcdCandidate {
                     keys.push(text(leader.key()));
                 }
                 let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-                self.wait(
+                let expiry = revoke_when_expired(
+                    self.client.lease_client(),
+                    predecessor.lease(),
+                    self.request_timeout,
+                );
+                let waited = self.wait(
                     view.revision,
                     WaitFor {
                         keys,
                         new_key_in: None,
                     },
-                )
-                .await?;
+                );
+                tokio::select! {
+                    waited = waited => waited?,
+                    // Revoked (or found gone): the watch reports the deletion; read again.
+                    () = expiry => {}
+                }
                 continue;
             }
             if reserved_for_other {
