@@ -614,3 +614,89 @@ async fn a_leader_whose_key_is_deleted_by_hand_steps_down_at_once() {
     })
     .await;
 }
+
+/// The waiter that revokes its predecessor's expired lease (instead of waiting for etcd's lazy
+/// lessor) must never take a live one: with the shortest lease (2 s, which its holder keeps in
+/// its last second all the time), the standby watches for three lease durations and never
+/// leads. Then the leader is paused (SIGSTOP) past its lease: the standby takes over, and the
+/// paused leader's worker had stopped (its `valid_for` ran out) before the new one started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_revokes_only_an_expired_lease() {
+    let etcd = Etcd::start();
+    let endpoint = etcd.endpoint();
+    let args = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoint.as_str(),
+        "--election",
+        "expiry",
+        "--lease-duration",
+        "2s",
+        "--renew-deadline",
+        "1500ms",
+        "--retry-period",
+        "300ms",
+    ];
+    let a = Daemon::start("a", &args);
+    let first = a.wait_role("expiry", Role::Leader).await;
+    let b = Daemon::start("b", &args);
+    b.wait_role("expiry", Role::Follower).await;
+    let wa = timer_worker(&a, "expiry", "50ms");
+    let wb = timer_worker(&b, "expiry", "50ms");
+    wa.stdout
+        .wait_for("a's worker started", |l| l.starts_with("started"));
+
+    let client = b.client().await;
+    let mut events = Box::pin(client.watch("expiry"));
+    let watched = tokio::time::timeout(Duration::from_secs(6), async {
+        while let Some(event) = events.next().await {
+            if let WatchEvent::State(state) = event {
+                assert_ne!(
+                    state.role,
+                    Role::Leader,
+                    "b leads while a renews its lease: {state:?}"
+                );
+            }
+        }
+    })
+    .await;
+    assert!(watched.is_err(), "b's event stream ended early");
+    let still = a.client().await.get("expiry").await.expect("a's state");
+    assert_eq!(
+        (still.role, still.term),
+        (Role::Leader, first.term),
+        "a kept leading in its first term"
+    );
+    assert!(
+        stamps(&wa, "stopped").is_empty(),
+        "a's worker never stopped"
+    );
+
+    a.proc.signal(Signal::SIGSTOP);
+    let led = b.wait_role("expiry", Role::Leader).await;
+    assert!(led.term > first.term);
+    let new_start = wb
+        .stdout
+        .wait_for("b's worker started", |l| l.starts_with("started"));
+    let new_start: i128 = field(&new_start, "mono").unwrap().parse().unwrap();
+    let old_stop = stamps(&wa, "stopped");
+    assert_eq!(
+        old_stop.len(),
+        1,
+        "a's worker stopped once: {:?}",
+        wa.stdout.all()
+    );
+    assert!(
+        old_stop[0] < new_start,
+        "the paused leader's worker stopped at {} but b's started at {new_start}",
+        old_stop[0]
+    );
+    assert!(
+        stamps(&wa, "Clustered route")
+            .iter()
+            .all(|t| *t < new_start),
+        "a tick of the paused leader's worker after b's worker started"
+    );
+    a.proc.signal(Signal::SIGCONT);
+}

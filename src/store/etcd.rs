@@ -1001,8 +1001,12 @@ impl EtcdCandidate {
     }
 }
 
-/// While a lease is in its last second, how often a waiter asks for it.
+/// While a lease is in its last second, how often a waiter asks for it: the precision of the
+/// take-over after a crash.
 const EXPIRY_POLL: Duration = Duration::from_millis(20);
+/// The same for a lease of 2 s, which its holder keeps in its last second all the time (it
+/// renews every 0.67 s): fewer requests, a coarser take-over.
+const EXPIRY_POLL_SHORT_TTL: Duration = Duration::from_millis(100);
 /// Allowance for etcd's clock and ours running at different rates over that last second.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(5);
 /// The longest gap between two answers about a lease in its last second: a renewal restores a
@@ -1012,10 +1016,11 @@ const EXPIRY_MAX_GAP: Duration = Duration::from_secs(1);
 const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
 /// The remaining TTL of `lease` in whole seconds, rounded towards zero as etcd reports it
-/// (negative: gone, or expired a second ago); `None` if etcd did not answer.
-async fn remaining(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Option<i64> {
+/// (negative: gone, or expired a second ago), and the TTL it was granted; `None` if etcd did
+/// not answer.
+async fn remaining(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Option<(i64, i64)> {
     match timeout(limit, leases.time_to_live(lease, None)).await {
-        Ok(Ok(answer)) => Some(answer.ttl()),
+        Ok(Ok(answer)) => Some((answer.ttl(), answer.granted_ttl())),
         Ok(Err(error)) => {
             tracing::debug!(lease = format!("{lease:x}"), %error, "lease time-to-live failed");
             None
@@ -1034,7 +1039,8 @@ async fn remaining(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Opt
 ///
 /// - `v >= 2`: the lease cannot reach its last second for `v - 1` s: sleep that long. With the
 ///   holder renewing every third of the TTL, that is a few requests per minute.
-/// - `v == 1`: ask every [`EXPIRY_POLL`], to see the moment it turns 0.
+/// - `v == 1`: ask every [`EXPIRY_POLL`] ([`EXPIRY_POLL_SHORT_TTL`] for a TTL of 2 s), to see
+///   the moment it turns 0.
 /// - The first `0`, received at `d`: the lease had less than 1 s left when etcd answered, so
 ///   unless renewed it expires before `d + 1 s`. Keep asking every [`EXPIRY_POLL`]: a renewal
 ///   restores at least 2 s, so any answer `>= 1` is one (start over), and a gap of more than
@@ -1056,15 +1062,18 @@ async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duratio
             let sent = Instant::now();
             match remaining(&mut leases, lease, limit).await {
                 None => tokio::time::sleep(EXPIRY_RETRY).await,
-                Some(v) if v < 0 => break 'watch,
-                Some(0) => {
+                Some((v, _)) if v < 0 => break 'watch,
+                Some((0, _)) => {
                     break (
                         sent,
                         Instant::now() + Duration::from_secs(1) + EXPIRY_MARGIN,
                     );
                 }
-                Some(1) => tokio::time::sleep(EXPIRY_POLL).await,
-                Some(v) => tokio::time::sleep(Duration::from_secs(v as u64 - 1)).await,
+                Some((1, granted)) if granted <= 2 => {
+                    tokio::time::sleep(EXPIRY_POLL_SHORT_TTL).await
+                }
+                Some((1, _)) => tokio::time::sleep(EXPIRY_POLL).await,
+                Some((v, _)) => tokio::time::sleep(Duration::from_secs(v as u64 - 1)).await,
             }
         };
         loop {
@@ -1074,7 +1083,7 @@ async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duratio
             if Instant::now() - asked > EXPIRY_MAX_GAP {
                 continue 'watch;
             }
-            match answer {
+            match answer.map(|(v, _)| v) {
                 Some(0) if sent >= expires_by => break 'watch,
                 Some(0) => asked = sent,
                 Some(v) if v < 0 => break 'watch,
