@@ -800,7 +800,24 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.timing, Timing::default());
         assert!(!config.identity.is_empty());
-        assert!(matches!(config.store, StoreConfig::File { .. }));
+        assert!(matches!(
+            config.store,
+            StoreConfig::File { crash_grace, .. } if crash_grace == Duration::from_millis(25)
+        ));
+    }
+
+    #[test]
+    fn crash_grace_is_a_duration_flag() {
+        let config = run(&["--crash-grace", "200ms"]).unwrap();
+        assert!(matches!(
+            config.store,
+            StoreConfig::File { crash_grace, .. } if crash_grace == Duration::from_millis(200)
+        ));
+        assert!(
+            run(&["--crash-grace", "soon"])
+                .unwrap_err()
+                .contains("--crash-grace")
+        );
     }
 
     #[test]
