@@ -48,6 +48,8 @@ use tokio::{
 /// by default), so that nothing of this term can land after the daemon released. What is not
 /// delivered by then is purged (lost, never late).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+/// A flush looks this often whether its hand-over turned abrupt (the daemon was lost).
+const FLUSH_SLICE: Duration = Duration::from_millis(50);
 
 fn mono() -> i128 {
     clock_gettime(ClockId::CLOCK_MONOTONIC)
@@ -177,10 +179,12 @@ impl Sink {
     }
 
     /// The end of the term. On a hand-over: flush, or commit the open transaction (abort it if
-    /// that fails). On an abrupt end: drop what is not yet out.
-    fn finish(self, ending: Ending) -> Result<(), KafkaError> {
+    /// that fails). On an abrupt end, or when the hand-over turns abrupt while flushing: drop
+    /// what is not yet out.
+    fn finish(self, lease: &Lease) -> Result<(), KafkaError> {
+        let abrupt = || lease.ending() != Some(Ending::HandOver);
         tokio::task::block_in_place(|| {
-            if ending == Ending::Abrupt {
+            if abrupt() {
                 if self.transactional {
                     return self.producer.abort_transaction(FLUSH_TIMEOUT);
                 }
@@ -189,7 +193,16 @@ impl Sink {
                 return Ok(());
             }
             if !self.transactional {
-                return self.producer.flush(FLUSH_TIMEOUT).inspect_err(|_| {
+                // In slices, looking again between them.
+                let give_up = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+                let flushed = loop {
+                    match self.producer.flush(FLUSH_SLICE) {
+                        Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                            if !abrupt() && tokio::time::Instant::now() < give_up => {}
+                        outcome => break outcome,
+                    }
+                };
+                return flushed.inspect_err(|_| {
                     self.producer
                         .purge(PurgeConfig::default().queue().inflight());
                 });
@@ -278,10 +291,10 @@ async fn bridge(lease: Lease, shared: FutureProducer, args: Args) {
         }
     }
     // The feed connection is closed (dropped above); now make what was read durable, or drop it.
-    let ending = lease.ending().unwrap_or(Ending::Abrupt);
-    if let Err(e) = sink.finish(ending) {
-        eprintln!("kafka_bridge: {ending} end of term {term} failed: {e}");
+    if let Err(e) = sink.finish(&lease) {
+        eprintln!("kafka_bridge: the end of term {term} failed: {e}");
     }
+    let ending = lease.ending().unwrap_or(Ending::Abrupt);
     println!(
         "stopped term={term} ending={ending} published={published} mono={}",
         mono()

@@ -22,9 +22,13 @@
 //! [`Client::watch`] is the same stream as typed events, for anything else.
 
 use std::{
+    collections::VecDeque,
     future::Future,
-    pin::pin,
-    sync::{Arc, OnceLock},
+    pin::{Pin, pin},
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -571,7 +575,7 @@ pub struct Lease {
     election: String,
     term: u64,
     token: CancellationToken,
-    ending: Arc<OnceLock<Ending>>,
+    ending: Arc<AtomicU8>,
 }
 
 impl Lease {
@@ -601,13 +605,22 @@ impl Lease {
     }
 
     /// How the work must stop: `None` while it may go on; set before the token is cancelled.
+    /// A hand-over can still turn abrupt while the work finishes (the daemon is lost meanwhile):
+    /// work that takes long to finish should look again between steps.
     pub fn ending(&self) -> Option<Ending> {
-        self.ending.get().copied().or_else(|| {
+        match self.ending.load(Ordering::Acquire) {
+            HAND_OVER => Some(Ending::HandOver),
+            ABRUPT => Some(Ending::Abrupt),
             // Cancelled through a clone of the token: nothing promised, so the safe way.
-            self.token.is_cancelled().then_some(Ending::Abrupt)
-        })
+            _ => self.token.is_cancelled().then_some(Ending::Abrupt),
+        }
     }
 }
+
+/// [`Ending`] in an atomic: not ending yet, hand-over, abrupt (which only grows).
+const GOING_ON: u8 = 0;
+const HAND_OVER: u8 = 1;
+const ABRUPT: u8 = 2;
 
 /// How long a call to the daemon may take outside a running term.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -619,13 +632,18 @@ struct Running {
     term: u64,
     valid_until: Instant,
     token: CancellationToken,
-    ending: Arc<OnceLock<Ending>>,
+    ending: Arc<AtomicU8>,
     task: AbortOnDropHandle<()>,
 }
 
 impl Running {
+    /// Cancel the work with `ending`; an abrupt ending overrides a hand-over, never the reverse.
     fn cancel(&self, ending: Ending) {
-        let _ = self.ending.set(ending);
+        let code = match ending {
+            Ending::HandOver => HAND_OVER,
+            Ending::Abrupt => ABRUPT,
+        };
+        self.ending.fetch_max(code, Ordering::AcqRel);
         self.token.cancel();
     }
 }
@@ -650,6 +668,21 @@ async fn changed(ready: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
     }
 }
 
+/// The daemon's events, and those that arrived while a stop was under way (handled after it).
+struct Inbox<S> {
+    events: Pin<Box<S>>,
+    held: VecDeque<WatchEvent>,
+}
+
+impl<S: Stream<Item = WatchEvent>> Inbox<S> {
+    async fn next(&mut self) -> Option<WatchEvent> {
+        match self.held.pop_front() {
+            Some(event) => Some(event),
+            None => self.events.next().await,
+        }
+    }
+}
+
 /// The loop behind [`Client::run_while_leader`].
 struct Follower<'a, F> {
     client: &'a Client,
@@ -669,13 +702,16 @@ where
     F: FnMut(Lease) -> Fut + Send,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    async fn run(
+    async fn run<S: Stream<Item = WatchEvent> + Send>(
         mut self,
-        events: impl Stream<Item = WatchEvent> + Send + 'static,
+        events: S,
         mut ready: Option<watch::Receiver<bool>>,
         until: impl Future<Output = ()>,
     ) -> Result<(), ClientError> {
-        let mut events = Box::pin(events);
+        let inbox = &mut Inbox {
+            events: Box::pin(events),
+            held: VecDeque::new(),
+        };
         let mut until = pin!(until);
         // Declare readiness again once each new stream is registered: a declaration made
         // between connecting and registering would be lost.
@@ -685,10 +721,10 @@ where
             tokio::select! {
                 biased;
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    self.stop("valid_for ran out with no new event", Ending::Abrupt).await;
+                    self.stop("valid_for ran out with no new event", Ending::Abrupt, inbox).await;
                 }
                 () = &mut until => {
-                    self.stop("the worker is shutting down", Ending::HandOver).await;
+                    self.stop("the worker is shutting down", Ending::HandOver, inbox).await;
                     if ready.is_some() {
                         self.declare_ready(false).await;
                     }
@@ -704,7 +740,7 @@ where
                     self.acknowledge(term).await;
                     self.resign(term).await;
                 }
-                event = events.next() => match event {
+                event = inbox.next() => match event {
                     Some(WatchEvent::State(state)) => {
                         if std::mem::take(&mut fresh_stream)
                             && let Some(rx) = &ready
@@ -712,19 +748,19 @@ where
                             let now_ready = *rx.borrow();
                             self.declare_ready(now_ready).await;
                         }
-                        self.on_state(state).await;
+                        self.on_state(state, inbox).await;
                     }
                     Some(WatchEvent::Disconnected(error)) => {
                         fresh_stream = true;
                         if error.code() == Some(tonic::Code::NotFound) {
-                            self.stop("election unknown to the daemon", Ending::Abrupt).await;
+                            self.stop("election unknown to the daemon", Ending::Abrupt, inbox).await;
                             return Err(error);
                         }
                         tracing::warn!(election = self.election, %error, "lost the daemon; stopping work");
-                        self.stop("stream to the daemon lost", Ending::Abrupt).await;
+                        self.stop("stream to the daemon lost", Ending::Abrupt, inbox).await;
                     }
                     None => {
-                        self.stop("stream ended", Ending::Abrupt).await;
+                        self.stop("stream ended", Ending::Abrupt, inbox).await;
                         return Err(ClientError::StreamEnded);
                     }
                 },
@@ -733,7 +769,11 @@ where
         }
     }
 
-    async fn on_state(&mut self, state: LeaderState) {
+    async fn on_state<S: Stream<Item = WatchEvent>>(
+        &mut self,
+        state: LeaderState,
+        inbox: &mut Inbox<S>,
+    ) {
         let now = Instant::now();
         if !state.leads_at(now) {
             if let Some(running) = &self.running {
@@ -750,6 +790,7 @@ where
                 self.stop(
                     &format!("daemon reports {:?}: {}", state.role, state.reason),
                     ending,
+                    inbox,
                 )
                 .await;
             }
@@ -765,7 +806,7 @@ where
                 self.resign(state.term).await;
             }
             _ => {
-                self.stop("a new term began", Ending::Abrupt).await;
+                self.stop("a new term began", Ending::Abrupt, inbox).await;
                 self.start(state.term, valid_until);
             }
         }
@@ -774,7 +815,7 @@ where
     fn start(&mut self, term: u64, valid_until: Instant) {
         tracing::info!(election = self.election, term, "leading: starting work");
         let token = CancellationToken::new();
-        let ending = Arc::new(OnceLock::new());
+        let ending = Arc::new(AtomicU8::new(GOING_ON));
         let lease = Lease {
             election: self.election.to_owned(),
             term,
@@ -791,13 +832,36 @@ where
         });
     }
 
-    /// Cancel the running work, wait for it to return, and confirm the stop.
-    async fn stop(&mut self, why: &str, ending: Ending) {
+    /// Cancel the running work, wait for it to return, and confirm the stop. While a hand-over
+    /// finishes, the events are still read (and kept for later): if the daemon is lost
+    /// meanwhile, the leadership may pass on before the work returns, so the hand-over turns
+    /// abrupt.
+    async fn stop<S: Stream<Item = WatchEvent>>(
+        &mut self,
+        why: &str,
+        ending: Ending,
+        inbox: &mut Inbox<S>,
+    ) {
         let Some(mut running) = self.running.take() else {
             return;
         };
         running.cancel(ending);
-        if let Err(e) = (&mut running.task).await {
+        let mut ending = ending;
+        let finished = loop {
+            tokio::select! {
+                finished = &mut running.task => break finished,
+                event = inbox.events.next(), if ending == Ending::HandOver => {
+                    if !matches!(event, Some(WatchEvent::State(_))) {
+                        tracing::warn!(election = self.election, term = running.term,
+                            "lost the daemon while the work was finishing: abrupt now");
+                        ending = Ending::Abrupt;
+                        running.cancel(ending);
+                    }
+                    inbox.held.extend(event);
+                }
+            }
+        };
+        if let Err(e) = finished {
             tracing::error!(election = self.election, term = running.term, error = %e, "work panicked");
         }
         tracing::info!(

@@ -3,9 +3,12 @@
 
 mod common;
 
-use baton::client::Role;
+use std::time::Duration;
+
+use baton::client::{Ending, Role};
 use common::{Daemon, field, lock_dir, stamps, timer_worker};
 use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
 
 fn term_of(line: &str) -> u64 {
     field(line, "term")
@@ -141,4 +144,49 @@ async fn a_paused_daemon_never_leaves_its_worker_running() {
     // Resumed, the daemon still holds the lock and leads again; the worker restarts.
     w.stdout
         .wait_count("a restart after SIGCONT", 2, |l| l.starts_with("started"));
+}
+
+/// A worker that takes long to finish a hand-over (a slow flush) is told when the hand-over
+/// turns abrupt: its daemon dies meanwhile, so the leadership may pass on before it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_turns_abrupt_when_the_daemon_dies_meanwhile() {
+    let dir = lock_dir();
+    let lock = dir.path().to_str().unwrap();
+    let mut a = Daemon::start("a", &["--lock-dir", lock, "--drain-timeout", "10s"]);
+    a.wait_role("default", Role::Leader).await;
+    let client = a.client().await;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let worker = tokio::spawn(async move {
+        client
+            .run_while_leader("default", move |lease| {
+                let seen = seen_tx.clone();
+                async move {
+                    let _ = seen.send(("started", None));
+                    lease.cancelled().await;
+                    let _ = seen.send(("cancelled", lease.ending()));
+                    // A slow finish that looks again between its steps.
+                    for _ in 0..2000 {
+                        if lease.ending() == Some(Ending::Abrupt) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    let _ = seen.send(("finished", lease.ending()));
+                }
+            })
+            .await
+    });
+    let mut next = async || {
+        tokio::time::timeout(common::SOON, seen.recv())
+            .await
+            .expect("the worker's next step in time")
+            .expect("the worker runs")
+    };
+    assert_eq!(next().await, ("started", None));
+    a.proc.signal(Signal::SIGTERM);
+    assert_eq!(next().await, ("cancelled", Some(Ending::HandOver)));
+    a.proc.signal(Signal::SIGKILL);
+    a.proc.wait();
+    assert_eq!(next().await, ("finished", Some(Ending::Abrupt)));
+    worker.abort();
 }
