@@ -668,6 +668,15 @@ async fn changed(ready: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
     }
 }
 
+/// How a stop asks the work to finish.
+#[derive(Debug, Clone, Copy)]
+enum Finish {
+    /// The daemon keeps the holding until `until` (or longer, as its events say).
+    HandOver { until: Instant },
+    /// The leadership may be elsewhere already.
+    Abrupt,
+}
+
 /// The daemon's events, and those that arrived while a stop was under way (handled after it).
 struct Inbox<S> {
     events: Pin<Box<S>>,
@@ -721,10 +730,12 @@ where
             tokio::select! {
                 biased;
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    self.stop("valid_for ran out with no new event", Ending::Abrupt, inbox).await;
+                    self.stop("valid_for ran out with no new event", Finish::Abrupt, inbox).await;
                 }
                 () = &mut until => {
-                    self.stop("the worker is shutting down", Ending::HandOver, inbox).await;
+                    // The daemon still leads: the term's validity bounds the hand-over.
+                    let until = self.running.as_ref().map_or_else(Instant::now, |r| r.valid_until);
+                    self.stop("the worker is shutting down", Finish::HandOver { until }, inbox).await;
                     if ready.is_some() {
                         self.declare_ready(false).await;
                     }
@@ -753,14 +764,14 @@ where
                     Some(WatchEvent::Disconnected(error)) => {
                         fresh_stream = true;
                         if error.code() == Some(tonic::Code::NotFound) {
-                            self.stop("election unknown to the daemon", Ending::Abrupt, inbox).await;
+                            self.stop("election unknown to the daemon", Finish::Abrupt, inbox).await;
                             return Err(error);
                         }
                         tracing::warn!(election = self.election, %error, "lost the daemon; stopping work");
-                        self.stop("stream to the daemon lost", Ending::Abrupt, inbox).await;
+                        self.stop("stream to the daemon lost", Finish::Abrupt, inbox).await;
                     }
                     None => {
-                        self.stop("stream ended", Ending::Abrupt, inbox).await;
+                        self.stop("stream ended", Finish::Abrupt, inbox).await;
                         return Err(ClientError::StreamEnded);
                     }
                 },
@@ -777,19 +788,17 @@ where
         let now = Instant::now();
         if !state.leads_at(now) {
             if let Some(running) = &self.running {
-                // Stepping down: the daemon keeps the holding of this very term until its
-                // workers confirm (it reports itself as the leader while not leading).
-                let stepping_down = state.role != Role::Leader
-                    && state.term == running.term
-                    && state.leader.as_deref() == Some(state.identity.as_str());
-                let ending = if stepping_down {
-                    Ending::HandOver
-                } else {
-                    Ending::Abrupt
+                // Stepping down, the daemon keeps this term's holding for a while (the event's
+                // validity) for its workers to finish; anything else may be elsewhere already.
+                let finish = match state.valid_until {
+                    Some(until) if state.term == running.term && until > now => {
+                        Finish::HandOver { until }
+                    }
+                    _ => Finish::Abrupt,
                 };
                 self.stop(
                     &format!("daemon reports {:?}: {}", state.role, state.reason),
-                    ending,
+                    finish,
                     inbox,
                 )
                 .await;
@@ -806,7 +815,7 @@ where
                 self.resign(state.term).await;
             }
             _ => {
-                self.stop("a new term began", Ending::Abrupt, inbox).await;
+                self.stop("a new term began", Finish::Abrupt, inbox).await;
                 self.start(state.term, valid_until);
             }
         }
@@ -839,27 +848,61 @@ where
     async fn stop<S: Stream<Item = WatchEvent>>(
         &mut self,
         why: &str,
-        ending: Ending,
+        finish: Finish,
         inbox: &mut Inbox<S>,
     ) {
         let Some(mut running) = self.running.take() else {
             return;
         };
-        running.cancel(ending);
-        let mut ending = ending;
-        let finished = loop {
-            tokio::select! {
-                finished = &mut running.task => break finished,
-                event = inbox.events.next(), if ending == Ending::HandOver => {
-                    if !matches!(event, Some(WatchEvent::State(_))) {
-                        tracing::warn!(election = self.election, term = running.term,
-                            "lost the daemon while the work was finishing: abrupt now");
-                        ending = Ending::Abrupt;
-                        running.cancel(ending);
-                    }
-                    inbox.held.extend(event);
-                }
+        // A hand-over lasts while the daemon keeps the holding: until `kept_until`, moved on
+        // by every event of this term that carries a validity.
+        let mut kept_until = match finish {
+            Finish::HandOver { until } => {
+                running.cancel(Ending::HandOver);
+                Some(until)
             }
+            Finish::Abrupt => {
+                running.cancel(Ending::Abrupt);
+                None
+            }
+        };
+        let finished = loop {
+            let turned = tokio::select! {
+                biased;
+                finished = &mut running.task => break finished,
+                _ = sleep_until(kept_until.unwrap_or_else(Instant::now)), if kept_until.is_some() => {
+                    "the daemon's hold for the hand-over ran out"
+                }
+                event = inbox.events.next(), if kept_until.is_some() => {
+                    let kept = match &event {
+                        Some(WatchEvent::State(state)) if state.term == running.term => {
+                            state.valid_until
+                        }
+                        _ => None,
+                    };
+                    inbox.held.extend(event);
+                    match kept {
+                        Some(until) => {
+                            kept_until = Some(until);
+                            continue;
+                        }
+                        None => "the daemon no longer holds the term",
+                    }
+                }
+            };
+            tracing::warn!(
+                election = self.election,
+                term = running.term,
+                turned,
+                "the hand-over turned abrupt while the work was finishing"
+            );
+            kept_until = None;
+            running.cancel(Ending::Abrupt);
+        };
+        let ending = if kept_until.is_some() {
+            Ending::HandOver
+        } else {
+            Ending::Abrupt
         };
         if let Err(e) = finished {
             tracing::error!(election = self.election, term = running.term, error = %e, "work panicked");

@@ -146,13 +146,28 @@ async fn a_paused_daemon_never_leaves_its_worker_running() {
         .wait_count("a restart after SIGCONT", 2, |l| l.starts_with("started"));
 }
 
-/// A worker that takes long to finish a hand-over (a slow flush) is told when the hand-over
-/// turns abrupt: its daemon dies meanwhile, so the leadership may pass on before it returns.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hand_over_turns_abrupt_when_the_daemon_dies_meanwhile() {
+/// A worker that takes long to finish a hand-over (a slow flush, looking again between its
+/// steps) while its daemon, stepping down after SIGTERM, suffers `fault`: the hand-over must
+/// turn abrupt, because the leadership may pass on before the worker returns.
+async fn hand_over_interrupted_by(fault: Signal) {
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap();
-    let mut a = Daemon::start("a", &["--lock-dir", lock, "--drain-timeout", "10s"]);
+    // Short timings: a paused daemon's hold on the term runs out within the renew deadline.
+    let mut a = Daemon::start(
+        "a",
+        &[
+            "--lock-dir",
+            lock,
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "500ms",
+            "--drain-timeout",
+            "10s",
+        ],
+    );
     a.wait_role("default", Role::Leader).await;
     let client = a.client().await;
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
@@ -164,8 +179,9 @@ async fn a_hand_over_turns_abrupt_when_the_daemon_dies_meanwhile() {
                     let _ = seen.send(("started", None));
                     lease.cancelled().await;
                     let _ = seen.send(("cancelled", lease.ending()));
-                    // A slow finish that looks again between its steps.
-                    for _ in 0..2000 {
+                    // At most 8 s: less than the client's HTTP/2 keep-alive takes to notice a
+                    // paused daemon (10 s + 5 s), so only the hold can end it in time.
+                    for _ in 0..1600 {
                         if lease.ending() == Some(Ending::Abrupt) {
                             break;
                         }
@@ -185,8 +201,22 @@ async fn a_hand_over_turns_abrupt_when_the_daemon_dies_meanwhile() {
     assert_eq!(next().await, ("started", None));
     a.proc.signal(Signal::SIGTERM);
     assert_eq!(next().await, ("cancelled", Some(Ending::HandOver)));
-    a.proc.signal(Signal::SIGKILL);
-    a.proc.wait();
-    assert_eq!(next().await, ("finished", Some(Ending::Abrupt)));
+    a.proc.signal(fault);
+    assert_eq!(
+        next().await,
+        ("finished", Some(Ending::Abrupt)),
+        "after {fault} of the stepping-down daemon"
+    );
     worker.abort();
+    a.proc.signal(Signal::SIGCONT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_turns_abrupt_when_the_daemon_dies_meanwhile() {
+    hand_over_interrupted_by(Signal::SIGKILL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_turns_abrupt_when_the_paused_daemons_hold_runs_out() {
+    hand_over_interrupted_by(Signal::SIGSTOP).await;
 }

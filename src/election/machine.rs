@@ -96,7 +96,8 @@ pub struct View {
     pub leader: Option<String>,
     /// The term of the current holding (0 if unknown).
     pub term: u64,
-    /// Leader only: until when this replica certainly leads.
+    /// Leader: until when this replica certainly leads. Stepping down: until when it keeps the
+    /// holding for its workers to finish. Otherwise none.
     pub valid_until: Option<Instant>,
     /// Why the replica is in this role.
     pub reason: Reason,
@@ -355,11 +356,15 @@ impl Machine {
                 Some(lease.valid_until(&self.timing)),
                 Reason::Leading,
             ),
-            Phase::SteppingDown { lease, .. } => (
+            Phase::SteppingDown {
+                lease, drain_until, ..
+            } => (
                 Role::Follower,
                 Some(identity.to_owned()),
                 lease.term,
-                None,
+                // How long the holding is kept for the workers to finish: their hand-over ends
+                // there at the latest.
+                Some(lease.valid_until(&self.timing).min(*drain_until)),
                 Reason::SteppingDown,
             ),
             Phase::Stopped => (Role::Follower, None, 0, None, Reason::ShuttingDown),
@@ -684,6 +689,11 @@ mod tests {
         let v = m.view("me");
         assert_eq!(v.role, Role::Follower, "the loss is announced first");
         assert_eq!(v.reason, Reason::SteppingDown);
+        assert_eq!(
+            v.valid_until,
+            Some(now + secs(5)),
+            "the holding is kept for the workers until the drain timeout"
+        );
         assert_eq!(
             m.activity(),
             Activity::Renew,
