@@ -153,7 +153,7 @@ async fn hand_over_interrupted_by(fault: Signal) {
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap();
     // Short timings: a paused daemon's hold on the term runs out within the renew deadline.
-    let mut a = Daemon::start(
+    let a = Daemon::start(
         "a",
         &[
             "--lock-dir",
