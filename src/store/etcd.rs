@@ -1015,12 +1015,25 @@ const EXPIRY_MAX_GAP: Duration = Duration::from_secs(1);
 /// Pause after a failed request about the predecessor's lease.
 const EXPIRY_RETRY: Duration = Duration::from_secs(1);
 
-/// The remaining TTL of `lease` in whole seconds, rounded towards zero as etcd reports it
-/// (negative: gone, or expired a second ago), and the TTL it was granted; `None` if etcd did
-/// not answer.
-async fn remaining(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Option<(i64, i64)> {
+/// What etcd said of a lease.
+struct LeaseAnswer {
+    /// The remaining TTL in whole seconds, rounded towards zero (negative: gone, or expired a
+    /// second ago).
+    remaining: i64,
+    /// The TTL it was granted.
+    granted: i64,
+    /// The raft term of the etcd leader that answered: a new etcd leader extends every lease.
+    raft_term: u64,
+}
+
+/// Ask etcd about `lease`; `None` if it did not answer.
+async fn ask(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Option<LeaseAnswer> {
     match timeout(limit, leases.time_to_live(lease, None)).await {
-        Ok(Ok(answer)) => Some((answer.ttl(), answer.granted_ttl())),
+        Ok(Ok(answer)) => Some(LeaseAnswer {
+            remaining: answer.ttl(),
+            granted: answer.granted_ttl(),
+            raft_term: answer.header().map_or(0, |h| h.raft_term()),
+        }),
         Ok(Err(error)) => {
             tracing::debug!(lease = format!("{lease:x}"), %error, "lease time-to-live failed");
             None
@@ -1046,10 +1059,17 @@ async fn remaining(leases: &mut LeaseClient, lease: i64, limit: Duration) -> Opt
 ///   restores at least 2 s, so any answer `>= 1` is one (start over), and a gap of more than
 ///   [`EXPIRY_MAX_GAP`] between answers could hide one (start over too).
 /// - A `0` to a request sent after `d + 1 s +` [`EXPIRY_MARGIN`] proves the lease expired on
-///   etcd's clock with no renewal. etcd never renews an expired lease again (its `Renew` waits
-///   for the revocation), so revoking it takes nothing from a live holder: it does now what
-///   etcd's lessor would do within 500 ms. The holder itself stopped leading earlier still: it
-///   steps down at its renew deadline, before the TTL counted from its last renewal.
+///   etcd's clock with no renewal. The etcd leader never renews an expired lease again (its
+///   `Renew` waits for the revocation), so revoking it takes nothing from a live holder: it does
+///   now what etcd's lessor would do within 500 ms.
+/// - A new etcd leader extends every lease when it takes office, expired ones included, and a
+///   holder's renewal may then succeed: every answer from `d` on must come from the same raft
+///   term, or the waiter starts over. What remains is the instant between the last answer and
+///   the revoke: an etcd leader election exactly then, and a renewal right after it, would lose
+///   that renewal's key to the revoke. A Baton holder is safe even then: it stepped down at its
+///   renew deadline, before the TTL counted from the send time of its last renewal, and does
+///   not lead on that lease again. A holder whose deadline counts from the answer (`etcdctl
+///   elect`, client-go) is exposed in that instant only.
 async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duration) {
     if lease == 0 {
         // A key without a lease (written by hand): nothing expires.
@@ -1058,35 +1078,35 @@ async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duratio
     let name = format!("{lease:x}");
     'watch: loop {
         // Until the lease is in its last second.
-        let (mut asked, expires_by) = loop {
+        let (mut asked, expires_by, raft_term) = loop {
             let sent = Instant::now();
-            match remaining(&mut leases, lease, limit).await {
-                None => tokio::time::sleep(EXPIRY_RETRY).await,
-                Some((v, _)) if v < 0 => break 'watch,
-                Some((0, _)) => {
-                    break (
-                        sent,
-                        Instant::now() + Duration::from_secs(1) + EXPIRY_MARGIN,
-                    );
+            let Some(answer) = ask(&mut leases, lease, limit).await else {
+                tokio::time::sleep(EXPIRY_RETRY).await;
+                continue;
+            };
+            match answer.remaining {
+                v if v < 0 => break 'watch,
+                0 => {
+                    let expires_by = Instant::now() + Duration::from_secs(1) + EXPIRY_MARGIN;
+                    break (sent, expires_by, answer.raft_term);
                 }
-                Some((1, granted)) if granted <= 2 => {
-                    tokio::time::sleep(EXPIRY_POLL_SHORT_TTL).await
-                }
-                Some((1, _)) => tokio::time::sleep(EXPIRY_POLL).await,
-                Some((v, _)) => tokio::time::sleep(Duration::from_secs(v as u64 - 1)).await,
+                1 if answer.granted <= 2 => tokio::time::sleep(EXPIRY_POLL_SHORT_TTL).await,
+                1 => tokio::time::sleep(EXPIRY_POLL).await,
+                v => tokio::time::sleep(Duration::from_secs(v as u64 - 1)).await,
             }
         };
         loop {
             sleep_until(expires_by.min(Instant::now() + EXPIRY_POLL)).await;
             let sent = Instant::now();
-            let answer = remaining(&mut leases, lease, limit).await;
+            let answer = ask(&mut leases, lease, limit).await;
             if Instant::now() - asked > EXPIRY_MAX_GAP {
                 continue 'watch;
             }
-            match answer.map(|(v, _)| v) {
-                Some(0) if sent >= expires_by => break 'watch,
-                Some(0) => asked = sent,
-                Some(v) if v < 0 => break 'watch,
+            match answer {
+                Some(a) if a.raft_term != raft_term => continue 'watch,
+                Some(a) if a.remaining == 0 && sent >= expires_by => break 'watch,
+                Some(a) if a.remaining == 0 => asked = sent,
+                Some(a) if a.remaining < 0 => break 'watch,
                 // Renewed, or no answer: the holder may be alive.
                 _ => continue 'watch,
             }
@@ -1098,8 +1118,15 @@ async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duratio
             lease = name,
             "the predecessor's session lease expired; revoked it without waiting for etcd"
         ),
-        Ok(Err(error)) => tracing::debug!(lease = name, %error, "revoking an expired lease"),
-        Err(_) => tracing::debug!(lease = name, "revoking an expired lease timed out"),
+        Ok(Err(error)) => {
+            // Gone already, or etcd is struggling: do not ask again at once.
+            tracing::debug!(lease = name, %error, "revoking an expired lease");
+            tokio::time::sleep(EXPIRY_RETRY).await;
+        }
+        Err(_) => {
+            tracing::debug!(lease = name, "revoking an expired lease timed out");
+            tokio::time::sleep(EXPIRY_RETRY).await;
+        }
     }
 }
 
