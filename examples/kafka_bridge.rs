@@ -180,38 +180,47 @@ impl Sink {
 
     /// The end of the term. On a hand-over: flush, or commit the open transaction (abort it if
     /// that fails). On an abrupt end, or when the hand-over turns abrupt while flushing: drop
-    /// what is not yet out.
-    fn finish(self, lease: &Lease) -> Result<(), KafkaError> {
+    /// what is not yet out. Returns how it ended.
+    fn finish(self, lease: &Lease) -> (Ending, Result<(), KafkaError>) {
         let abrupt = || lease.ending() != Some(Ending::HandOver);
         tokio::task::block_in_place(|| {
             if abrupt() {
                 if self.transactional {
-                    return self.producer.abort_transaction(FLUSH_TIMEOUT);
+                    return (
+                        Ending::Abrupt,
+                        self.producer.abort_transaction(FLUSH_TIMEOUT),
+                    );
                 }
                 self.producer
                     .purge(PurgeConfig::default().queue().inflight());
-                return Ok(());
+                return (Ending::Abrupt, Ok(()));
             }
-            if !self.transactional {
-                // In slices, looking again between them.
-                let give_up = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-                let flushed = loop {
-                    match self.producer.flush(FLUSH_SLICE) {
-                        Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
-                            if !abrupt() && tokio::time::Instant::now() < give_up => {}
-                        outcome => break outcome,
-                    }
-                };
-                return flushed.inspect_err(|_| {
-                    self.producer
-                        .purge(PurgeConfig::default().queue().inflight());
-                });
-            }
-            self.producer
-                .commit_transaction(FLUSH_TIMEOUT)
-                .inspect_err(|_| {
+            if self.transactional {
+                let committed = self.producer.commit_transaction(FLUSH_TIMEOUT);
+                if committed.is_err() {
                     let _ = self.producer.abort_transaction(FLUSH_TIMEOUT);
-                })
+                }
+                return (Ending::HandOver, committed);
+            }
+            // In slices, looking again between them.
+            let give_up = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+            loop {
+                match self.producer.flush(FLUSH_SLICE) {
+                    Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                        if !abrupt() && tokio::time::Instant::now() < give_up => {}
+                    Ok(()) => return (Ending::HandOver, Ok(())),
+                    Err(e) => {
+                        self.producer
+                            .purge(PurgeConfig::default().queue().inflight());
+                        let ending = if abrupt() {
+                            Ending::Abrupt
+                        } else {
+                            Ending::HandOver
+                        };
+                        return (ending, Err(e));
+                    }
+                }
+            }
         })
     }
 }
@@ -291,10 +300,12 @@ async fn bridge(lease: Lease, shared: FutureProducer, args: Args) {
         }
     }
     // The feed connection is closed (dropped above); now make what was read durable, or drop it.
-    if let Err(e) = sink.finish(&lease) {
-        eprintln!("kafka_bridge: the end of term {term} failed: {e}");
+    let (ending, outcome) = sink.finish(&lease);
+    if let Err(e) = outcome {
+        eprintln!(
+            "kafka_bridge: the {ending} end of term {term} failed (what was not out is dropped): {e}"
+        );
     }
-    let ending = lease.ending().unwrap_or(Ending::Abrupt);
     println!(
         "stopped term={term} ending={ending} published={published} mono={}",
         mono()

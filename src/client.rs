@@ -373,10 +373,11 @@ impl Client {
 
     /// Run `work` while this replica leads `election`, as a worker that is ready at once.
     ///
-    /// `work` gets a [`Lease`] with the term and a cancellation token; it must return promptly
-    /// once the token is cancelled (that return is what the daemon is told as "stopped"). It is
-    /// cancelled when leadership is lost, when the stream to the daemon breaks, and when the
-    /// last LEADER event's `valid_for` runs out. If `work` returns while still leading, this
+    /// `work` gets a [`Lease`] with the term and a cancellation token; once the token is
+    /// cancelled it must finish as [`Lease::ending`] says (a hand-over: complete what was started
+    /// within the daemon's hold; abrupt: drop it at once) and return, which is what the daemon
+    /// is told as "stopped". It is cancelled when leadership is lost, when the stream to the
+    /// daemon breaks, and when the last LEADER event's `valid_for` runs out. If `work` returns while still leading, this
     /// replica resigns so a standby takes over. Runs until the process ends; returns only if the
     /// election does not exist.
     ///
@@ -410,7 +411,7 @@ pub struct Worker<'a> {
     election: String,
     name: String,
     ready: Option<watch::Receiver<bool>>,
-    until: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+    until: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
 }
 
 impl<'a> Worker<'a> {
@@ -617,9 +618,11 @@ impl Lease {
     }
 }
 
-/// [`Ending`] in an atomic: not ending yet, hand-over, abrupt (which only grows).
+/// [`Ending`] in an atomic, which only grows: the work may go on.
 const GOING_ON: u8 = 0;
+/// [`Ending::HandOver`].
 const HAND_OVER: u8 = 1;
+/// [`Ending::Abrupt`].
 const ABRUPT: u8 = 2;
 
 /// How long a call to the daemon may take outside a running term.

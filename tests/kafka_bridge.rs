@@ -283,20 +283,28 @@ impl Cluster {
         panic!("no leader within {SOON:?}");
     }
 
-    /// The `ending=` of the `n`th (0-based) `stopped` line of replica `i`'s bridge or of `proc`.
-    fn ending_of_stop(bridge: &Proc, n: usize) -> String {
-        bridge
-            .stdout
-            .wait_count("of the old bridge's stop", n + 1, |l| {
-                l.starts_with("stopped")
-            });
+    /// The term `bridge` is working in now: its last `leading` line without a `stopped` line of
+    /// the same term.
+    fn working_term(bridge: &Proc) -> Option<u64> {
+        let lines = bridge.stdout.all();
+        let term_of = |l: &String| field(l, "term").and_then(|t| t.parse::<u64>().ok());
+        let term = lines
+            .iter()
+            .filter(|l| l.starts_with("leading"))
+            .filter_map(term_of)
+            .max()?;
+        let stopped = lines
+            .iter()
+            .any(|l| l.starts_with("stopped") && term_of(l) == Some(term));
+        (!stopped).then_some(term)
+    }
+
+    /// The `ending=` of `bridge`'s stop of `term`.
+    fn ending_of_stop(bridge: &Proc, term: u64) -> String {
+        let stop = format!("stopped term={term} ");
         let line = bridge
             .stdout
-            .all()
-            .into_iter()
-            .filter(|l| l.starts_with("stopped"))
-            .nth(n)
-            .unwrap();
+            .wait_for("the old bridge's stop", |l| l.starts_with(&stop));
         field(&line, "ending").expect("ending=").to_owned()
     }
 
@@ -399,15 +407,8 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
         let i = cluster.leader().await;
         // Let records flow for a moment in this term.
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
-        let stops_before = cluster.replicas[i]
-            .bridge
-            .as_ref()
-            .unwrap()
-            .stdout
-            .all()
-            .iter()
-            .filter(|l| l.starts_with("stopped"))
-            .count();
+        // The term the leader's bridge works in (none if it stepped down on its own meanwhile).
+        let working = Cluster::working_term(cluster.replicas[i].bridge.as_ref().unwrap());
         let mut old_bridge = None;
         let at = mono_now();
         println!("fault {n}: {kind:?} on {}", cluster.replicas[i].identity);
@@ -477,15 +478,15 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
             Fault::KillDaemon | Fault::StopDaemon => Some("abrupt"),
             Fault::TermBridge | Fault::TermDaemon | Fault::Resign => Some("hand-over"),
         };
-        if let Some(expected) = expected {
+        if let (Some(expected), Some(term)) = (expected, working) {
             let bridge = match old_bridge {
                 Some(k) => &retired[k],
                 None => cluster.replicas[i].bridge.as_ref().unwrap(),
             };
-            let ending = Cluster::ending_of_stop(bridge, stops_before);
+            let ending = Cluster::ending_of_stop(bridge, term);
             assert_eq!(
                 ending, expected,
-                "how the bridge ended its term after {kind:?}"
+                "how the bridge ended term {term} after {kind:?}"
             );
         }
     }
