@@ -25,6 +25,8 @@ command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
 command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
 command -v faketime >/dev/null || apt_missing+=(faketime)
+# The fault suite's network namespaces and veth pairs (tests/faults.rs; it needs root).
+command -v ip >/dev/null || apt_missing+=(iproute2)
 tools=target/test-tools
 # command:PyPI package
 pip_missing=()

@@ -33,14 +33,7 @@ fn timing() -> Timing {
     }
 }
 
-const TIMING_ARGS: [&str; 6] = [
-    "--lease-duration",
-    "3s",
-    "--renew-deadline",
-    "2s",
-    "--retry-period",
-    "500ms",
-];
+const TIMING_ARGS: [&str; 6] = common::SHORT_TIMING;
 
 /// A test double, a scratch directory for kubeconfigs.
 struct Cluster {

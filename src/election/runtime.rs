@@ -196,6 +196,10 @@ impl Runtime {
                             "store call failed"
                         );
                         not_before = Some(now + retry_in);
+                        // The machine now reports UNKNOWN: the next answer must be reported even
+                        // if the store sees what it saw before the failure, or a follower stays
+                        // UNKNOWN until the leadership next changes.
+                        last_seen = Observation::unseen();
                         if kind == ErrorKind::Invalid && self.machine.held_term().is_none() {
                             // Re-open from scratch next time: the fix may be a new file. Never
                             // while holding: dropping the seat would end the holding in secret.

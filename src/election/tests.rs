@@ -66,6 +66,30 @@ async fn one_leader_and_a_follower_that_names_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_follower_cut_off_briefly_follows_the_same_leader_again() {
+    let store = MemoryStore::new();
+    let cancel = CancellationToken::new();
+    let (a, _) = spawn(&store, "a", &cancel);
+    let first = until(&a, leads).await;
+    let (b, _) = spawn(&store, "b", &cancel);
+    until(&b, |s| s.view.role == Role::Follower).await;
+    // A store blip seen only by the follower: nothing changes in the store meanwhile.
+    store.partition("b");
+    until(&b, |s| s.view.role == Role::Unknown).await;
+    store.heal("b");
+    // Nothing changes in the store, so nothing else would wake b: it must report at once.
+    let seen = tokio::time::timeout(
+        timing().lease_duration,
+        until(&b, |s| s.view.role == Role::Follower),
+    )
+    .await
+    .expect("b follows a again after the heal, not UNKNOWN until the next change");
+    assert_eq!(seen.view.leader.as_deref(), Some("a"));
+    assert_eq!(seen.view.term, first.view.term);
+    assert!(leads(&a.current()));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_partitioned_leader_steps_down_before_its_lease_can_expire() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();

@@ -318,3 +318,14 @@ pub fn stamps(worker: &Proc, prefix: &str) -> Vec<i128> {
         })
         .collect()
 }
+
+/// Short `baton run` timings for end-to-end tests: a 3 s lease (whole seconds, as etcd and
+/// Kubernetes need), a 2 s renew deadline, a 500 ms retry period.
+pub const SHORT_TIMING: [&str; 6] = [
+    "--lease-duration",
+    "3s",
+    "--renew-deadline",
+    "2s",
+    "--retry-period",
+    "500ms",
+];

@@ -52,6 +52,10 @@ pub struct Etcd {
     peer_port: u16,
     tls: Option<ServerTls>,
     proc: Option<Proc>,
+    /// The network namespace etcd (and etcdctl) run in (`ip netns exec`), if not the test's.
+    netns: Option<String>,
+    /// The client address's host: `127.0.0.1`, or an address inside `netns`.
+    host: String,
     /// Extra etcdctl flags (TLS files, user) used by [`Etcd::etcdctl`].
     ctl_flags: Vec<String>,
 }
@@ -76,6 +80,8 @@ impl Etcd {
             peer_port: free_port(),
             tls,
             proc: None,
+            netns: None,
+            host: "127.0.0.1".to_owned(),
             ctl_flags: Vec::new(),
         };
         if let Some(tls) = &etcd.tls {
@@ -89,13 +95,44 @@ impl Etcd {
         etcd
     }
 
+    /// Start a plain-text etcd inside network namespace `netns` (as root, `ip netns exec`),
+    /// serving clients on `host:2379` (an address of that namespace), and wait until it serves.
+    /// etcdctl runs in the same namespace.
+    pub fn start_in_netns(netns: &str, host: &str) -> Etcd {
+        require_binaries();
+        let mut etcd = Etcd {
+            dir: tempfile::tempdir().expect("scratch dir"),
+            client_port: 2379,
+            peer_port: 2380,
+            tls: None,
+            proc: None,
+            netns: Some(netns.to_owned()),
+            host: host.to_owned(),
+            ctl_flags: Vec::new(),
+        };
+        etcd.run();
+        etcd
+    }
+
+    /// `program`, run in this etcd's network namespace if it has one.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, program]);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn scheme(&self) -> &'static str {
         if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme(), self.client_port)
+        format!("{}://{}:{}", self.scheme(), self.host, self.client_port)
     }
 
     /// The scratch directory (data and anything a test wants to put beside it).
@@ -106,7 +143,7 @@ impl Etcd {
     fn run(&mut self) {
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut command = Command::new("etcd");
+        let mut command = self.command("etcd");
         command
             .arg("--name=baton-test")
             .arg(format!(
@@ -174,7 +211,7 @@ impl Etcd {
 
     /// `etcdctl` against this etcd (API v3, its endpoint, TLS and user flags).
     pub fn etcdctl(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("etcdctl");
+        let mut command = self.command("etcdctl");
         command
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint()))

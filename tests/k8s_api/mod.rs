@@ -164,6 +164,16 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> Arc<Shared> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Shared {
+            inner: Mutex::new(Inner::default()),
+            events,
+            gate: Notify::new(),
+            end_watches: watch::channel(0).0,
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -176,14 +186,116 @@ pub struct ApiServer {
     /// With TLS: the PEM of the CA that signed the server's certificate.
     pub ca_pem: Option<String>,
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Where it listens (kept for [`ApiServer::start_again`]).
+    addr: SocketAddr,
+    /// The network namespace it listens in, if not the test's.
+    netns: Option<PathBuf>,
+    stop: Option<tokio::sync::oneshot::Sender<Stop>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How the server's thread ends.
+enum Stop {
+    /// Finish the requests in flight (dropping the server).
+    Graceful,
+    /// Drop every connection now (an outage).
+    Abort,
+}
+
+/// Run the API on a thread of its own (in network namespace `netns` if given), bound to `bind`;
+/// returns the bound address, the stop switch and the thread.
+fn serve(
+    shared: Arc<Shared>,
+    bind: SocketAddr,
+    netns: Option<PathBuf>,
+    tls: Option<tls::Tls>,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<Stop>,
+    std::thread::JoinHandle<()>,
+) {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
+    let thread = std::thread::spawn(move || {
+        if let Some(path) = &netns {
+            let ns = std::fs::File::open(path)
+                .unwrap_or_else(|e| panic!("open network namespace {}: {e}", path.display()));
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("enter network namespace {}: {e}", path.display()));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("test double runtime");
+        // Returning drops the runtime and with it every connection task.
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .unwrap_or_else(|e| panic!("bind test double on {bind}: {e}"));
+            addr_tx
+                .send(listener.local_addr().expect("local addr"))
+                .expect("report address");
+            let prefix = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases";
+            let app = Router::new()
+                .route(prefix, get(collection).post(collection))
+                .route(
+                    &format!("{prefix}/{{name}}"),
+                    get(item).put(item).delete(item),
+                )
+                .fallback(|| async {
+                    status(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                        json!({}),
+                    )
+                })
+                .with_state(shared);
+            let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();
+            let graceful = async {
+                let _ = graceful_rx.await;
+            };
+            let server = async move {
+                match tls {
+                    None => {
+                        let listener = listener.tap_io(|tcp| {
+                            let _ = tcp.set_nodelay(true);
+                        });
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(graceful)
+                            .await;
+                    }
+                    Some(tls) => {
+                        let listener = tls::TlsListener {
+                            tcp: listener,
+                            acceptor: tls.acceptor,
+                        };
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(graceful)
+                            .await;
+                    }
+                }
+            };
+            tokio::pin!(server);
+            tokio::select! {
+                _ = &mut server => {}
+                how = stop_rx => {
+                    if !matches!(how, Ok(Stop::Abort)) {
+                        let _ = graceful_tx.send(());
+                        server.await;
+                    }
+                }
+            }
+        });
+    });
+    let addr = addr_rx.recv().expect("test double address");
+    (addr, stop_tx, thread)
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
+            let _ = stop.send(Stop::Graceful);
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -220,76 +332,59 @@ impl ApiServer {
     fn start_with(tls: Option<tls::Tls>) -> ApiServer {
         let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let (events, _) = broadcast::channel(1024);
-        let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner::default()),
-            events,
-            gate: Notify::new(),
-            end_watches: watch::channel(0).0,
-        });
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("test double runtime");
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind test double");
-                addr_tx
-                    .send(listener.local_addr().expect("local addr"))
-                    .expect("report address");
-                let prefix = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases";
-                let app = Router::new()
-                    .route(prefix, get(collection).post(collection))
-                    .route(
-                        &format!("{prefix}/{{name}}"),
-                        get(item).put(item).delete(item),
-                    )
-                    .fallback(|| async {
-                        status(
-                            StatusCode::NOT_FOUND,
-                            "NotFound",
-                            "the server could not find the requested resource",
-                            json!({}),
-                        )
-                    })
-                    .with_state(state);
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                match tls {
-                    None => {
-                        let listener = listener.tap_io(|tcp| {
-                            let _ = tcp.set_nodelay(true);
-                        });
-                        let _ = axum::serve(listener, app)
-                            .with_graceful_shutdown(stop)
-                            .await;
-                    }
-                    Some(tls) => {
-                        let listener = tls::TlsListener {
-                            tcp: listener,
-                            acceptor: tls.acceptor,
-                        };
-                        let _ = axum::serve(listener, app)
-                            .with_graceful_shutdown(stop)
-                            .await;
-                    }
-                }
-            });
-        });
-        let addr: SocketAddr = addr_rx.recv().expect("test double address");
+        let shared = Shared::new();
+        let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (addr, stop, thread) = serve(shared.clone(), bind, None, tls);
         ApiServer {
             url: format!("{scheme}://{addr}"),
             ca_pem,
             shared,
-            stop: Some(stop_tx),
+            addr,
+            netns: None,
+            stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Start plain HTTP inside the network namespace at `netns` (`/var/run/netns/NAME`, made
+    /// with `ip netns add`; needs root), on `ip:0`, an address of that namespace. The server's
+    /// thread enters the namespace before it binds; the test's other threads stay where they are.
+    pub fn start_in_netns(netns: &Path, ip: std::net::IpAddr) -> ApiServer {
+        let shared = Shared::new();
+        let netns = Some(netns.to_owned());
+        let (addr, stop, thread) =
+            serve(shared.clone(), SocketAddr::new(ip, 0), netns.clone(), None);
+        ApiServer {
+            url: format!("http://{addr}"),
+            ca_pem: None,
+            shared,
+            addr,
+            netns,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// An outage: stop serving at once, cutting every open connection and watch, as a crashed
+    /// API server would. The Leases and the resourceVersion are kept for [`ApiServer::start_again`].
+    pub fn stop_abruptly(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(Stop::Abort);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Serve again after [`ApiServer::stop_abruptly`], on the same address (and network
+    /// namespace), with the same state. Plain HTTP only.
+    pub fn start_again(&mut self) {
+        assert!(self.thread.is_none(), "the test double is running");
+        assert!(self.ca_pem.is_none(), "start_again serves plain HTTP only");
+        let (addr, stop, thread) = serve(self.shared.clone(), self.addr, self.netns.clone(), None);
+        assert_eq!(addr, self.addr);
+        self.stop = Some(stop);
+        self.thread = Some(thread);
     }
 
     /// Let `token` act as `user` in `namespaces`.
