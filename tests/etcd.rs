@@ -132,9 +132,23 @@ async fn etcdctl_elect_and_baton_share_an_election_both_ways() {
         .stdout
         .wait_for("'baton-a' from etcdctl elect -l", |l| l == "baton-a");
 
-    // `etcdctl elect NAME x` queues behind Baton and waits.
+    // `etcdctl elect NAME x` queues behind Baton and waits. The watch starts after the current
+    // revision, so it sees x's key even if x writes it before the watch is set up.
+    let revision = etcd_client(&etcd)
+        .await
+        .get("baton/interop/", None)
+        .await
+        .expect("get")
+        .header()
+        .expect("a response header")
+        .revision();
     let watch = Proc::spawn(
-        etcd.etcdctl(&["watch", "--prefix", "baton/interop/"]),
+        etcd.etcdctl(&[
+            "watch",
+            "--prefix",
+            &format!("--rev={}", revision + 1),
+            "baton/interop/",
+        ]),
         "watch: ",
     );
     let mut x = Proc::spawn(etcd.etcdctl(&["elect", "baton/interop", "x"]), "elect x: ");
