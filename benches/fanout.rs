@@ -83,6 +83,8 @@ struct Subscribers {
     events: mpsc::UnboundedReceiver<Received>,
     sender: mpsc::UnboundedSender<Received>,
     seen: Vec<Seen>,
+    /// Events received by all subscribers so far (changes and heartbeats).
+    received: u64,
 }
 
 impl Subscribers {
@@ -96,6 +98,7 @@ impl Subscribers {
             events,
             sender,
             seen: Vec::new(),
+            received: 0,
         }
     }
 
@@ -150,6 +153,7 @@ impl Subscribers {
 
     /// Record one event; a term that goes down is a failure.
     fn record(&mut self, event: Received, since: Instant, reached: &impl Fn(&Received) -> bool) {
+        self.received += 1;
         let seen = &mut self.seen[event.subscriber];
         assert!(
             event.term >= seen.term,
@@ -350,6 +354,7 @@ async fn bench_store(
         );
         let (mut loss, mut gain) = (Figures::default(), Figures::default());
         let cpu_before = (cpu_time(Some(&a)), cpu_time(None));
+        let received_before = subscribers.received;
         for _ in 0..changes {
             // Loss: A steps down for B.
             let latencies = subscribers
@@ -391,11 +396,15 @@ async fn bench_store(
             cpu_time(Some(&a)) - cpu_before.0,
             cpu_time(None) - cpu_before.1,
         );
+        let events = subscribers.received - received_before;
         println!(
             "{store} CPU per change at N={n}: daemon A {:.1} ms, this process (subscribers) \
-             {:.1} ms (over {} changes)",
+             {:.1} ms; {:.2} events per subscriber per change (intermediate states and \
+             heartbeats included); daemon CPU {:.1} us per event sent (over {} changes)",
             cpu.0.as_secs_f64() * 1e3 / (2 * changes) as f64,
             cpu.1.as_secs_f64() * 1e3 / (2 * changes) as f64,
+            events as f64 / (n * 2 * changes) as f64,
+            cpu.0.as_secs_f64() * 1e6 / events as f64,
             2 * changes
         );
         let (rss, hwm) = rss_kib(&a);
