@@ -7,6 +7,9 @@
 //! BATON_BENCH_RUNS=20 BATON_BENCH_STREAMS_PER_CONN=500 cargo bench --bench fanout
 //! ```
 //!
+//! Stores: the file store; the Kubernetes store against the Lease API test double
+//! (`tests/k8s_api`) with the `kubernetes` feature (on by default); a real etcd with `etcd`.
+//!
 //! Two release `baton run` daemons, A and B, campaign in one election; A leads. This process
 //! opens N plain (observer) WatchLeadership streams on A, spread over HTTP/2 connections of
 //! `BATON_BENCH_STREAMS_PER_CONN` streams each (default 100; the server sets no stream limit).
@@ -36,6 +39,9 @@ mod common;
 #[cfg(feature = "etcd")]
 #[path = "../tests/etcd_server/mod.rs"]
 mod etcd_server;
+#[cfg(feature = "kubernetes")]
+#[path = "../tests/k8s_api/mod.rs"]
+mod k8s_api;
 
 use std::time::Duration;
 
@@ -448,6 +454,31 @@ async fn main() {
         per_conn,
     )
     .await;
+
+    #[cfg(feature = "kubernetes")]
+    {
+        let api = k8s_api::ApiServer::start();
+        let dir = common::lock_dir();
+        bench_store(
+            "kubernetes",
+            |id| {
+                let token = api.service_account("bench", id, &["bench"]);
+                let kubeconfig =
+                    api.write_kubeconfig(dir.path(), &format!("{id}.kubeconfig"), &token, "bench");
+                let mut command = common::baton();
+                command.env("KUBECONFIG", kubeconfig);
+                Daemon::start_command(
+                    id,
+                    command,
+                    &["--store", "kubernetes", "--election", ELECTION],
+                )
+            },
+            sizes,
+            changes,
+            per_conn,
+        )
+        .await;
+    }
 
     #[cfg(feature = "etcd")]
     {
