@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("baton_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Small per-call buffers: see `proto::Codec`.
+        .codec_path("crate::proto::Codec")
+        .compile_fds(descriptors)?;
     Ok(())
 }

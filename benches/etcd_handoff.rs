@@ -15,6 +15,12 @@
 //!   keep-alive it received (which the leader sends every retry period) and checks expiries
 //!   every 500 ms, so this can be negative.
 //!
+//! - **requests per minute at steady state**: gRPC messages etcd received (its Prometheus
+//!   `grpc_server_msg_received_total`: one per unary call, one per message on a stream), per
+//!   method, over a window with one leader alone, then a window with the leader and one
+//!   follower; the follower's share is the difference. Daemon defaults (15 s lease, 2 s retry
+//!   period). 30 s windows under `--bench`, 3 s otherwise.
+//!
 //! Without `--bench` in argv (as under `cargo test --all-targets`) it does 3 runs of each;
 //! `BATON_BENCH_RUNS=N` sets the count. Figures are printed, never asserted; safety is checked on
 //! every hand-off (the old worker stopped before the new one started).
@@ -24,7 +30,11 @@ mod common;
 #[path = "../tests/etcd_server/mod.rs"]
 mod etcd_server;
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    time::Duration,
+};
 
 use baton::client::{Client, Role};
 use common::{Daemon, Proc};
@@ -220,6 +230,114 @@ async fn crash_failover(etcd: &Etcd, runs: usize) -> Vec<f64> {
     samples
 }
 
+/// etcd's `grpc_server_msg_received_total`, summed per `service/method`.
+fn received_messages(etcd: &Etcd) -> BTreeMap<String, f64> {
+    let address = etcd.endpoint().trim_start_matches("http://").to_owned();
+    let mut connection = std::net::TcpStream::connect(&address).expect("connect to etcd");
+    connection
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .expect("ask for /metrics");
+    let mut page = String::new();
+    connection.read_to_string(&mut page).expect("read /metrics");
+    let label = |line: &str, name: &str| {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        let end = start + line[start..].find('"')?;
+        Some(line[start..end].to_owned())
+    };
+    let mut counts = BTreeMap::new();
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix("grpc_server_msg_received_total{") else {
+            continue;
+        };
+        let (Some(service), Some(method)) =
+            (label(rest, "grpc_service"), label(rest, "grpc_method"))
+        else {
+            continue;
+        };
+        let value: f64 = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a counter value");
+        let service = service.rsplit('.').next().unwrap_or_default().to_owned();
+        *counts.entry(format!("{service}/{method}")).or_default() += value;
+    }
+    assert!(
+        !counts.is_empty(),
+        "etcd's /metrics has no grpc_server_msg_received_total"
+    );
+    counts
+}
+
+/// The per-minute rate of each method between two readings, and the total.
+fn per_minute(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    window: Duration,
+) -> (f64, BTreeMap<String, f64>) {
+    let mut rates = BTreeMap::new();
+    for (method, n) in after {
+        let d = n - before.get(method).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            rates.insert(method.clone(), d * 60.0 / window.as_secs_f64());
+        }
+    }
+    (rates.values().sum(), rates)
+}
+
+fn show(rates: &BTreeMap<String, f64>) -> String {
+    let parts: Vec<String> = rates.iter().map(|(m, n)| format!("{m} {n:.1}")).collect();
+    parts.join(", ")
+}
+
+/// A leader alone for `window`, then with a follower; etcd's received messages per minute.
+async fn steady_state(etcd: &Etcd, window: Duration) {
+    let election = "bench-steady";
+    let endpoint = etcd.endpoint();
+    let start = |identity: &str| {
+        Daemon::start(
+            identity,
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &endpoint,
+                "--election",
+                election,
+            ],
+        )
+    };
+    let leader = start("s0");
+    leader.wait_role(election, Role::Leader).await;
+    let before = received_messages(etcd);
+    tokio::time::sleep(window).await;
+    let alone = received_messages(etcd);
+    let follower = start("s1");
+    follower
+        .wait_for(election, "following", |s| {
+            s.role == Role::Follower && s.leader.as_deref() == Some("s0")
+        })
+        .await;
+    // The follower's start-up calls are not steady state.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let with_follower = received_messages(etcd);
+    tokio::time::sleep(window).await;
+    let after = received_messages(etcd);
+    let (leader_total, leader_rates) = per_minute(&before, &alone, window);
+    let (both_total, both_rates) = per_minute(&with_follower, &after, window);
+    let secs = window.as_secs();
+    println!(
+        "etcd requests at steady state (gRPC messages received by etcd, retry period 2 s), \
+         {secs} s windows: leader alone {leader_total:.1}/min ({}); leader + follower \
+         {both_total:.1}/min ({}); so the follower ~{:.1}/min",
+        show(&leader_rates),
+        show(&both_rates),
+        both_total - leader_total
+    );
+    drop(follower);
+    drop(leader);
+}
+
 /// The `p`-th percentile (nearest rank) of sorted `values`.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
@@ -252,9 +370,11 @@ fn main() {
     let etcd = Etcd::start();
     let ctl = etcdctl_handoff(&etcd, runs);
     let local = tokio::task::LocalSet::new();
+    let window = Duration::from_secs(if full { 30 } else { 3 });
     let (baton, crash) = runtime.block_on(local.run_until(async {
         let baton = baton_handoff(&etcd, runs).await;
         let crash = crash_failover(&etcd, runs).await;
+        steady_state(&etcd, window).await;
         (baton, crash)
     }));
     report(

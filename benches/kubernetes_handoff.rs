@@ -4,6 +4,10 @@
 //!   leadership stream reports LEADER (its worker would start then), p50/p99 over the runs,
 //!   next to client-go's behaviour (a standby notices a released Lease only at its next
 //!   RetryPeriod poll);
+//! - **crash fail-over**: kill -9 of the leading daemon until the standby's stream reports
+//!   LEADER, minus the lease (2 s here; 1 s renew deadline, 500 ms retry period): the standby
+//!   waits until the Lease record has not changed for one lease on its own clock, counted from
+//!   when it saw the last renewal;
 //! - **API requests per minute at steady state**, counted at the server per bearer token, for
 //!   the leader and for a follower (which must make no writes).
 //!
@@ -36,13 +40,81 @@ struct Replica {
 }
 
 fn start(replica: &Replica) -> Daemon {
+    start_with(replica, &["--election", ELECTION])
+}
+
+fn start_with(replica: &Replica, args: &[&str]) -> Daemon {
     let mut command = common::baton();
     command.env("KUBECONFIG", &replica.kubeconfig);
-    Daemon::start_command(
-        replica.identity,
-        command,
-        &["--store", "kubernetes", "--election", ELECTION],
-    )
+    let mut all = vec!["--store", "kubernetes"];
+    all.extend_from_slice(args);
+    Daemon::start_command(replica.identity, command, &all)
+}
+
+/// Lease of the crash fail-over runs, in seconds.
+const CRASH_LEASE_SECS: u64 = 2;
+
+/// kill -9 of the leader -> the standby's stream says LEADER, minus the lease (signed, ms).
+async fn crash_failover(replicas: &[Replica; 2], runs: usize) -> Vec<f64> {
+    let lease = format!("{CRASH_LEASE_SECS}s");
+    let args = [
+        "--election",
+        "bench-crash",
+        "--lease-duration",
+        &lease,
+        "--renew-deadline",
+        "1s",
+        "--retry-period",
+        "500ms",
+    ];
+    let mut leader = start_with(&replicas[0], &args);
+    leader.wait_role("bench-crash", Role::Leader).await;
+    let mut which = 0;
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let standby = start_with(&replicas[1 - which], &args);
+        standby
+            .wait_for("bench-crash", "following", |s| {
+                s.role == Role::Follower && s.leader.is_some()
+            })
+            .await;
+        let client = standby.client().await;
+        let mut events = Box::pin(client.watch("bench-crash"));
+        let first = timeout(SOON, events.next()).await;
+        assert!(
+            matches!(first, Ok(Some(WatchEvent::State(ref s))) if s.role == Role::Follower),
+            "the standby follows before the crash"
+        );
+        // Mid-way between renewals, on average, as a crash would fall.
+        tokio::time::sleep(Duration::from_millis(rand_ms())).await;
+        let sent = Instant::now();
+        leader.proc.signal(Signal::SIGKILL);
+        let led = timeout(SOON, async {
+            while let Some(event) = events.next().await {
+                if let WatchEvent::State(state) = event
+                    && state.role == Role::Leader
+                {
+                    return Instant::now();
+                }
+            }
+            panic!("the standby's stream ended");
+        })
+        .await
+        .expect("the standby leads within SOON");
+        leader.proc.wait();
+        samples.push((led - sent).as_secs_f64() * 1e3 - (CRASH_LEASE_SECS * 1000) as f64);
+        leader = standby;
+        which = 1 - which;
+    }
+    samples
+}
+
+/// A pause of 0-499 ms, so crashes do not all fall at the same point of the renewal period.
+fn rand_ms() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u64::from(nanos % 500)
 }
 
 fn replica(api: &ApiServer, dir: &Path, identity: &'static str) -> Replica {
@@ -168,6 +240,22 @@ async fn main() {
     println!(
         "  reference, client-go leaderelection: a standby polls the Lease every RetryPeriod \
          (2 s by default, jittered), so it notices a release 0-2 s later (~1 s on average)"
+    );
+
+    // Crash fail-over, on an election of its own.
+    let mut crash = crash_failover(&replicas, if full { 10 } else { 2 }).await;
+    crash.sort_by(f64::total_cmp);
+    let rank = |p: f64| {
+        crash[(((p / 100.0) * crash.len() as f64).ceil() as usize).clamp(1, crash.len()) - 1]
+    };
+    println!(
+        "kubernetes crash fail-over minus lease={CRASH_LEASE_SECS}s (kill -9 -> standby LEADER), \
+         n={}: p50 {:.1} ms, p99 {:.1} ms, min {:.1} ms, max {:.1} ms",
+        crash.len(),
+        rank(50.0),
+        rank(99.0),
+        crash[0],
+        crash[crash.len() - 1],
     );
 
     // Steady state: who leads now stays; count a window.
