@@ -966,3 +966,100 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(term: u64) -> (Running, Lease) {
+        let token = CancellationToken::new();
+        let ending = Arc::new(AtomicU8::new(GOING_ON));
+        let lease = Lease {
+            election: "e".into(),
+            term,
+            token: token.clone(),
+            ending: ending.clone(),
+        };
+        let task = AbortOnDropHandle::new(tokio::spawn(std::future::pending::<()>()));
+        let running = Running {
+            term,
+            valid_until: Instant::now(),
+            token,
+            ending,
+            task,
+        };
+        (running, lease)
+    }
+
+    fn state(term: u64) -> WatchEvent {
+        WatchEvent::State(LeaderState {
+            election: "e".into(),
+            role: Role::Follower,
+            identity: "me".into(),
+            leader: None,
+            term,
+            valid_until: None,
+            observed_at: None,
+            reason: String::new(),
+            campaigning: true,
+        })
+    }
+
+    fn term(event: Option<WatchEvent>) -> u64 {
+        match event {
+            Some(WatchEvent::State(state)) => state.term,
+            other => panic!("a state, not {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_term_has_no_ending() {
+        let (_running, lease) = running(3);
+        assert_eq!(lease.ending(), None);
+        assert!(!lease.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_hand_over_can_turn_abrupt_but_never_back() {
+        let (running, lease) = running(3);
+        running.cancel(Ending::HandOver);
+        assert!(lease.is_cancelled());
+        assert_eq!(lease.ending(), Some(Ending::HandOver));
+        running.cancel(Ending::Abrupt);
+        assert_eq!(lease.ending(), Some(Ending::Abrupt));
+        running.cancel(Ending::HandOver);
+        assert_eq!(lease.ending(), Some(Ending::Abrupt));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_running_term_ends_it_abruptly() {
+        let (running, lease) = running(3);
+        drop(running);
+        assert_eq!(lease.ending(), Some(Ending::Abrupt));
+    }
+
+    #[tokio::test]
+    async fn a_token_cancelled_by_the_work_itself_counts_as_abrupt() {
+        let (_running, lease) = running(3);
+        lease.token().cancel();
+        assert_eq!(lease.ending(), Some(Ending::Abrupt));
+    }
+
+    #[tokio::test]
+    async fn the_inbox_hands_out_held_events_first_in_order() {
+        let mut inbox = Inbox {
+            events: Box::pin(stream::iter([state(7), state(8)])),
+            held: VecDeque::from([state(5), state(6)]),
+        };
+        for expected in 5..=8 {
+            assert_eq!(term(inbox.next().await), expected);
+        }
+        assert!(inbox.next().await.is_none());
+    }
+
+    #[test]
+    fn endings_read_as_words() {
+        assert_eq!(Ending::HandOver.to_string(), "hand-over");
+        assert_eq!(Ending::Abrupt.to_string(), "abrupt");
+    }
+}
