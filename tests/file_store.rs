@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use baton::client::{Ending, Role};
-use common::{Daemon, field, lock_dir, stamps, timer_worker};
+use common::{Daemon, SHORT_TIMING, field, lock_dir, stamps, timer_worker};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
@@ -107,19 +107,7 @@ async fn sigterm_hands_over_after_the_old_worker_stopped() {
 async fn a_paused_daemon_never_leaves_its_worker_running() {
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap();
-    let a = Daemon::start(
-        "a",
-        &[
-            "--lock-dir",
-            lock,
-            "--lease-duration",
-            "3s",
-            "--renew-deadline",
-            "2s",
-            "--retry-period",
-            "500ms",
-        ],
-    );
+    let a = Daemon::start("a", &[&["--lock-dir", lock][..], &SHORT_TIMING].concat());
     a.wait_role("default", Role::Leader).await;
     let w = timer_worker(&a, "default", "50ms");
     w.stdout
@@ -156,17 +144,10 @@ async fn hand_over_interrupted_by(fault: Signal) {
     let a = Daemon::start(
         "a",
         &[
-            "--lock-dir",
-            lock,
-            "--lease-duration",
-            "3s",
-            "--renew-deadline",
-            "2s",
-            "--retry-period",
-            "500ms",
-            "--drain-timeout",
-            "10s",
-        ],
+            &["--lock-dir", lock, "--drain-timeout", "10s"][..],
+            &SHORT_TIMING,
+        ]
+        .concat(),
     );
     a.wait_role("default", Role::Leader).await;
     let client = a.client().await;
