@@ -40,7 +40,6 @@ use rdkafka::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     net::TcpStream,
-    signal::unix::{SignalKind, signal},
     sync::watch,
 };
 
@@ -337,20 +336,15 @@ async fn main() -> std::process::ExitCode {
     };
     let (ready_tx, ready_rx) = watch::channel(false);
     let warming = tokio::spawn(warm_up(producer.clone(), args.topic.clone(), ready_tx));
-    let (mut terminate, mut interrupt) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+    let shutdown = match baton::client::terminated() {
+        Ok(signal) => {
+            async move {
+                eprintln!("kafka_bridge: {}: stopping", signal.await);
+            }
+        }
+        Err(e) => {
             eprintln!("kafka_bridge: cannot install signal handlers: {e}");
             return std::process::ExitCode::FAILURE;
-        }
-    };
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => eprintln!("kafka_bridge: SIGTERM: stopping"),
-            _ = interrupt.recv() => eprintln!("kafka_bridge: SIGINT: stopping"),
         }
     };
     let outcome = client

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use baton::client::{Client, Ending, Lease};
 use nix::time::{ClockId, clock_gettime};
-use tokio::signal::unix::{SignalKind, signal};
 
 /// CLOCK_MONOTONIC in nanoseconds.
 fn mono() -> i128 {
@@ -75,20 +74,15 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let period = args.period;
-    let (mut terminate, mut interrupt) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+    let shutdown = match baton::client::terminated() {
+        Ok(signal) => {
+            async move {
+                eprintln!("timer_worker: {}: stopping", signal.await);
+            }
+        }
+        Err(e) => {
             eprintln!("timer_worker: cannot install signal handlers: {e}");
             return std::process::ExitCode::FAILURE;
-        }
-    };
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => eprintln!("timer_worker: SIGTERM: stopping"),
-            _ = interrupt.recv() => eprintln!("timer_worker: SIGINT: stopping"),
         }
     };
     let work = |lease: Lease| async move {

@@ -377,9 +377,9 @@ impl Client {
     /// cancelled it must finish as [`Lease::ending`] says (a hand-over: complete what was started
     /// within the daemon's hold; abrupt: drop it at once) and return, which is what the daemon
     /// is told as "stopped". It is cancelled when leadership is lost, when the stream to the
-    /// daemon breaks, and when the last LEADER event's `valid_for` runs out. If `work` returns while still leading, this
-    /// replica resigns so a standby takes over. Runs until the process ends; returns only if the
-    /// election does not exist.
+    /// daemon breaks, and when the last LEADER event's `valid_for` runs out. If `work` returns
+    /// while still leading, this replica resigns so a standby takes over. Runs until the process
+    /// ends; returns only if the election does not exist.
     ///
     /// # Errors
     /// The daemon does not run `election` (NOT_FOUND).
@@ -549,16 +549,54 @@ impl Watching {
     }
 }
 
+/// Resolves on the first SIGTERM or SIGINT, with the signal's name: the usual `shutdown` for
+/// [`Worker::until`]. (A worker that is PID 1 in a container is not ended by SIGTERM unless it
+/// handles it.)
+///
+/// # Errors
+/// The signal handlers cannot be installed.
+pub fn terminated() -> std::io::Result<impl Future<Output = &'static str> + Send> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        }
+    })
+}
+
 /// How a term's work is asked to stop: what it may still do before it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Ending {
     /// The daemon still holds the leadership and waits for this work to return (bounded by its
     /// `--drain-timeout`): finish what was started (flush, commit), then return.
-    HandOver,
+    HandOver = 1,
     /// The leadership may already be someone else's: the stream to the daemon broke, the
     /// term's validity ran out, or the daemon moved on without waiting. Drop what is not yet
     /// out (purge queues, abort transactions) and return at once: late is worse than lost.
-    Abrupt,
+    Abrupt = 2,
+}
+
+/// An [`Ending`] shared between the client and the work, as its discriminant (0: the work may
+/// go on). It only grows: a hand-over can turn abrupt, never the reverse.
+#[derive(Debug, Clone, Default)]
+struct SharedEnding(Arc<AtomicU8>);
+
+impl SharedEnding {
+    fn get(&self) -> Option<Ending> {
+        match self.0.load(Ordering::Acquire) {
+            code if code == Ending::HandOver as u8 => Some(Ending::HandOver),
+            code if code == Ending::Abrupt as u8 => Some(Ending::Abrupt),
+            _ => None,
+        }
+    }
+
+    fn raise(&self, ending: Ending) {
+        self.0.fetch_max(ending as u8, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Display for Ending {
@@ -576,7 +614,7 @@ pub struct Lease {
     election: String,
     term: u64,
     token: CancellationToken,
-    ending: Arc<AtomicU8>,
+    ending: SharedEnding,
 }
 
 impl Lease {
@@ -609,21 +647,12 @@ impl Lease {
     /// A hand-over can still turn abrupt while the work finishes (the daemon is lost meanwhile):
     /// work that takes long to finish should look again between steps.
     pub fn ending(&self) -> Option<Ending> {
-        match self.ending.load(Ordering::Acquire) {
-            HAND_OVER => Some(Ending::HandOver),
-            ABRUPT => Some(Ending::Abrupt),
+        self.ending.get().or_else(|| {
             // Cancelled through a clone of the token: nothing promised, so the safe way.
-            _ => self.token.is_cancelled().then_some(Ending::Abrupt),
-        }
+            self.token.is_cancelled().then_some(Ending::Abrupt)
+        })
     }
 }
-
-/// [`Ending`] in an atomic, which only grows: the work may go on.
-const GOING_ON: u8 = 0;
-/// [`Ending::HandOver`].
-const HAND_OVER: u8 = 1;
-/// [`Ending::Abrupt`].
-const ABRUPT: u8 = 2;
 
 /// How long a call to the daemon may take outside a running term.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
@@ -635,18 +664,14 @@ struct Running {
     term: u64,
     valid_until: Instant,
     token: CancellationToken,
-    ending: Arc<AtomicU8>,
+    ending: SharedEnding,
     task: AbortOnDropHandle<()>,
 }
 
 impl Running {
     /// Cancel the work with `ending`; an abrupt ending overrides a hand-over, never the reverse.
     fn cancel(&self, ending: Ending) {
-        let code = match ending {
-            Ending::HandOver => HAND_OVER,
-            Ending::Abrupt => ABRUPT,
-        };
-        self.ending.fetch_max(code, Ordering::AcqRel);
+        self.ending.raise(ending);
         self.token.cancel();
     }
 }
@@ -827,7 +852,7 @@ where
     fn start(&mut self, term: u64, valid_until: Instant) {
         tracing::info!(election = self.election, term, "leading: starting work");
         let token = CancellationToken::new();
-        let ending = Arc::new(AtomicU8::new(GOING_ON));
+        let ending = SharedEnding::default();
         let lease = Lease {
             election: self.election.to_owned(),
             term,
@@ -902,11 +927,7 @@ where
             kept_until = None;
             running.cancel(Ending::Abrupt);
         };
-        let ending = if kept_until.is_some() {
-            Ending::HandOver
-        } else {
-            Ending::Abrupt
-        };
+        let ending = running.ending.get().unwrap_or(Ending::Abrupt);
         if let Err(e) = finished {
             tracing::error!(election = self.election, term = running.term, error = %e, "work panicked");
         }
@@ -973,7 +994,7 @@ mod tests {
 
     fn running(term: u64) -> (Running, Lease) {
         let token = CancellationToken::new();
-        let ending = Arc::new(AtomicU8::new(GOING_ON));
+        let ending = SharedEnding::default();
         let lease = Lease {
             election: "e".into(),
             term,
