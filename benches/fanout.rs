@@ -14,8 +14,10 @@
 //! Two release `baton run` daemons, A and B, campaign in one election; A leads. This process
 //! opens N plain (observer) WatchLeadership streams on A, spread over HTTP/2 connections of
 //! `BATON_BENCH_STREAMS_PER_CONN` streams each (default 100; the server sets no stream limit).
-//! Each stream is read by its own task on a multi-thread runtime, which stamps every event
-//! with the monotonic clock as it arrives. Two kinds of change, alternating:
+//! One task per connection reads all its streams and stamps every event with the monotonic
+//! clock as it is decoded (one stamp for the events decoded at one wake-up): what an
+//! aggregator watching many elections would do, and it keeps the subscribers' share of the two
+//! cores down. Two kinds of change, alternating:
 //!
 //! - **loss**: `Resign(A, successor B)` is sent; a subscriber has the change when it receives
 //!   a state that is not LEADER. A announces the loss before it touches the store, so this is
@@ -48,15 +50,16 @@ use std::time::Duration;
 
 use baton::{
     client::Role,
-    proto::{WatchLeadershipRequest, leadership_client::LeadershipClient},
+    proto::{LeadershipEvent, WatchLeadershipRequest, leadership_client::LeadershipClient},
 };
 use common::{Daemon, SOON};
+use futures::{FutureExt, StreamExt};
 use tokio::{
     sync::mpsc,
     task::JoinSet,
     time::{Instant, timeout},
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 const ELECTION: &str = "fanout";
 
@@ -86,11 +89,14 @@ struct Seen {
 /// N subscribers on one daemon.
 struct Subscribers {
     addr: String,
-    channels: Vec<Channel>,
+    /// HTTP/2 connections opened.
+    connections: usize,
     per_conn: usize,
     tasks: JoinSet<()>,
-    events: mpsc::UnboundedReceiver<Received>,
-    sender: mpsc::UnboundedSender<Received>,
+    events: mpsc::UnboundedReceiver<Vec<Received>>,
+    sender: mpsc::UnboundedSender<Vec<Received>>,
+    /// Events taken from the last batch and not yet recorded.
+    backlog: std::vec::IntoIter<Received>,
     seen: Vec<Seen>,
     /// Events received by all subscribers so far (changes and heartbeats).
     received: u64,
@@ -103,11 +109,12 @@ impl Subscribers {
         let (sender, events) = mpsc::unbounded_channel();
         Subscribers {
             addr: addr.to_owned(),
-            channels: Vec::new(),
+            connections: 0,
             per_conn,
             tasks: JoinSet::new(),
             events,
             sender,
+            backlog: Vec::new().into_iter(),
             seen: Vec::new(),
             received: 0,
             trigger: Instant::now(),
@@ -118,47 +125,46 @@ impl Subscribers {
         self.seen.len()
     }
 
-    /// Open streams until there are `n`, and wait until each has its first event.
+    /// Open streams until there are `n`, and wait until each has its first event. `n` is a
+    /// multiple of the streams per connection: each connection's streams are read by one task.
     async fn grow_to(&mut self, n: usize) {
+        assert_eq!(
+            n % self.per_conn,
+            0,
+            "N must be a multiple of the streams per connection"
+        );
         while self.seen.len() < n {
-            let index = self.seen.len();
-            if index / self.per_conn >= self.channels.len() {
-                // One HTTP/2 connection per `per_conn` streams.
-                let channel = Endpoint::from_shared(self.addr.clone())
-                    .expect("daemon address")
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-                    .expect("connect to the daemon");
-                self.channels.push(channel);
-            }
-            let mut rpc = LeadershipClient::new(self.channels[index / self.per_conn].clone());
+            let first = self.seen.len();
+            let streams = watch_streams(&self.addr, first..first + self.per_conn).await;
+            self.seen
+                .extend((0..self.per_conn).map(|_| Seen::default()));
+            self.connections += 1;
             let sender = self.sender.clone();
             self.tasks.spawn(async move {
-                let request = WatchLeadershipRequest {
-                    election: ELECTION.to_owned(),
-                    ..Default::default()
-                };
-                let mut stream = rpc
-                    .watch_leadership(request)
-                    .await
-                    .expect("WatchLeadership")
-                    .into_inner();
-                while let Ok(Some(event)) = stream.message().await {
+                let mut streams = futures::stream::select_all(streams);
+                // Every event ready at a wake-up is stamped and sent to the main task in one
+                // batch, so the main task's work stays off the stream-reading path.
+                while let Some(first) = streams.next().await {
+                    let mut batch = vec![first];
+                    while let Some(Some(more)) = streams.next().now_or_never() {
+                        batch.push(more);
+                    }
                     let at = Instant::now();
-                    let received = Received {
-                        subscriber: index,
-                        at,
-                        role: Role::try_from(event.role).unwrap_or(Role::Unknown),
-                        leader: event.leader,
-                        term: event.term,
-                    };
-                    if sender.send(received).is_err() {
+                    let batch = batch
+                        .into_iter()
+                        .map(|(subscriber, event)| Received {
+                            subscriber,
+                            at,
+                            role: Role::try_from(event.role).unwrap_or(Role::Unknown),
+                            leader: event.leader,
+                            term: event.term,
+                        })
+                        .collect();
+                    if sender.send(batch).is_err() {
                         return;
                     }
                 }
             });
-            self.seen.push(Seen::default());
         }
         self.settle(|s| s.role.is_some()).await;
     }
@@ -235,15 +241,22 @@ impl Subscribers {
     ) {
         let mut pending = self.seen.iter().filter(|s| !done(s)).count();
         while pending > 0 {
-            let event = timeout(SOON, self.events.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "{pending} of {} subscribers not done within {SOON:?}",
-                        self.len()
-                    )
-                })
-                .expect("subscriber tasks live");
+            let event = match self.backlog.next() {
+                Some(event) => event,
+                None => {
+                    let batch = timeout(SOON, self.events.recv())
+                        .await
+                        .unwrap_or_else(|_| {
+                            panic!(
+                                "{pending} of {} subscribers not done within {SOON:?}",
+                                self.len()
+                            )
+                        })
+                        .expect("subscriber tasks live");
+                    self.backlog = batch.into_iter();
+                    continue;
+                }
+            };
             let index = event.subscriber;
             let before = done(&self.seen[index]);
             self.record(event, since, reached);
@@ -281,6 +294,43 @@ impl Subscribers {
                     - sent
             })
             .collect()
+    }
+}
+
+/// A subscriber's events, tagged with its index; ends when the stream does.
+type Events = futures::stream::BoxStream<'static, (usize, LeadershipEvent)>;
+
+/// One HTTP/2 connection with a WatchLeadership stream per index.
+async fn watch_streams(addr: &str, indexes: std::ops::Range<usize>) -> Vec<Events> {
+    let channel = Endpoint::from_shared(addr.to_owned())
+        .expect("daemon address")
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .expect("connect to the daemon");
+    let mut streams = Vec::with_capacity(indexes.len());
+    for index in indexes {
+        let stream = LeadershipClient::new(channel.clone())
+            .watch_leadership(watch_request())
+            .await
+            .expect("WatchLeadership")
+            .into_inner();
+        streams.push(
+            stream
+                .map(move |event| match event {
+                    Ok(event) => (index, event),
+                    Err(status) => panic!("a WatchLeadership stream failed: {status}"),
+                })
+                .boxed(),
+        );
+    }
+    streams
+}
+
+fn watch_request() -> WatchLeadershipRequest {
+    WatchLeadershipRequest {
+        election: ELECTION.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -330,6 +380,16 @@ fn cpu_time(daemon: Option<&Daemon>) -> Duration {
         fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
     // /proc reports in USER_HZ, which is 100 on Linux whatever the kernel's HZ.
     Duration::from_millis(ticks * 10)
+}
+
+/// Write system calls a daemon has made so far (`syscw` of `/proc/PID/io`).
+fn write_calls(daemon: &Daemon) -> u64 {
+    let io =
+        std::fs::read_to_string(format!("/proc/{}/io", daemon.proc.pid())).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("syscw in /proc/PID/io")
 }
 
 /// Latencies of one kind of change over the changes made.
@@ -398,11 +458,12 @@ async fn bench_store(
         println!(
             "{store} daemon RSS with {n} subscribers ({} connections): VmRSS={rss} KiB \
              VmHWM={hwm} KiB (opening them took {:.0} ms)",
-            subscribers.channels.len(),
+            subscribers.connections,
             opening.as_secs_f64() * 1e3
         );
         let (mut loss, mut gain) = (Figures::default(), Figures::default());
         let cpu_before = (cpu_time(Some(&a)), cpu_time(None));
+        let writes_before = write_calls(&a);
         let received_before = subscribers.received;
         let mut transient = 0;
         for _ in 0..changes {
@@ -446,14 +507,18 @@ async fn bench_store(
             cpu_time(None) - cpu_before.1,
         );
         let events = subscribers.received - received_before;
+        let writes = write_calls(&a) - writes_before;
         println!(
             "{store} CPU per change at N={n}: daemon A {:.1} ms, this process (subscribers) \
              {:.1} ms; {:.2} events per subscriber per change (intermediate states and \
-             heartbeats included); daemon CPU {:.1} us per event sent (over {} changes)",
+             heartbeats included); daemon CPU {:.1} us per event sent; daemon write calls \
+             {:.0} per change, {:.1} events per call (over {} changes)",
             cpu.0.as_secs_f64() * 1e3 / (2 * changes) as f64,
             cpu.1.as_secs_f64() * 1e3 / (2 * changes) as f64,
             events as f64 / (n * 2 * changes) as f64,
             cpu.0.as_secs_f64() * 1e6 / events as f64,
+            writes as f64 / (2 * changes) as f64,
+            events as f64 / writes.max(1) as f64,
             2 * changes
         );
         let (rss, hwm) = rss_kib(&a);
@@ -490,7 +555,8 @@ async fn main() {
     };
     println!(
         "fan-out benchmark: {changes} changes of each kind per N, {per_conn} streams per \
-         connection, {profile} build, {} cores (daemons and subscribers share them)",
+         connection read by one task, {profile} build, {} cores (daemons and subscribers share \
+         them)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 

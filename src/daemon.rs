@@ -13,7 +13,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{
-    StreamExt,
+    StreamExt, TryStreamExt,
     future::{join_all, select_all},
     stream,
 };
@@ -24,6 +24,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    coalesce::Coalesced,
     config::{Config, StoreConfig},
     election::{Election, ElectionConfig, Role},
     listen::{Listener, Socket},
@@ -269,15 +270,17 @@ pub async fn run_with_store(
                 // Small frames must leave at once: Nagle + delayed ACK would add ~40 ms per event.
                 TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(30))),
+                    .with_keepalive(Some(Duration::from_secs(30)))
+                    .map_ok(Coalesced::new),
                 stopped(),
             ),
         ),
         Socket::Unix(listener, file) => {
             socket_file = Some(file);
-            tokio::spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
-            )
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener).map_ok(Coalesced::new),
+                stopped(),
+            ))
         }
     };
     let mut health_addr = None;

@@ -28,6 +28,8 @@
 
 mod backoff;
 pub mod client;
+#[cfg(feature = "daemon")]
+mod coalesce;
 pub mod proto;
 
 #[cfg(feature = "daemon")]
