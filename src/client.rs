@@ -169,7 +169,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connect to the daemon at `addr` (e.g. `http://127.0.0.1:50051`).
+    /// Connect to the daemon at `addr`: `http://127.0.0.1:50051`, `127.0.0.1:50051` or
+    /// `unix:/run/baton/baton.sock`.
     ///
     /// # Errors
     /// The address is invalid or the daemon cannot be reached now.
@@ -472,8 +473,15 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// The endpoint for a daemon address. `HOST:PORT`, the form `--listen` takes, means plain
+/// HTTP/2 over TCP (`http://HOST:PORT`); `unix:PATH` is a Unix socket.
 fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
-    Endpoint::from_shared(addr.to_owned())
+    let uri = if addr.contains("://") || addr.starts_with("unix:") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
@@ -991,6 +999,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_without_a_scheme_is_plain_http() {
+        let uri = |addr: &str| endpoint(addr).expect(addr).uri().to_string();
+        assert_eq!(uri("127.0.0.1:50051"), "http://127.0.0.1:50051/");
+        assert_eq!(uri("localhost:50051"), "http://localhost:50051/");
+        assert_eq!(uri("http://10.0.0.1:9090"), "http://10.0.0.1:9090/");
+        // unix:PATH is left to tonic (tests/listen.rs serves and connects over a socket).
+    }
 
     fn running(term: u64) -> (Running, Lease) {
         let token = CancellationToken::new();

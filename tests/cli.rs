@@ -214,8 +214,10 @@ async fn status_watch_and_resign_from_the_cli() {
     );
     assert!(text.lines().any(|l| l.starts_with("y LEADER")), "{text}");
 
+    // HOST:PORT, the form --listen takes, works as --addr too.
+    let host_port = b.addr.strip_prefix("http://").expect("an http:// address");
     let mut watch = baton();
-    watch.args(["watch", "--addr", &b.addr, "--election", "x"]);
+    watch.args(["watch", "--addr", host_port, "--election", "x"]);
     let watch = Proc::spawn(watch, "watch: ");
     watch.stdout.wait_for("a follower line", |l| {
         l.contains("x FOLLOWER identity=b leader=a")
