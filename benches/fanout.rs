@@ -13,7 +13,8 @@
 //!
 //! Two release `baton run` daemons, A and B, campaign in one election; A leads. This process
 //! opens N plain (observer) WatchLeadership streams on A, spread over HTTP/2 connections of
-//! `BATON_BENCH_STREAMS_PER_CONN` streams each (default 100; the server sets no stream limit).
+//! `BATON_BENCH_STREAMS_PER_CONN` streams each (default 100; it must divide 1,000; the server
+//! sets no stream limit).
 //! One task per connection reads all its streams and stamps every event with the monotonic
 //! clock as it is decoded (one stamp for the events decoded at one wake-up): what an
 //! aggregator watching many elections would do, and it keeps the subscribers' share of the two
@@ -244,15 +245,22 @@ impl Subscribers {
             let event = match self.backlog.next() {
                 Some(event) => event,
                 None => {
-                    let batch = timeout(SOON, self.events.recv())
-                        .await
-                        .unwrap_or_else(|_| {
-                            panic!(
-                                "{pending} of {} subscribers not done within {SOON:?}",
-                                self.len()
-                            )
-                        })
-                        .expect("subscriber tasks live");
+                    let Ok(batch) = timeout(SOON, self.events.recv()).await else {
+                        // A reader that failed says why (its stream failed), not only that
+                        // its subscribers fell silent.
+                        while let Some(ended) = self.tasks.try_join_next() {
+                            if let Err(e) = ended
+                                && e.is_panic()
+                            {
+                                std::panic::resume_unwind(e.into_panic());
+                            }
+                        }
+                        panic!(
+                            "{pending} of {} subscribers not done within {SOON:?}",
+                            self.len()
+                        );
+                    };
+                    let batch = batch.expect("this holds a sender");
                     self.backlog = batch.into_iter();
                     continue;
                 }
@@ -382,7 +390,8 @@ fn cpu_time(daemon: Option<&Daemon>) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// Write system calls a daemon has made so far (`syscw` of `/proc/PID/io`).
+/// Write-family system calls a daemon has made so far (`syscw` of `/proc/PID/io`): socket
+/// writes, and the few others (the runtime's eventfd wake-ups, logs, the store's writes).
 fn write_calls(daemon: &Daemon) -> u64 {
     let io =
         std::fs::read_to_string(format!("/proc/{}/io", daemon.proc.pid())).expect("/proc/PID/io");
@@ -511,8 +520,8 @@ async fn bench_store(
         println!(
             "{store} CPU per change at N={n}: daemon A {:.1} ms, this process (subscribers) \
              {:.1} ms; {:.2} events per subscriber per change (intermediate states and \
-             heartbeats included); daemon CPU {:.1} us per event sent; daemon write calls \
-             {:.0} per change, {:.1} events per call (over {} changes)",
+             heartbeats included); daemon CPU {:.1} us per event sent; daemon write-family \
+             system calls {:.0} per change, {:.1} events per call (over {} changes)",
             cpu.0.as_secs_f64() * 1e3 / (2 * changes) as f64,
             cpu.1.as_secs_f64() * 1e3 / (2 * changes) as f64,
             events as f64 / (n * 2 * changes) as f64,

@@ -213,7 +213,8 @@ pub struct RunArgs {
 /// The daemon address, for the client subcommands.
 #[derive(Debug, Args)]
 pub struct AddrArgs {
-    /// The daemon's gRPC address.
+    /// The daemon's gRPC address: HOST:PORT (as --listen takes it), http://HOST:PORT, or
+    /// unix:PATH.
     #[arg(long, env = "BATON_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
 }
