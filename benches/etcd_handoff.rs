@@ -37,36 +37,35 @@ use std::{
 };
 
 use baton::client::{Client, Role};
-use common::{Daemon, Proc};
+use common::{Daemon, Proc, SHORT_TIMING, percentile};
 use etcd_server::Etcd;
 use nix::sys::signal::Signal;
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
+/// The lease of `common::SHORT_TIMING`.
 const LEASE_SECS: u64 = 3;
 
+/// A daemon on `etcd` with the short timings, campaigning only with a ready worker: so
+/// "campaigning" proves the worker subscribed.
 fn daemon(identity: &str, etcd: &Etcd, election: &str) -> Daemon {
-    let lease = format!("{LEASE_SECS}s");
+    let mut args = SHORT_TIMING.to_vec();
+    args.extend(["--campaign", "when-ready"]);
+    daemon_with(identity, etcd, election, &args)
+}
+
+/// A daemon on `etcd` in `election`, with `args` added.
+fn daemon_with(identity: &str, etcd: &Etcd, election: &str, args: &[&str]) -> Daemon {
     let endpoint = etcd.endpoint();
-    Daemon::start(
-        identity,
-        &[
-            "--store",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoint,
-            "--election",
-            election,
-            "--lease-duration",
-            &lease,
-            "--renew-deadline",
-            "2s",
-            "--retry-period",
-            "500ms",
-            // Campaign only with a ready worker: so "campaigning" proves the worker subscribed.
-            "--campaign",
-            "when-ready",
-        ],
-    )
+    let mut all = vec![
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &endpoint,
+        "--election",
+        election,
+    ];
+    all.extend(args);
+    Daemon::start(identity, &all)
 }
 
 /// A worker's start or stop, stamped.
@@ -293,20 +292,8 @@ fn show(rates: &BTreeMap<String, f64>) -> String {
 /// A leader alone for `window`, then with a follower; etcd's received messages per minute.
 async fn steady_state(etcd: &Etcd, window: Duration) {
     let election = "bench-steady";
-    let endpoint = etcd.endpoint();
-    let start = |identity: &str| {
-        Daemon::start(
-            identity,
-            &[
-                "--store",
-                "etcd",
-                "--etcd-endpoints",
-                &endpoint,
-                "--election",
-                election,
-            ],
-        )
-    };
+    // The default timings: the steady cost as deployed.
+    let start = |identity: &str| daemon_with(identity, etcd, election, &[]);
     let leader = start("s0");
     leader.wait_role(election, Role::Leader).await;
     let before = received_messages(etcd);
@@ -336,12 +323,6 @@ async fn steady_state(etcd: &Etcd, window: Duration) {
     );
     drop(follower);
     drop(leader);
-}
-
-/// The `p`-th percentile (nearest rank) of sorted `values`.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 fn report(what: &str, mut ms: Vec<f64>) {

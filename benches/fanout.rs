@@ -53,7 +53,7 @@ use baton::{
     client::Role,
     proto::{LeadershipEvent, WatchLeadershipRequest, leadership_client::LeadershipClient},
 };
-use common::{Daemon, SOON};
+use common::{Daemon, SOON, status_kib, summary};
 use futures::{FutureExt, StreamExt};
 use tokio::{
     sync::mpsc,
@@ -90,8 +90,6 @@ struct Seen {
 /// N subscribers on one daemon.
 struct Subscribers {
     addr: String,
-    /// HTTP/2 connections opened.
-    connections: usize,
     per_conn: usize,
     tasks: JoinSet<()>,
     events: mpsc::UnboundedReceiver<Vec<Received>>,
@@ -110,7 +108,6 @@ impl Subscribers {
         let (sender, events) = mpsc::unbounded_channel();
         Subscribers {
             addr: addr.to_owned(),
-            connections: 0,
             per_conn,
             tasks: JoinSet::new(),
             events,
@@ -139,7 +136,6 @@ impl Subscribers {
             let streams = watch_streams(&self.addr, first..first + self.per_conn).await;
             self.seen
                 .extend((0..self.per_conn).map(|_| Seen::default()));
-            self.connections += 1;
             let sender = self.sender.clone();
             self.tasks.spawn(async move {
                 let mut streams = futures::stream::select_all(streams);
@@ -342,36 +338,10 @@ fn watch_request() -> WatchLeadershipRequest {
     }
 }
 
-/// The nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn summary(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
-    format!(
-        "p50={} p99={} max={} n={}",
-        ms(percentile(&samples, 50.0)),
-        ms(percentile(&samples, 99.0)),
-        ms(samples[samples.len() - 1]),
-        samples.len()
-    )
-}
-
 /// VmRSS and VmHWM of a process, in KiB.
 fn rss_kib(daemon: &Daemon) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.proc.pid()))
-        .expect("/proc/PID/status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let pid = daemon.proc.pid();
+    (status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM"))
 }
 
 /// CPU time (user + system) a process has used so far; `None` for this process.
@@ -467,7 +437,7 @@ async fn bench_store(
         println!(
             "{store} daemon RSS with {n} subscribers ({} connections): VmRSS={rss} KiB \
              VmHWM={hwm} KiB (opening them took {:.0} ms)",
-            subscribers.connections,
+            n / per_conn,
             opening.as_secs_f64() * 1e3
         );
         let (mut loss, mut gain) = (Figures::default(), Figures::default());

@@ -22,7 +22,7 @@ mod common;
 use std::time::Duration;
 
 use baton::client::{Client, Role, WatchEvent};
-use common::{Daemon, Proc, field, lock_dir, mono_now, timer_worker};
+use common::{Daemon, Proc, field, lock_dir, mono_now, status_kib, summary, timer_worker};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 
@@ -32,21 +32,6 @@ fn runs() -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(if full { 20 } else { 3 })
-}
-
-/// "p50=.. p99=.. min=.. max=.. n=.." of durations.
-fn summary(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    let n = samples.len();
-    let at = |q: f64| samples[((n as f64 * q).ceil() as usize).clamp(1, n) - 1];
-    let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
-    format!(
-        "p50={} p99={} min={} max={} n={n}",
-        ms(at(0.50)),
-        ms(at(0.99)),
-        ms(samples[0]),
-        ms(samples[n - 1])
-    )
 }
 
 fn mono_of(worker: &Proc, prefix: &str) -> i128 {
@@ -151,13 +136,7 @@ async fn start_round() -> (Duration, u64) {
     };
     d.wait_role("default", Role::Leader).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.proc.pid())).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    (serving, rss)
+    (serving, status_kib(d.proc.pid(), "VmRSS"))
 }
 
 #[tokio::main]

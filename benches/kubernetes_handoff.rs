@@ -24,7 +24,7 @@ mod k8s_api;
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use baton::client::{Role, WatchEvent};
-use common::{Daemon, SOON};
+use common::{Daemon, SOON, percentile};
 use futures::StreamExt;
 use k8s_api::ApiServer;
 use nix::sys::signal::Signal;
@@ -78,43 +78,16 @@ async fn crash_failover(replicas: &[Replica; 2], runs: usize) -> Vec<f64> {
                 s.role == Role::Follower && s.leader.is_some()
             })
             .await;
-        let client = standby.client().await;
-        let mut events = Box::pin(client.watch("bench-crash"));
-        let first = timeout(SOON, events.next()).await;
-        assert!(
-            matches!(first, Ok(Some(WatchEvent::State(ref s))) if s.role == Role::Follower),
-            "the standby follows before the crash"
-        );
         // Mid-way between renewals, on average, as a crash would fall.
-        tokio::time::sleep(Duration::from_millis(rand_ms())).await;
-        let sent = Instant::now();
-        leader.proc.signal(Signal::SIGKILL);
-        let led = timeout(SOON, async {
-            while let Some(event) = events.next().await {
-                if let WatchEvent::State(state) = event
-                    && state.role == Role::Leader
-                {
-                    return Instant::now();
-                }
-            }
-            panic!("the standby's stream ended");
-        })
-        .await
-        .expect("the standby leads within SOON");
+        let pause = Duration::from_millis(rand::random_range(0..500));
+        let took =
+            until_standby_leads(&leader, &standby, "bench-crash", Signal::SIGKILL, pause).await;
         leader.proc.wait();
-        samples.push((led - sent).as_secs_f64() * 1e3 - (CRASH_LEASE_SECS * 1000) as f64);
+        samples.push(took.as_secs_f64() * 1e3 - (CRASH_LEASE_SECS * 1000) as f64);
         leader = standby;
         which = 1 - which;
     }
     samples
-}
-
-/// A pause of 0-499 ms, so crashes do not all fall at the same point of the renewal period.
-fn rand_ms() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    u64::from(nanos % 500)
 }
 
 fn replica(api: &ApiServer, dir: &Path, identity: &'static str) -> Replica {
@@ -154,16 +127,32 @@ async fn start_standby(api: &ApiServer, replica: &Replica) -> Daemon {
 
 /// SIGTERM the leader; the time until the follower's stream says LEADER.
 async fn hand_off(leader: &mut Daemon, follower: &Daemon) -> Duration {
-    let client = follower.client().await;
-    let mut events = Box::pin(client.watch(ELECTION));
+    let took =
+        until_standby_leads(leader, follower, ELECTION, Signal::SIGTERM, Duration::ZERO).await;
+    assert!(leader.proc.wait().success(), "the old leader exits cleanly");
+    took
+}
+
+/// Once the standby's stream says it follows, wait `pause`, send `signal` to the leader; the
+/// time from the signal until the standby's stream says LEADER.
+async fn until_standby_leads(
+    leader: &Daemon,
+    standby: &Daemon,
+    election: &str,
+    signal: Signal,
+    pause: Duration,
+) -> Duration {
+    let client = standby.client().await;
+    let mut events = Box::pin(client.watch(election));
     // The current state first: following.
     let first = timeout(SOON, events.next()).await;
     assert!(
         matches!(first, Ok(Some(WatchEvent::State(ref s))) if s.role == Role::Follower),
-        "the standby follows before the hand-off"
+        "the standby follows before the {signal}"
     );
+    tokio::time::sleep(pause).await;
     let sent = Instant::now();
-    leader.proc.signal(Signal::SIGTERM);
+    leader.proc.signal(signal);
     let led = timeout(SOON, async {
         while let Some(event) = events.next().await {
             if let WatchEvent::State(state) = event
@@ -176,13 +165,7 @@ async fn hand_off(leader: &mut Daemon, follower: &Daemon) -> Duration {
     })
     .await
     .expect("the standby leads within SOON");
-    assert!(leader.proc.wait().success(), "the old leader exits cleanly");
     led - sent
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn per_minute(before: &k8s_api::Stats, after: &k8s_api::Stats, window: Duration) -> String {

@@ -53,7 +53,7 @@ use std::{
 };
 
 use baton::client::Role;
-use common::{Daemon, Proc, SOON, field, mono_now, timer_worker};
+use common::{Daemon, Proc, SOON, field, mono_now, percentile, timer_worker};
 use etcd_server::Etcd;
 use k8s_api::ApiServer;
 use nix::sys::signal::Signal;
@@ -689,16 +689,14 @@ impl Suite {
                 continue;
             }
             figures.sort_by(f64::total_cmp);
-            // Nearest rank.
-            let at = |q: f64| figures[((figures.len() as f64 * q).ceil() as usize).max(1) - 1];
             println!(
                 "faults store={} summary fault={} n={} p50={:.1}ms p99={:.1}ms max={:.1}ms \
                  no-take-over={kept} (lease {}ms)",
                 self.name(),
                 fault.name(),
                 outcomes.len(),
-                at(0.5),
-                at(0.99),
+                percentile(&figures, 50.0),
+                percentile(&figures, 99.0),
                 figures[figures.len() - 1],
                 LEASE.as_millis()
             );

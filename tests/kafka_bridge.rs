@@ -23,7 +23,7 @@ use std::{
 };
 
 use baton::client::{Client, Role};
-use common::{Daemon, Proc, SOON, example, field, free_port, lock_dir, mono_now};
+use common::{Daemon, Proc, SOON, example, field, free_port, lock_dir, mono_now, percentile};
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use rdkafka::{
@@ -326,10 +326,6 @@ impl Cluster {
     }
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
-}
-
 /// Run the fault sequence against replicas started with `store_args`; assert no duplicate.
 async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
     let broker = Broker::start().await;
@@ -592,10 +588,10 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
         println!(
             "  {kind:?}: n={} fault->first record p50={:.1}ms p99={:.1}ms; records lost p50={} p99={}",
             samples.len(),
-            percentile(&samples, 0.5),
-            percentile(&samples, 0.99),
-            percentile(&gap, 0.5),
-            percentile(&gap, 0.99)
+            percentile(&samples, 50.0),
+            percentile(&samples, 99.0),
+            percentile(&gap, 50.0),
+            percentile(&gap, 99.0)
         );
     }
 }

@@ -319,6 +319,59 @@ pub fn stamps(worker: &Proc, prefix: &str) -> Vec<i128> {
         .collect()
 }
 
+/// Assert that the `old` worker stopped exactly once, and before `new_start` (the new worker's
+/// CLOCK_MONOTONIC start), and that none of its ticks came after that start.
+pub fn assert_stopped_before(old: &Proc, new_start: i128) {
+    let stops = stamps(old, "stopped");
+    assert_eq!(
+        stops.len(),
+        1,
+        "the old worker stopped once: {:?}",
+        old.stdout.all()
+    );
+    assert!(
+        stops[0] < new_start,
+        "the old worker stopped at {} but the new one started at {new_start}",
+        stops[0]
+    );
+    assert!(
+        stamps(old, "Clustered route")
+            .iter()
+            .all(|t| *t < new_start),
+        "a tick of the old worker after the new one started"
+    );
+}
+
+/// The nearest-rank `p`-th percentile (0-100) of sorted samples.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// "p50=.. p99=.. min=.. max=.. n=.." of durations, in milliseconds.
+pub fn summary(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let ms = |d: Duration| format!("{:.2}ms", d.as_secs_f64() * 1e3);
+    format!(
+        "p50={} p99={} min={} max={} n={}",
+        ms(percentile(&samples, 50.0)),
+        ms(percentile(&samples, 99.0)),
+        ms(samples[0]),
+        ms(samples[samples.len() - 1]),
+        samples.len()
+    )
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in KiB.
+pub fn status_kib(pid: impl std::fmt::Display, name: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+}
+
 /// Short `baton run` timings for end-to-end tests: a 3 s lease (whole seconds, as etcd and
 /// Kubernetes need), a 2 s renew deadline, a 500 ms retry period.
 pub const SHORT_TIMING: [&str; 6] = [
