@@ -9,7 +9,8 @@
 //! [`Coalesced`] lets the other ready tasks run first: the first write after a flush yields to
 //! the scheduler once (the task wakes itself, so it only waits its turn), then writes
 //! everything queued by then. The wait is the work of the tasks already queued: nothing on an
-//! idle daemon, and during a fan-out the very work being batched.
+//! idle daemon, and during a fan-out the very work being batched. What is queued by then is a
+//! connection's own streams, because [`crate::fanout`] wakes them back to back.
 //!
 //! Under TLS, tonic puts rustls above this wrapper; rustls takes the plaintext and writes the
 //! records through at its flush, so TLS connections are not coalesced.

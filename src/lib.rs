@@ -30,6 +30,8 @@ mod backoff;
 pub mod client;
 #[cfg(feature = "daemon")]
 mod coalesce;
+#[cfg(feature = "daemon")]
+mod fanout;
 pub mod proto;
 
 #[cfg(feature = "daemon")]

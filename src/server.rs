@@ -8,11 +8,11 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
-use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
     election::{Election, ElectionError, Leadership, Role},
+    fanout::Fanout,
     proto::{self, leadership_server::LeadershipServer},
 };
 
@@ -59,13 +59,21 @@ impl From<ApiError> for Status {
 #[derive(Clone)]
 pub struct LeadershipService {
     elections: Arc<[Election]>,
+    /// The WatchLeadership streams' wake-ups, one per election, in the same order.
+    fanouts: Arc<[Fanout]>,
 }
 
 impl LeadershipService {
-    /// Serve these elections.
+    /// Serve these elections. Spawns one [`Fanout`] task per election, which ends when its
+    /// election stops.
     pub fn new(elections: Vec<Election>) -> Self {
+        let fanouts = elections
+            .iter()
+            .map(|e| Fanout::spawn(e.changes()))
+            .collect();
         LeadershipService {
             elections: elections.into(),
+            fanouts,
         }
     }
 
@@ -75,6 +83,10 @@ impl LeadershipService {
     }
 
     fn find(&self, name: &str) -> Result<&Election, ApiError> {
+        self.position(name).map(|i| &self.elections[i])
+    }
+
+    fn position(&self, name: &str) -> Result<usize, ApiError> {
         if name.is_empty() {
             return Err(ApiError::InvalidArgument {
                 field: "election",
@@ -83,7 +95,7 @@ impl LeadershipService {
         }
         self.elections
             .iter()
-            .find(|e| e.name() == name)
+            .position(|e| e.name() == name)
             .ok_or_else(|| ApiError::UnknownElection {
                 name: name.to_owned(),
                 known: self
@@ -145,15 +157,17 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::WatchLeadershipRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let peer = request.remote_addr();
         let request = request.into_inner();
-        let election = self.find(&request.election)?;
+        let index = self.position(&request.election)?;
         let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
-        let subscription = election.subscribe(worker, request.ready);
-        // The watch stream only signals "changed"; the state sent is read by `deliver`, which
-        // records a worker being told LEADER atomically with reading it. When the client goes
-        // away tonic drops the stream, and with it the subscription.
-        let events = WatchStream::new(subscription.changes())
-            .map(move |_| Ok(to_event(&subscription.deliver())));
+        let subscription = self.elections[index].subscribe(worker, request.ready);
+        // Each state is read by `Subscription::deliver`, which records a worker being told
+        // LEADER atomically with reading it. When the client goes away tonic drops the
+        // stream, and with it the subscription.
+        let events = self.fanouts[index]
+            .watch(peer)
+            .map(move |()| Ok(to_event(&subscription.deliver())));
         Ok(Response::new(Box::pin(events)))
     }
 
