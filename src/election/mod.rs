@@ -374,12 +374,6 @@ impl Drop for WorkerGuard {
 }
 
 impl Subscription {
-    /// A receiver that wakes on every change (mark it seen before reading with
-    /// [`Subscription::deliver`]).
-    pub fn changes(&self) -> watch::Receiver<Leadership> {
-        self.state.clone()
-    }
-
     /// The state to send to the subscriber now. For a worker, being told LEADER is recorded
     /// atomically with reading the state: the elector checks the same record, under the same
     /// lock, before it releases, so a worker can never be told it leads after the release
