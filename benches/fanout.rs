@@ -46,6 +46,8 @@ mod etcd_server;
 #[cfg(feature = "kubernetes")]
 #[path = "../tests/k8s_api/mod.rs"]
 mod k8s_api;
+#[path = "fanout/lean.rs"]
+mod lean;
 
 use std::time::Duration;
 
@@ -87,9 +89,28 @@ struct Seen {
     history: Vec<(Role, String, u64)>,
 }
 
+/// How the subscribers read their streams.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// tonic's client, as the worker client embeds it.
+    Tonic,
+    /// HTTP/2 by hand, one pass over each read ([`lean`]).
+    Lean,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Tonic => "tonic",
+            Kind::Lean => "lean",
+        }
+    }
+}
+
 /// N subscribers on one daemon.
 struct Subscribers {
     addr: String,
+    kind: Kind,
     per_conn: usize,
     tasks: JoinSet<()>,
     events: mpsc::UnboundedReceiver<Vec<Received>>,
@@ -104,10 +125,11 @@ struct Subscribers {
 }
 
 impl Subscribers {
-    fn new(addr: &str, per_conn: usize) -> Subscribers {
+    fn new(addr: &str, kind: Kind, per_conn: usize) -> Subscribers {
         let (sender, events) = mpsc::unbounded_channel();
         Subscribers {
             addr: addr.to_owned(),
+            kind,
             per_conn,
             tasks: JoinSet::new(),
             events,
@@ -133,35 +155,49 @@ impl Subscribers {
         );
         while self.seen.len() < n {
             let first = self.seen.len();
-            let streams = watch_streams(&self.addr, first..first + self.per_conn).await;
+            let indexes = first..first + self.per_conn;
             self.seen
                 .extend((0..self.per_conn).map(|_| Seen::default()));
+            // Every event decoded at one wake-up is stamped and sent to the main task in one
+            // batch, so the main task's work stays off the stream-reading path.
             let sender = self.sender.clone();
-            self.tasks.spawn(async move {
-                let mut streams = futures::stream::select_all(streams);
-                // Every event ready at a wake-up is stamped and sent to the main task in one
-                // batch, so the main task's work stays off the stream-reading path.
-                while let Some(first) = streams.next().await {
-                    let mut batch = vec![first];
-                    while let Some(Some(more)) = streams.next().now_or_never() {
-                        batch.push(more);
-                    }
-                    let at = Instant::now();
-                    let batch = batch
-                        .into_iter()
-                        .map(|(subscriber, event)| Received {
-                            subscriber,
-                            at,
-                            role: Role::try_from(event.role).unwrap_or(Role::Unknown),
-                            leader: event.leader,
-                            term: event.term,
-                        })
-                        .collect();
-                    if sender.send(batch).is_err() {
-                        return;
-                    }
+            let send = move |batch: Vec<(usize, LeadershipEvent)>| {
+                let at = Instant::now();
+                let batch = batch
+                    .into_iter()
+                    .map(|(subscriber, event)| Received {
+                        subscriber,
+                        at,
+                        role: Role::try_from(event.role).unwrap_or(Role::Unknown),
+                        leader: event.leader,
+                        term: event.term,
+                    })
+                    .collect();
+                sender.send(batch).is_ok()
+            };
+            match self.kind {
+                Kind::Tonic => {
+                    let streams = watch_streams(&self.addr, indexes).await;
+                    self.tasks.spawn(async move {
+                        let mut streams = futures::stream::select_all(streams);
+                        while let Some(first) = streams.next().await {
+                            let mut batch = vec![first];
+                            while let Some(Some(more)) = streams.next().now_or_never() {
+                                batch.push(more);
+                            }
+                            if !send(batch) {
+                                return;
+                            }
+                        }
+                    });
                 }
-            });
+                Kind::Lean => {
+                    let host_port = self.addr.strip_prefix("http://").expect("a TCP daemon");
+                    let mut connection = lean::Connection::open(host_port, ELECTION, indexes).await;
+                    self.tasks
+                        .spawn(async move { while send(connection.next_events().await) {} });
+                }
+            }
         }
         self.settle(|s| s.role.is_some()).await;
     }
@@ -405,14 +441,31 @@ impl Figures {
     }
 }
 
-/// A leads, B follows; subscribers on A. Runs `changes` loss/gain pairs at each N.
-async fn bench_store(
-    store: &str,
-    start: impl Fn(&str) -> Daemon,
-    sizes: &[usize],
+/// What to run for each store.
+struct Plan {
+    sizes: &'static [usize],
+    /// Loss/gain pairs at each N.
     changes: usize,
     per_conn: usize,
-) {
+    kinds: Vec<Kind>,
+}
+
+/// For each kind of subscriber: A leads, B follows; subscribers on A. Runs `changes`
+/// loss/gain pairs at each N.
+async fn bench_store(store: &str, start: impl Fn(&str) -> Daemon, plan: &Plan) {
+    for &kind in &plan.kinds {
+        let label = format!("{store} ({} subscribers)", kind.name());
+        bench_kind(&label, &start, plan, kind).await;
+    }
+}
+
+async fn bench_kind(store: &str, start: &impl Fn(&str) -> Daemon, plan: &Plan, kind: Kind) {
+    let &Plan {
+        sizes,
+        changes,
+        per_conn,
+        ..
+    } = plan;
     let a = start("a");
     let a_state = a.wait_role(ELECTION, Role::Leader).await;
     let b = start("b");
@@ -427,7 +480,7 @@ async fn bench_store(
     let (rss, hwm) = rss_kib(&a);
     println!("{store} daemon RSS with 0 subscribers: VmRSS={rss} KiB VmHWM={hwm} KiB");
 
-    let mut subscribers = Subscribers::new(&a.addr, per_conn);
+    let mut subscribers = Subscribers::new(&a.addr, kind, per_conn);
     for &n in sizes {
         let opened = Instant::now();
         subscribers.grow_to(n).await;
@@ -527,6 +580,21 @@ async fn main() {
     let changes = env("BATON_BENCH_RUNS").unwrap_or(if full { 10 } else { 1 });
     let per_conn = env("BATON_BENCH_STREAMS_PER_CONN").unwrap_or(100);
     let sizes: &[usize] = if full { &[1_000, 10_000] } else { &[1_000] };
+    let kinds = std::env::var("BATON_BENCH_SUBSCRIBERS").unwrap_or("tonic,lean".to_owned());
+    let kinds = kinds
+        .split(',')
+        .map(|k| match k {
+            "tonic" => Kind::Tonic,
+            "lean" => Kind::Lean,
+            other => panic!("BATON_BENCH_SUBSCRIBERS: {other:?} is neither tonic nor lean"),
+        })
+        .collect();
+    let plan = Plan {
+        sizes,
+        changes,
+        per_conn,
+        kinds,
+    };
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -548,9 +616,7 @@ async fn main() {
         bench_store(
             "file",
             |id| Daemon::start(id, &["--lock-dir", &lock, "--election", ELECTION]),
-            sizes,
-            changes,
-            per_conn,
+            &plan,
         )
         .await;
     }
@@ -573,9 +639,7 @@ async fn main() {
                     &["--store", "kubernetes", "--election", ELECTION],
                 )
             },
-            sizes,
-            changes,
-            per_conn,
+            &plan,
         )
         .await;
     }
@@ -599,9 +663,7 @@ async fn main() {
                     ],
                 )
             },
-            sizes,
-            changes,
-            per_conn,
+            &plan,
         )
         .await;
     }
