@@ -49,7 +49,7 @@ mod k8s_api;
 #[path = "fanout/lean.rs"]
 mod lean;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use baton::{
     client::Role,
@@ -71,7 +71,7 @@ struct Received {
     subscriber: usize,
     at: Instant,
     role: Role,
-    leader: String,
+    leader: Arc<str>,
     term: u64,
 }
 
@@ -79,14 +79,14 @@ struct Received {
 #[derive(Clone, Default)]
 struct Seen {
     role: Option<Role>,
-    leader: String,
+    leader: Arc<str>,
     term: u64,
     /// When this subscriber first received the change being measured.
     reached: Option<Instant>,
     /// Events received since the trigger.
     events: u64,
     /// The distinct states (role, leader, term) received since the trigger, in order.
-    history: Vec<(Role, String, u64)>,
+    history: Vec<(Role, Arc<str>, u64)>,
 }
 
 /// How the subscribers read their streams.
@@ -161,7 +161,8 @@ impl Subscribers {
             // Every event decoded at one wake-up is stamped and sent to the main task in one
             // batch, so the main task's work stays off the stream-reading path.
             let sender = self.sender.clone();
-            let send = move |batch: Vec<(usize, LeadershipEvent)>| {
+            let mut leaders = Vec::new();
+            let mut send = move |batch: Vec<(usize, LeadershipEvent)>| {
                 let at = Instant::now();
                 let batch = batch
                     .into_iter()
@@ -169,7 +170,7 @@ impl Subscribers {
                         subscriber,
                         at,
                         role: Role::try_from(event.role).unwrap_or(Role::Unknown),
-                        leader: event.leader,
+                        leader: intern(&mut leaders, event.leader),
                         term: event.term,
                     })
                     .collect();
@@ -233,7 +234,7 @@ impl Subscribers {
     /// passed through another state naming a leader in a term other than the last one before
     /// the change and the final one (printed: an observer's transient view).
     async fn expect_final(&mut self, role: Role, leader: &str, term: u64, before: u64) -> usize {
-        let is_final = |s: &Seen| s.role == Some(role) && s.leader == leader && s.term == term;
+        let is_final = |s: &Seen| s.role == Some(role) && *s.leader == *leader && s.term == term;
         let settled = timeout(SOON, async {
             let never = |_: &Received| false;
             self.wait(self.trigger, &never, &is_final).await;
@@ -335,6 +336,17 @@ impl Subscribers {
             })
             .collect()
     }
+}
+
+/// The same `Arc` for the same name: there are few leaders, and the main task then clones a
+/// pointer per event, not a string.
+fn intern(known: &mut Vec<Arc<str>>, name: String) -> Arc<str> {
+    if let Some(same) = known.iter().find(|k| ***k == *name) {
+        return same.clone();
+    }
+    let name = Arc::<str>::from(name);
+    known.push(name.clone());
+    name
 }
 
 /// A subscriber's events, tagged with its index; ends when the stream does.
@@ -506,7 +518,7 @@ async fn bench_kind(store: &str, start: &impl Fn(&str) -> Daemon, plan: &Plan, k
                         ca.resign(ELECTION, Some("b")).await.expect("resign a");
                     },
                     |e| e.role != Role::Leader,
-                    |s| s.role == Some(Role::Follower) && s.leader == "b" && s.term > term,
+                    |s| s.role == Some(Role::Follower) && &*s.leader == "b" && s.term > term,
                 )
                 .await;
             let b_term = b.wait_role(ELECTION, Role::Leader).await.term;
@@ -523,7 +535,7 @@ async fn bench_kind(store: &str, start: &impl Fn(&str) -> Daemon, plan: &Plan, k
                         cb.resign(ELECTION, Some("a")).await.expect("resign b");
                     },
                     |e| e.role == Role::Leader && e.term > term,
-                    |s| s.role == Some(Role::Leader) && s.leader == "a" && s.term > term,
+                    |s| s.role == Some(Role::Leader) && &*s.leader == "a" && s.term > term,
                 )
                 .await;
             let a_term = a.wait_role(ELECTION, Role::Leader).await.term;

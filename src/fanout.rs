@@ -16,7 +16,10 @@ use std::{
     hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     task::{Context, Poll, Waker},
 };
 
@@ -30,15 +33,22 @@ type Key = (u64, u64);
 /// Wakes an election's WatchLeadership streams on each change, grouped by connection.
 #[derive(Clone)]
 pub struct Fanout {
-    shared: Arc<Mutex<Waiters>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Bumped on every change, under the `waiters` lock; read without it by a stream that is
+    /// not yet up to date.
+    version: AtomicU64,
+    /// The election's state channel closed (the election has stopped): set before the last
+    /// bump of `version`.
+    closed: AtomicBool,
+    waiters: Mutex<Waiters>,
 }
 
 #[derive(Default)]
 struct Waiters {
-    /// Bumped on every change.
-    version: u64,
-    /// The election's state channel closed: the election has stopped.
-    closed: bool,
     /// Streams opened so far; the last part of each stream's key.
     opened: u64,
     /// The streams waiting for the next version. A stream that goes away leaves `None`.
@@ -57,8 +67,9 @@ impl Fanout {
                 let open = changes.changed().await.is_ok();
                 let mut woken = {
                     let mut waiters = relay.lock();
-                    waiters.version += 1;
-                    waiters.closed = !open;
+                    let shared = &relay.shared;
+                    shared.closed.store(!open, Ordering::Relaxed);
+                    shared.version.fetch_add(1, Ordering::Release);
                     std::mem::take(&mut waiters.waiting)
                 };
                 // Connection by connection.
@@ -92,7 +103,10 @@ impl Fanout {
 
     fn lock(&self) -> MutexGuard<'_, Waiters> {
         // The lock guards plain data; a panic elsewhere cannot leave it half-updated.
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -110,37 +124,56 @@ impl Stream for Watch {
     type Item = ();
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        let this = self.get_mut();
-        let mut waiters = this.fanout.lock();
-        if this.seen.is_some() && waiters.closed {
-            return Poll::Ready(None);
+        let Watch {
+            fanout,
+            key,
+            seen,
+            slot,
+        } = self.get_mut();
+        if let Some(item) = news(&fanout.shared, seen, slot) {
+            return Poll::Ready(item);
         }
-        if this.seen != Some(waiters.version) {
-            this.seen = Some(waiters.version);
-            this.slot = None;
-            return Poll::Ready(Some(()));
+        let mut waiters = fanout.lock();
+        // Again under the lock that the relay bumps the version under: no change can slip
+        // between this check and the registration.
+        if let Some(item) = news(&fanout.shared, seen, slot) {
+            return Poll::Ready(item);
         }
-        // Under the lock that the relay bumps the version under: no change can slip between
-        // the check above and this registration.
-        match this.slot {
-            Some(slot) => match &mut waiters.waiting[slot].1 {
+        match *slot {
+            Some(at) => match &mut waiters.waiting[at].1 {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
                 waker => *waker = Some(cx.waker().clone()),
             },
             None => {
-                this.slot = Some(waiters.waiting.len());
-                waiters.waiting.push((this.key, Some(cx.waker().clone())));
+                *slot = Some(waiters.waiting.len());
+                waiters.waiting.push((*key, Some(cx.waker().clone())));
             }
         }
         Poll::Pending
     }
 }
 
+/// What a stream that last saw `seen` yields without waiting, if anything: the end, or a
+/// change (then it has seen it, and its old place in the waiting list is gone).
+fn news(shared: &Shared, seen: &mut Option<u64>, slot: &mut Option<usize>) -> Option<Option<()>> {
+    let version = shared.version.load(Ordering::Acquire);
+    if seen.is_some() && shared.closed.load(Ordering::Relaxed) {
+        return Some(None);
+    }
+    if *seen == Some(version) {
+        return None;
+    }
+    *seen = Some(version);
+    *slot = None;
+    Some(Some(()))
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         let mut waiters = self.fanout.lock();
+        let version = self.fanout.shared.version.load(Ordering::Relaxed);
         if let Some(slot) = self.slot
-            && self.seen == Some(waiters.version)
+            && self.seen == Some(version)
         {
             waiters.waiting[slot].1 = None;
         }
