@@ -6,6 +6,7 @@
 //! cargo bench --features etcd --bench fanout      # also on a real etcd
 //! BATON_BENCH_RUNS=20 BATON_BENCH_STREAMS_PER_CONN=500 cargo bench --bench fanout
 //! BATON_BENCH_STORES=etcd cargo bench --features etcd --bench fanout   # file,kubernetes,etcd
+//! BATON_BENCH_SUBSCRIBERS=lean cargo bench --bench fanout                # tonic,lean
 //! ```
 //!
 //! Stores: the file store; the Kubernetes store against the Lease API test double
@@ -18,7 +19,16 @@
 //! One task per connection reads all its streams and stamps every event with the monotonic
 //! clock as it is decoded (one stamp for the events decoded at one wake-up): what an
 //! aggregator watching many elections would do, and it keeps the subscribers' share of the two
-//! cores down. Two kinds of change, alternating:
+//! cores down. Each store runs twice, with fresh daemons, once per kind of subscriber
+//! (`BATON_BENCH_SUBSCRIBERS`, default both):
+//!
+//! - **tonic**: the streams are tonic clients, as the worker client embeds them. On this
+//!   machine they share the daemon's cores and use about as much CPU as the daemon does.
+//! - **lean**: the streams are read by [`lean`], HTTP/2 by hand, one pass over each read; the
+//!   subscribers then use about a third of the daemon's CPU, and the figure is mostly the
+//!   daemon's own, as when the subscribers run elsewhere.
+//!
+//! Two kinds of change, alternating:
 //!
 //! - **loss**: `Resign(A, successor B)` is sent; a subscriber has the change when it receives
 //!   a state that is not LEADER. A announces the loss before it touches the store, so this is
@@ -36,7 +46,7 @@
 //! the term the new leader reports itself), and no subscriber ever sees a term go down.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs 1 change of each kind at
-//! N = 1,000 only, as a smoke test of the benchmark itself.
+//! N = 1,000 only, with both kinds of subscriber, as a smoke test of the benchmark itself.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
