@@ -204,7 +204,8 @@ impl Subscribers {
                 }
                 Kind::Lean => {
                     let host_port = self.addr.strip_prefix("http://").expect("a TCP daemon");
-                    let mut connection = lean::Connection::open(host_port, ELECTION, indexes).await;
+                    let mut connection =
+                        lean::Connection::open(host_port, &watch_request(), indexes).await;
                     self.tasks
                         .spawn(async move { while send(connection.next_events().await) {} });
                 }
@@ -351,7 +352,7 @@ impl Subscribers {
 /// The same `Arc` for the same name: there are few leaders, and the main task then clones a
 /// pointer per event, not a string.
 fn intern(known: &mut Vec<Arc<str>>, name: String) -> Arc<str> {
-    if let Some(same) = known.iter().find(|k| ***k == *name) {
+    if let Some(same) = known.iter().find(|k| k.as_ref() == name) {
         return same.clone();
     }
     let name = Arc::<str>::from(name);
@@ -481,6 +482,7 @@ async fn bench_store(store: &str, start: impl Fn(&str) -> Daemon, plan: &Plan) {
     }
 }
 
+/// One kind of subscriber; `store` labels the figures.
 async fn bench_kind(store: &str, start: &impl Fn(&str) -> Daemon, plan: &Plan, kind: Kind) {
     let &Plan {
         sizes,
@@ -602,8 +604,10 @@ async fn main() {
     let changes = env("BATON_BENCH_RUNS").unwrap_or(if full { 10 } else { 1 });
     let per_conn = env("BATON_BENCH_STREAMS_PER_CONN").unwrap_or(100);
     let sizes: &[usize] = if full { &[1_000, 10_000] } else { &[1_000] };
-    let kinds = std::env::var("BATON_BENCH_SUBSCRIBERS").unwrap_or("tonic,lean".to_owned());
-    let kinds = kinds
+    let kinds = std::env::var("BATON_BENCH_SUBSCRIBERS").unwrap_or_default();
+    let kinds = Some(kinds.as_str())
+        .filter(|k| !k.is_empty())
+        .unwrap_or("tonic,lean")
         .split(',')
         .map(|k| match k {
             "tonic" => Kind::Tonic,

@@ -9,15 +9,20 @@
 //! [`Coalesced`] lets the other ready tasks run first: the first write after a flush yields to
 //! the scheduler once (the task wakes itself, so it only waits its turn), then writes
 //! everything queued by then. The wait is the work of the tasks already queued: nothing on an
-//! idle daemon, and during a fan-out the very work being batched. What is queued by then is a
-//! connection's own streams, because [`crate::fanout`] wakes them back to back.
+//! idle daemon, and during a fan-out the very work being batched. What is queued by then is
+//! mostly the connection's own streams, because [`crate::fanout`] wakes them back to back.
 //!
 //! Under TLS, tonic puts rustls above this wrapper; rustls takes the plaintext and writes the
 //! records through at its flush, so TLS connections are not coalesced.
+//!
+//! The wrapper also numbers its connection, for [`crate::fanout`] to group the streams by: the
+//! number reaches each request as its connect info, [`ConnectionNumber`]. It replaces the
+//! transport's (peer address, credentials), which nothing here reads.
 
 use std::{
     io,
     pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
 };
 
@@ -30,14 +35,23 @@ pub struct Coalesced<T> {
     inner: T,
     /// Whether the next write yields first: set by a completed flush.
     yield_next: bool,
+    /// This connection's number in this process.
+    number: u64,
 }
 
+/// A connection's number in this process, distinct for every connection the daemon accepts:
+/// the connect info tonic puts in each request's extensions (under TLS, inside its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionNumber(pub u64);
+
 impl<T> Coalesced<T> {
-    /// Wrap an accepted connection.
+    /// Wrap an accepted connection, giving it the next number.
     pub fn new(inner: T) -> Self {
+        static ACCEPTED: AtomicU64 = AtomicU64::new(0);
         Coalesced {
             inner,
             yield_next: true,
+            number: ACCEPTED.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -98,11 +112,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     }
 }
 
-impl<T: Connected> Connected for Coalesced<T> {
-    type ConnectInfo = T::ConnectInfo;
+impl<T> Connected for Coalesced<T> {
+    type ConnectInfo = ConnectionNumber;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        ConnectionNumber(self.number)
     }
 }
 

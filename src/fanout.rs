@@ -6,15 +6,17 @@
 //! connections (tokio spreads a channel's waiters over several lists at random), so each
 //! connection's frames trickle in among everyone else's and leave a few per write.
 //!
-//! [`Fanout`] is the one waiter on the channel. On a change it wakes the waiting streams in
-//! the order of the connection they arrived on, so a connection's streams run back to back and
-//! their frames leave together. Only the order of the wake-ups changes: like a stream over the
-//! channel, a [`Watch`] only says "changed", and its user reads the state when it is polled, so
-//! it skips states that were replaced before its turn.
+//! [`Fanout`] is the one waiter on the channel. On a change it wakes the waiting streams
+//! grouped by the connection they arrived on (the number [`crate::coalesce::Coalesced`] gives
+//! it), so a connection's streams mostly run back to back and their frames leave together. The
+//! group that goes first is picked at random on each change, so no connection is always last.
+//!
+//! Only the order of the wake-ups changes: like a stream over the channel, a [`Watch`] only
+//! says "changed", and its user reads the state when it is polled, so it skips states that were
+//! replaced before its turn; and when the channel closes, a stream still yields the last change
+//! it has not seen before it ends.
 
 use std::{
-    hash::{BuildHasher, BuildHasherDefault, DefaultHasher},
-    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -24,10 +26,12 @@ use std::{
 };
 
 use futures::Stream;
+use slab::Slab;
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
-/// Where a stream's wake-up comes in the order: a hash of its connection's peer address (the
-/// same for all streams of a Unix socket), then the order the streams were opened in.
+/// Where a stream's wake-up comes in the order: its connection's number, then the order the
+/// streams were opened in.
 type Key = (u64, u64);
 
 /// Wakes an election's WatchLeadership streams on each change, grouped by connection.
@@ -41,8 +45,7 @@ struct Shared {
     /// Bumped on every change, under the `waiters` lock; read without it by a stream that is
     /// not yet up to date.
     version: AtomicU64,
-    /// The election's state channel closed (the election has stopped): set before the last
-    /// bump of `version`.
+    /// The channel closed (the election has stopped). Set under the `waiters` lock.
     closed: AtomicBool,
     waiters: Mutex<Waiters>,
 }
@@ -51,51 +54,69 @@ struct Shared {
 struct Waiters {
     /// Streams opened so far; the last part of each stream's key.
     opened: u64,
-    /// The streams waiting for the next version. A stream that goes away leaves `None`.
-    waiting: Vec<(Key, Option<Waker>)>,
+    /// Bumped each time the relay takes `waiting`: a stream's place in it is only good for the
+    /// generation it registered in.
+    generation: u64,
+    /// The streams waiting for a change.
+    waiting: Slab<(Key, Waker)>,
 }
 
 impl Fanout {
-    /// Relay `changes` to the streams: a task that runs until the channel closes.
-    pub fn spawn<T: Send + Sync + 'static>(mut changes: watch::Receiver<T>) -> Fanout {
+    /// Relay `changes` to the streams, from a task that runs until the channel closes or the
+    /// returned handle is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn<T: Send + Sync + 'static>(
+        mut changes: watch::Receiver<T>,
+    ) -> (Fanout, AbortOnDropHandle<()>) {
         let fanout = Fanout {
             shared: Arc::default(),
         };
         let relay = fanout.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            // Kept between changes, so that their allocations are too.
+            let mut taken = Slab::new();
+            let mut order = Vec::new();
             loop {
                 let open = changes.changed().await.is_ok();
-                let mut woken = {
+                {
                     let mut waiters = relay.lock();
-                    let shared = &relay.shared;
-                    shared.closed.store(!open, Ordering::Relaxed);
-                    shared.version.fetch_add(1, Ordering::Release);
-                    std::mem::take(&mut waiters.waiting)
-                };
-                // Connection by connection.
-                woken.sort_unstable_by_key(|(key, _)| *key);
-                woken
-                    .into_iter()
-                    .filter_map(|(_, w)| w)
-                    .for_each(Waker::wake);
+                    if open {
+                        relay.shared.version.fetch_add(1, Ordering::Release);
+                    } else {
+                        relay.shared.closed.store(true, Ordering::Release);
+                    }
+                    waiters.generation += 1;
+                    std::mem::swap(&mut waiters.waiting, &mut taken);
+                }
+                order.extend(taken.drain());
+                order.sort_unstable_by_key(|(key, _): &(Key, Waker)| *key);
+                if !order.is_empty() {
+                    let first = order[rand::random_range(0..order.len())].0.0;
+                    let start = order.partition_point(|((connection, _), _)| *connection < first);
+                    order.rotate_left(start);
+                }
+                order.drain(..).for_each(|(_, waker)| waker.wake());
                 if !open {
                     return;
                 }
             }
         });
-        fanout
+        (fanout, AbortOnDropHandle::new(task))
     }
 
-    /// A stream of "changed" for a client on `peer`: one item at once, then one per wake-up
-    /// after a change (changes made before the stream is polled count once). It ends when the
-    /// channel closes.
-    pub fn watch(&self, peer: Option<SocketAddr>) -> Watch {
-        let connection = BuildHasherDefault::<DefaultHasher>::default().hash_one(peer);
+    /// A stream of "changed" for a client on connection number `connection` (`None`: not
+    /// known; such streams form one group): one item at once, then one per wake-up after a
+    /// change (changes made before the stream is polled count once). Once the channel has
+    /// closed it ends, after the last change it had not seen.
+    pub fn watch(&self, connection: Option<u64>) -> Watch {
         let mut waiters = self.lock();
         waiters.opened += 1;
         Watch {
             fanout: self.clone(),
-            key: (connection, waiters.opened),
+            key: (connection.unwrap_or(u64::MAX), waiters.opened),
             seen: None,
             slot: None,
         }
@@ -114,10 +135,10 @@ impl Fanout {
 pub struct Watch {
     fanout: Fanout,
     key: Key,
-    /// The version whose state this stream last read.
+    /// The version this stream last yielded.
     seen: Option<u64>,
-    /// Its place in `waiting` while it waits for the version after `seen`.
-    slot: Option<usize>,
+    /// Its place in `waiting`, and the generation of `waiting` that place belongs to.
+    slot: Option<(u64, usize)>,
 }
 
 impl Stream for Watch {
@@ -130,190 +151,288 @@ impl Stream for Watch {
             seen,
             slot,
         } = self.get_mut();
-        if let Some(item) = news(&fanout.shared, seen, slot) {
-            return Poll::Ready(item);
+        if let ready @ Poll::Ready(_) = news(&fanout.shared, seen) {
+            return ready;
         }
-        let mut waiters = fanout.lock();
-        // Again under the lock that the relay bumps the version under: no change can slip
-        // between this check and the registration.
-        if let Some(item) = news(&fanout.shared, seen, slot) {
-            return Poll::Ready(item);
+        let mut guard = fanout.lock();
+        // Again under the lock that the relay changes `version` and `closed` under: no change
+        // can slip between this check and the registration.
+        if let ready @ Poll::Ready(_) = news(&fanout.shared, seen) {
+            return ready;
         }
+        let waiters = &mut *guard;
         match *slot {
-            Some(at) => match &mut waiters.waiting[at].1 {
-                Some(waker) if waker.will_wake(cx.waker()) => {}
-                waker => *waker = Some(cx.waker().clone()),
-            },
-            None => {
-                *slot = Some(waiters.waiting.len());
-                waiters.waiting.push((*key, Some(cx.waker().clone())));
+            Some((generation, at)) if generation == waiters.generation => {
+                let waker = &mut waiters.waiting[at].1;
+                if !waker.will_wake(cx.waker()) {
+                    waker.clone_from(cx.waker());
+                }
+            }
+            _ => {
+                let at = waiters.waiting.insert((*key, cx.waker().clone()));
+                *slot = Some((waiters.generation, at));
             }
         }
         Poll::Pending
     }
 }
 
-/// What a stream that last saw `seen` yields without waiting, if anything: the end, or a
-/// change (then it has seen it, and its old place in the waiting list is gone).
-fn news(shared: &Shared, seen: &mut Option<u64>, slot: &mut Option<usize>) -> Option<Option<()>> {
+/// What a stream that last yielded `seen` yields now without waiting: a change it has not
+/// seen (it has then), the end once the channel has closed, or `Pending`.
+fn news(shared: &Shared, seen: &mut Option<u64>) -> Poll<Option<()>> {
     let version = shared.version.load(Ordering::Acquire);
-    if seen.is_some() && shared.closed.load(Ordering::Relaxed) {
-        return Some(None);
+    if *seen != Some(version) {
+        *seen = Some(version);
+        Poll::Ready(Some(()))
+    } else if shared.closed.load(Ordering::Acquire) {
+        Poll::Ready(None)
+    } else {
+        Poll::Pending
     }
-    if *seen == Some(version) {
-        return None;
-    }
-    *seen = Some(version);
-    *slot = None;
-    Some(Some(()))
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut waiters = self.fanout.lock();
-        let version = self.fanout.shared.version.load(Ordering::Relaxed);
-        if let Some(slot) = self.slot
-            && self.seen == Some(version)
-        {
-            waiters.waiting[slot].1 = None;
+        if let Some((generation, at)) = self.slot {
+            let mut waiters = self.fanout.lock();
+            if generation == waiters.generation {
+                waiters.waiting.remove(at);
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::{Arc, Mutex},
-        task::Wake,
-        time::Duration,
-    };
+    use std::{sync::Arc, task::Wake, time::Duration};
 
     use futures::{FutureExt, StreamExt};
+    use tokio::sync::mpsc;
 
     use super::*;
 
-    /// Records, in a shared log, that stream `index` was woken.
+    /// Sends `index` down `log` when woken.
     struct Logged {
         index: usize,
-        log: Arc<Mutex<Vec<usize>>>,
+        log: mpsc::UnboundedSender<usize>,
     }
 
     impl Wake for Logged {
         fn wake(self: Arc<Self>) {
-            self.log.lock().unwrap().push(self.index);
+            let _ = self.log.send(self.index);
         }
     }
 
+    type Log = (mpsc::UnboundedSender<usize>, mpsc::UnboundedReceiver<usize>);
+
     /// Poll `watch` once with a waker that logs `index`.
-    fn poll(watch: &mut Watch, index: usize, log: &Arc<Mutex<Vec<usize>>>) -> Poll<Option<()>> {
+    fn poll(watch: &mut Watch, index: usize, log: &Log) -> Poll<Option<()>> {
         let waker = Waker::from(Arc::new(Logged {
             index,
-            log: log.clone(),
+            log: log.0.clone(),
         }));
         Pin::new(watch).poll_next(&mut Context::from_waker(&waker))
     }
 
-    /// Wait until the relay has logged `n` wake-ups.
-    async fn woken(log: &Arc<Mutex<Vec<usize>>>, n: usize) -> Vec<usize> {
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while log.lock().unwrap().len() < n {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("the relay wakes the waiting streams");
-        std::mem::take(&mut *log.lock().unwrap())
+    /// The next `n` wake-ups, in order.
+    async fn woken(log: &mut Log, n: usize) -> Vec<usize> {
+        let mut indexes = Vec::new();
+        while indexes.len() < n {
+            let next = tokio::time::timeout(Duration::from_secs(5), log.1.recv()).await;
+            indexes.push(
+                next.expect("the relay wakes the waiting streams")
+                    .expect("open"),
+            );
+        }
+        indexes
     }
 
-    fn peer(port: u16) -> Option<SocketAddr> {
-        Some(SocketAddr::from(([127, 0, 0, 1], port)))
+    /// Let the relay run whatever it has to (the tests run on one thread).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test]
     async fn a_change_wakes_the_streams_connection_by_connection() {
         let (tx, rx) = watch::channel(0);
-        let fanout = Fanout::spawn(rx);
+        let (fanout, _relay) = Fanout::spawn(rx);
         // Opened interleaved: connections 1, 2, 3, 1, 2, 3, ...
-        let peers: Vec<u16> = (0..12).map(|i| 40_000 + i % 3).collect();
-        let mut streams: Vec<Watch> = peers.iter().map(|&p| fanout.watch(peer(p))).collect();
-        let log = Arc::default();
+        let connections: Vec<u64> = (0..12).map(|i| 1 + i % 3).collect();
+        let mut streams: Vec<Watch> = connections.iter().map(|&c| fanout.watch(Some(c))).collect();
+        let mut log = mpsc::unbounded_channel();
         for (i, watch) in streams.iter_mut().enumerate() {
             assert_eq!(poll(watch, i, &log), Poll::Ready(Some(())), "first poll");
             assert_eq!(poll(watch, i, &log), Poll::Pending, "nothing new");
         }
-
-        tx.send(1).unwrap();
-        let order = woken(&log, streams.len()).await;
-        let connections: Vec<u16> = order.iter().map(|&i| peers[i]).collect();
-        let mut runs = connections.clone();
-        runs.dedup();
-        assert_eq!(runs.len(), 3, "one run per connection: {connections:?}");
-        for port in [40_000, 40_001, 40_002] {
-            let opened: Vec<usize> = (0..12).filter(|&i| peers[i] == port).collect();
-            let within: Vec<usize> = order
-                .iter()
-                .copied()
-                .filter(|&i| peers[i] == port)
-                .collect();
-            assert_eq!(
-                within, opened,
-                "in the order opened within connection {port}"
-            );
+        let mut firsts = std::collections::BTreeSet::new();
+        for change in 1..=30 {
+            tx.send(change).unwrap();
+            let order = woken(&mut log, streams.len()).await;
+            let mut runs: Vec<u64> = order.iter().map(|&i| connections[i]).collect();
+            runs.dedup();
+            assert_eq!(runs.len(), 3, "one run per connection: {order:?}");
+            firsts.insert(runs[0]);
+            for connection in 1..=3 {
+                let opened: Vec<usize> =
+                    (0..12).filter(|&i| connections[i] == connection).collect();
+                let within: Vec<usize> = order
+                    .iter()
+                    .copied()
+                    .filter(|&i| connections[i] == connection)
+                    .collect();
+                assert_eq!(
+                    within, opened,
+                    "in the order opened on connection {connection}"
+                );
+            }
+            for (i, watch) in streams.iter_mut().enumerate() {
+                assert_eq!(
+                    poll(watch, i, &log),
+                    Poll::Ready(Some(())),
+                    "stream {i} changed"
+                );
+                assert_eq!(poll(watch, i, &log), Poll::Pending);
+            }
         }
-        for (i, watch) in streams.iter_mut().enumerate() {
-            assert_eq!(
-                poll(watch, i, &log),
-                Poll::Ready(Some(())),
-                "stream {i} changed"
-            );
-        }
+        // Each connection has a 1 in 3 chance to go first; in 30 changes, all three do but
+        // for a chance of about 1 in 10^5.
+        assert_eq!(firsts.len(), 3, "the first connection varies: {firsts:?}");
     }
 
     #[tokio::test]
     async fn changes_before_a_poll_count_once_and_none_is_lost() {
         let (tx, rx) = watch::channel(0);
-        let fanout = Fanout::spawn(rx);
+        let (fanout, _relay) = Fanout::spawn(rx);
         let mut watch = fanout.watch(None);
-        let log = Arc::default();
+        let mut log = mpsc::unbounded_channel();
         assert_eq!(poll(&mut watch, 0, &log), Poll::Ready(Some(())));
         assert_eq!(poll(&mut watch, 0, &log), Poll::Pending);
-        // Polled again before the change: one registration, one wake-up.
-        assert_eq!(poll(&mut watch, 0, &log), Poll::Pending);
+        // Polled again with another waker before the change: that one is woken, once.
+        assert_eq!(poll(&mut watch, 1, &log), Poll::Pending);
         tx.send(1).unwrap();
-        assert_eq!(woken(&log, 1).await, [0]);
+        assert_eq!(woken(&mut log, 1).await, [1]);
+        assert_eq!(poll(&mut watch, 0, &log), Poll::Ready(Some(())));
+        // Two changes while the relay has not run (one thread): one wake-up, one item.
+        assert_eq!(poll(&mut watch, 0, &log), Poll::Pending);
         tx.send(2).unwrap();
         tx.send(3).unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(woken(&mut log, 1).await, [0]);
         assert_eq!(poll(&mut watch, 0, &log), Poll::Ready(Some(())));
         assert_eq!(
             poll(&mut watch, 0, &log),
             Poll::Pending,
-            "one item for three changes"
+            "one item for two changes"
         );
-        // A change after the registration wakes it.
-        tx.send(4).unwrap();
-        assert_eq!(woken(&log, 1).await, [0]);
-        assert_eq!(poll(&mut watch, 0, &log), Poll::Ready(Some(())));
-        assert!(log.lock().unwrap().is_empty(), "no extra wake-ups");
+        settle().await;
+        assert!(log.1.try_recv().is_err(), "no extra wake-ups");
     }
 
     #[tokio::test]
-    async fn a_dropped_stream_is_not_woken_and_closing_ends_the_others() {
+    async fn a_stream_yields_the_last_change_before_it_ends() {
         let (tx, rx) = watch::channel(0);
-        let fanout = Fanout::spawn(rx);
-        let (mut kept, mut dropped) = (fanout.watch(peer(1)), fanout.watch(peer(2)));
-        let log = Arc::default();
-        for (i, watch) in [&mut kept, &mut dropped].into_iter().enumerate() {
+        let (fanout, _relay) = Fanout::spawn(rx);
+        let (mut waiting, mut behind) = (fanout.watch(Some(1)), fanout.watch(Some(2)));
+        let mut log = mpsc::unbounded_channel();
+        for (i, watch) in [&mut waiting, &mut behind].into_iter().enumerate() {
             assert_eq!(poll(watch, i, &log), Poll::Ready(Some(())));
-            assert_eq!(poll(watch, i, &log), Poll::Pending);
         }
-        drop(dropped);
+        assert_eq!(poll(&mut waiting, 0, &log), Poll::Pending);
+        // The election's last state, then it stops: the relay sees both before `waiting`
+        // runs again.
+        tx.send(1).unwrap();
         drop(tx);
-        assert_eq!(woken(&log, 1).await, [0], "only the stream still open");
-        assert_eq!(poll(&mut kept, 0, &log), Poll::Ready(None), "ended");
+        assert_eq!(woken(&mut log, 1).await, [0]);
+        settle().await;
+        for (i, watch) in [&mut waiting, &mut behind].into_iter().enumerate() {
+            assert_eq!(
+                poll(watch, i, &log),
+                Poll::Ready(Some(())),
+                "stream {i}: last change"
+            );
+            assert_eq!(
+                poll(watch, i, &log),
+                Poll::Ready(None),
+                "stream {i}: then the end"
+            );
+        }
         // A stream opened after the close still gives its first item, then ends.
-        let mut late = fanout.watch(peer(3));
+        let mut late = fanout.watch(Some(3));
         assert_eq!(late.next().now_or_never(), Some(Some(())));
         assert_eq!(late.next().now_or_never(), Some(None));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stream_leaves_no_waiter_behind() {
+        let (tx, rx) = watch::channel(0);
+        let (fanout, _relay) = Fanout::spawn(rx);
+        let mut log = mpsc::unbounded_channel();
+        let mut kept = fanout.watch(Some(1));
+        assert_eq!(poll(&mut kept, 0, &log), Poll::Ready(Some(())));
+        // Streams that wait and go away, while nothing changes, leave nothing behind.
+        for i in 1..1_000 {
+            let mut gone = fanout.watch(Some(2));
+            assert_eq!(poll(&mut gone, i, &log), Poll::Ready(Some(())));
+            assert_eq!(poll(&mut gone, i, &log), Poll::Pending);
+        }
+        assert_eq!(fanout.lock().waiting.len(), 0);
+
+        // A stream whose place is from a generation the relay has taken does not free the
+        // place another stream holds now.
+        let mut stale = fanout.watch(Some(2));
+        assert_eq!(poll(&mut stale, 1, &log), Poll::Ready(Some(())));
+        assert_eq!(poll(&mut stale, 1, &log), Poll::Pending);
+        assert_eq!(poll(&mut kept, 0, &log), Poll::Pending);
+        tx.send(1).unwrap();
+        let mut both = woken(&mut log, 2).await;
+        both.sort();
+        assert_eq!(both, [0, 1]);
+        assert_eq!(poll(&mut kept, 0, &log), Poll::Ready(Some(())));
+        assert_eq!(
+            poll(&mut kept, 0, &log),
+            Poll::Pending,
+            "registered at place 0 again"
+        );
+        drop(stale);
+        tx.send(2).unwrap();
+        assert_eq!(
+            woken(&mut log, 1).await,
+            [0],
+            "the kept stream is still woken"
+        );
+    }
+
+    /// Many streams on a multi-threaded runtime, each reading the channel as it goes: each
+    /// ends, after reading the last value sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_load_every_stream_reads_the_last_value_then_ends() {
+        const STREAMS: u64 = 200;
+        const CHANGES: u64 = 2_000;
+        let (tx, rx) = watch::channel(0);
+        let (fanout, _relay) = Fanout::spawn(rx.clone());
+        let mut readers = tokio::task::JoinSet::new();
+        for i in 0..STREAMS {
+            let mut watch = fanout.watch(Some(i % 7));
+            let rx = rx.clone();
+            readers.spawn(async move {
+                let mut last = 0;
+                while watch.next().await.is_some() {
+                    last = *rx.borrow();
+                }
+                last
+            });
+        }
+        for value in 1..=CHANGES {
+            tx.send(value).unwrap();
+            if value % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(tx);
+        let all = tokio::time::timeout(Duration::from_secs(30), readers.join_all())
+            .await
+            .expect("every stream ends once the channel closes");
+        assert_eq!(all, vec![CHANGES; STREAMS as usize]);
     }
 }

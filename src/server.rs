@@ -8,9 +8,11 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
-use tonic::{Request, Response, Status};
+use tokio_util::task::AbortOnDropHandle;
+use tonic::{Request, Response, Status, transport::server::TlsConnectInfo};
 
 use crate::{
+    coalesce::ConnectionNumber,
     election::{Election, ElectionError, Leadership, Role},
     fanout::Fanout,
     proto::{self, leadership_server::LeadershipServer},
@@ -58,22 +60,35 @@ impl From<ApiError> for Status {
 /// The `baton.v1.Leadership` service over a fixed set of elections.
 #[derive(Clone)]
 pub struct LeadershipService {
-    elections: Arc<[Election]>,
-    /// The WatchLeadership streams' wake-ups, one per election, in the same order.
-    fanouts: Arc<[Fanout]>,
+    elections: Arc<[Served]>,
+    /// The fan-out relays: they stop when the last clone of the service goes, if their
+    /// elections have not stopped first.
+    _relays: Arc<[AbortOnDropHandle<()>]>,
+}
+
+/// An election, and the wake-ups of its WatchLeadership streams.
+struct Served {
+    election: Election,
+    fanout: Fanout,
 }
 
 impl LeadershipService {
-    /// Serve these elections. Spawns one [`Fanout`] task per election, which ends when its
-    /// election stops.
+    /// Serve these elections, with one [`Fanout`] relay task per election.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     pub fn new(elections: Vec<Election>) -> Self {
-        let fanouts = elections
-            .iter()
-            .map(|e| Fanout::spawn(e.changes()))
-            .collect();
+        let (elections, relays) = elections
+            .into_iter()
+            .map(|election| {
+                let (fanout, relay) = Fanout::spawn(election.changes());
+                (Served { election, fanout }, relay)
+            })
+            .unzip::<_, _, Vec<_>, Vec<_>>();
         LeadershipService {
             elections: elections.into(),
-            fanouts,
+            _relays: relays.into(),
         }
     }
 
@@ -83,10 +98,10 @@ impl LeadershipService {
     }
 
     fn find(&self, name: &str) -> Result<&Election, ApiError> {
-        self.position(name).map(|i| &self.elections[i])
+        self.served(name).map(|s| &s.election)
     }
 
-    fn position(&self, name: &str) -> Result<usize, ApiError> {
+    fn served(&self, name: &str) -> Result<&Served, ApiError> {
         if name.is_empty() {
             return Err(ApiError::InvalidArgument {
                 field: "election",
@@ -95,13 +110,13 @@ impl LeadershipService {
         }
         self.elections
             .iter()
-            .position(|e| e.name() == name)
+            .find(|s| s.election.name() == name)
             .ok_or_else(|| ApiError::UnknownElection {
                 name: name.to_owned(),
                 known: self
                     .elections
                     .iter()
-                    .map(Election::name)
+                    .map(|s| s.election.name())
                     .collect::<Vec<_>>()
                     .join(", "),
             })
@@ -147,6 +162,19 @@ pub fn to_event(state: &Leadership) -> proto::LeadershipEvent {
     }
 }
 
+/// The number [`Coalesced`](crate::coalesce::Coalesced) gave the request's connection: tonic
+/// puts the connect info in the request's extensions, under TLS inside its own.
+fn connection_number(extensions: &tonic::Extensions) -> Option<u64> {
+    extensions
+        .get::<ConnectionNumber>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<ConnectionNumber>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .map(|n| n.0)
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::LeadershipEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -157,16 +185,18 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::WatchLeadershipRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let peer = request.remote_addr();
+        let connection = connection_number(request.extensions());
         let request = request.into_inner();
-        let index = self.position(&request.election)?;
+        let served = self.served(&request.election)?;
         let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
-        let subscription = self.elections[index].subscribe(worker, request.ready);
+        tracing::debug!(election = %request.election, ?worker, ?connection, "watch opened");
+        let subscription = served.election.subscribe(worker, request.ready);
         // Each state is read by `Subscription::deliver`, which records a worker being told
         // LEADER atomically with reading it. When the client goes away tonic drops the
         // stream, and with it the subscription.
-        let events = self.fanouts[index]
-            .watch(peer)
+        let events = served
+            .fanout
+            .watch(connection)
             .map(move |()| Ok(to_event(&subscription.deliver())));
         Ok(Response::new(Box::pin(events)))
     }
@@ -186,7 +216,7 @@ impl proto::leadership_server::Leadership for LeadershipService {
         let elections = self
             .elections
             .iter()
-            .map(|e| to_event(&e.current()))
+            .map(|s| to_event(&s.election.current()))
             .collect();
         Ok(Response::new(proto::ListLeadershipResponse { elections }))
     }

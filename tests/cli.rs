@@ -128,8 +128,9 @@ fn grpcurl(args: &[&str]) -> Output {
 #[tokio::test]
 async fn grpcurl_works_without_a_proto_file() {
     let dir = lock_dir();
-    let d = Daemon::start(
+    let d = Daemon::start_logging_watches(
         "a",
+        "127.0.0.1:0",
         &[
             "--lock-dir",
             dir.path().to_str().unwrap(),
@@ -170,6 +171,13 @@ async fn grpcurl_works_without_a_proto_file() {
     assert!(events.contains(r#""role": "ROLE_LEADER""#), "{events}");
     assert!(events.contains(r#""leader": "a""#), "{events}");
     assert!(events.contains(r#""validFor""#), "{events}");
+    // The test's client and grpcurl watched on two TCP connections, numbered apart.
+    let connections = d.watch_connections(2);
+    assert!(
+        connections.iter().all(|c| c.starts_with("Some(")),
+        "{connections:?}"
+    );
+    assert_ne!(connections[0], connections[1]);
 
     let health = grpcurl(&["-plaintext", &host, "grpc.health.v1.Health/Check"]);
     assert!(String::from_utf8_lossy(&health.stdout).contains("SERVING"));

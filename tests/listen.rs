@@ -108,7 +108,7 @@ async fn a_unix_socket_serves_grpcurl_the_client_and_the_cli() {
     let sockets = tempfile::tempdir().expect("tempdir");
     let listen = socket_in(sockets.path());
     let path = sockets.path().join("baton.sock");
-    let mut d = Daemon::start_on(
+    let mut d = Daemon::start_logging_watches(
         "a",
         &listen,
         &["--lock-dir", locks.path().to_str().unwrap()],
@@ -175,6 +175,14 @@ async fn a_unix_socket_serves_grpcurl_the_client_and_the_cli() {
     worker
         .stdout
         .wait_for("a tick", |l| l.starts_with("Clustered route (timer)"));
+    // The test's client and the worker watched on two connections to the socket, numbered
+    // apart.
+    let connections = d.watch_connections(2);
+    assert!(
+        connections.iter().all(|c| c.starts_with("Some(")),
+        "{connections:?}"
+    );
+    assert_ne!(connections[0], connections[1]);
 
     d.proc.signal(Signal::SIGTERM);
     assert!(d.proc.wait().success());
@@ -246,8 +254,9 @@ async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
     let ca = pki.ca("ca");
     pki.leaf("server", &ca, ExtendedKeyUsagePurpose::ServerAuth);
     let locks = lock_dir();
-    let d = Daemon::start(
+    let d = Daemon::start_logging_watches(
         "a",
+        "127.0.0.1:0",
         &[
             "--lock-dir",
             locks.path().to_str().unwrap(),
@@ -279,6 +288,9 @@ async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
         text(&watch.stdout),
         text(&watch.stderr)
     );
+    // Under TLS too the stream knows its connection's number.
+    let connections = d.watch_connections(1);
+    assert!(connections[0].starts_with("Some("), "{connections:?}");
 
     // Plaintext against a TLS listener, and TLS without trusting the CA, both fail.
     let plain = grpcurl(&["-plaintext", "-max-time", "5", &host, "list"]);

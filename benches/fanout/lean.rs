@@ -39,6 +39,8 @@ const PADDED: u8 = 0x8;
 
 /// The largest flow-control window (2^31 - 1).
 const MAX_WINDOW: u32 = i32::MAX as u32;
+/// A frame header's stream id, without the reserved bit.
+const STREAM_ID: u32 = 0x7fff_ffff;
 /// Top a window up after this many bytes read from it.
 const TOP_UP: u32 = 1 << 30;
 const FRAME_HEADER: usize = 9;
@@ -63,9 +65,14 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connect to `addr` (`host:port`) and open a WatchLeadership stream on `election` for
-    /// each of `subscribers`.
-    pub async fn open(addr: &str, election: &str, subscribers: Range<usize>) -> Connection {
+    /// Connect to `addr` (`host:port`) and open a WatchLeadership stream with `request` for
+    /// each of `subscribers`. All the requests go out before the daemon's SETTINGS are read:
+    /// the daemon sets no stream limit, and they fit in the default 65,535-byte window.
+    pub async fn open(
+        addr: &str,
+        request: &WatchLeadershipRequest,
+        subscribers: Range<usize>,
+    ) -> Connection {
         let socket = TcpStream::connect(addr)
             .await
             .expect("connect to the daemon");
@@ -88,9 +95,9 @@ impl Connection {
             settings.extend_from_slice(&id.to_be_bytes());
             settings.extend_from_slice(&value.to_be_bytes());
         }
-        frame(out, SETTINGS, 0, 0, &settings);
+        put_frame(out, SETTINGS, 0, 0, &settings);
         // The connection's window starts at 65,535 whatever the settings say.
-        frame(
+        put_frame(
             out,
             WINDOW_UPDATE,
             0,
@@ -99,19 +106,14 @@ impl Connection {
         );
 
         let headers = header_block(addr);
-        let mut request = vec![0; MESSAGE_PREFIX];
-        WatchLeadershipRequest {
-            election: election.to_owned(),
-            ..Default::default()
-        }
-        .encode(&mut request)
-        .expect("encode the request");
-        let length = (request.len() - MESSAGE_PREFIX) as u32;
-        request[1..MESSAGE_PREFIX].copy_from_slice(&length.to_be_bytes());
+        let mut message = vec![0; MESSAGE_PREFIX];
+        request.encode(&mut message).expect("encode the request");
+        let length = (message.len() - MESSAGE_PREFIX) as u32;
+        message[1..MESSAGE_PREFIX].copy_from_slice(&length.to_be_bytes());
         for i in 0..n {
             let stream = stream_id(i);
-            frame(out, HEADERS, END_HEADERS, stream, &headers);
-            frame(out, DATA, END_STREAM, stream, &request);
+            put_frame(out, HEADERS, END_HEADERS, stream, &headers);
+            put_frame(out, DATA, END_STREAM, stream, &message);
         }
         connection.flush().await;
         connection
@@ -156,7 +158,7 @@ impl Connection {
                 break;
             };
             let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
-            self.frame(header[3], header[4], stream & MAX_WINDOW, payload, events);
+            self.handle_frame(header[3], header[4], stream & STREAM_ID, payload, events);
             rest = &rest[FRAME_HEADER + length..];
         }
         let used = input.len() - rest.len();
@@ -164,7 +166,7 @@ impl Connection {
         self.input = input;
     }
 
-    fn frame(
+    fn handle_frame(
         &mut self,
         kind: u8,
         flags: u8,
@@ -182,7 +184,11 @@ impl Connection {
                 );
                 self.count_read(index, payload.len() as u32);
                 let data = if flags & PADDED != 0 {
-                    let pad = usize::from(payload[0]);
+                    let pad = payload.first().map_or(usize::MAX, |&p| usize::from(p));
+                    assert!(
+                        pad < payload.len(),
+                        "a DATA frame padded past its end (a PROTOCOL_ERROR)"
+                    );
                     &payload[1..payload.len() - pad]
                 } else {
                     payload
@@ -215,8 +221,8 @@ impl Connection {
                 self.first + self.index(stream),
                 u32::from_be_bytes(payload[..4].try_into().expect("error code"))
             ),
-            SETTINGS if flags & ACK == 0 => frame(&mut self.output, SETTINGS, ACK, 0, &[]),
-            PING if flags & ACK == 0 => frame(&mut self.output, PING, ACK, 0, payload),
+            SETTINGS if flags & ACK == 0 => put_frame(&mut self.output, SETTINGS, ACK, 0, &[]),
+            PING if flags & ACK == 0 => put_frame(&mut self.output, PING, ACK, 0, payload),
             GOAWAY => panic!(
                 "the daemon sent GOAWAY (error code {})",
                 u32::from_be_bytes(payload[4..8].try_into().expect("error code"))
@@ -240,7 +246,7 @@ impl Connection {
         self.connection_read += length;
         if self.connection_read >= TOP_UP {
             let increment = std::mem::take(&mut self.connection_read);
-            frame(
+            put_frame(
                 &mut self.output,
                 WINDOW_UPDATE,
                 0,
@@ -253,7 +259,7 @@ impl Connection {
         if *read >= TOP_UP {
             let increment = std::mem::take(read);
             let stream = stream_id(index);
-            frame(
+            put_frame(
                 &mut self.output,
                 WINDOW_UPDATE,
                 0,
@@ -290,7 +296,7 @@ fn stream_id(index: usize) -> u32 {
 }
 
 /// Append one frame.
-fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+fn put_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
     out.extend_from_slice(&[kind, flags]);
     out.extend_from_slice(&stream.to_be_bytes());

@@ -196,8 +196,11 @@ impl Daemon {
     ) -> Daemon {
         command
             .args(["run", "--identity", identity, "--listen", listen])
-            .args(args)
-            .env("RUST_LOG", "info");
+            .args(args);
+        // `info` unless the caller chose.
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let proc = Proc::spawn(command, "daemon: ");
         let line = proc
             .stderr
@@ -217,6 +220,32 @@ impl Daemon {
             addr,
             identity: identity.to_owned(),
         }
+    }
+
+    /// Like [`Daemon::start_on`], logging also each WatchLeadership stream it opens (`watch
+    /// opened`, with the number of the connection it came on: see [`Daemon::watch_connections`]).
+    pub fn start_logging_watches(identity: &str, listen: &str, args: &[&str]) -> Daemon {
+        let mut command = baton();
+        command.env("RUST_LOG", "info,baton::server=debug");
+        Self::start_command_on(identity, command, listen, args)
+    }
+
+    /// The `connection=` of the first `n` `watch opened` lines, once there are `n`. The
+    /// fan-out groups streams by the connection's number, so every transport must give one:
+    /// each should be `Some(N)`.
+    pub fn watch_connections(&self, n: usize) -> Vec<String> {
+        let opened = |l: &str| l.contains("watch opened");
+        self.proc
+            .stderr
+            .wait_count("'watch opened' lines", n, opened);
+        self.proc
+            .stderr
+            .all()
+            .iter()
+            .filter(|l| opened(l))
+            .take(n)
+            .map(|l| field(l, "connection").unwrap_or("(none)").to_owned())
+            .collect()
     }
 
     /// The daemon's `baton serving` log line (its addresses: `listen=`, `tls=`, `health=`,
