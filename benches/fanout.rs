@@ -65,7 +65,7 @@ use baton::{
     client::Role,
     proto::{LeadershipEvent, WatchLeadershipRequest, leadership_client::LeadershipClient},
 };
-use common::{Daemon, SOON, status_kib, summary};
+use common::{Daemon, SOON, proc_number, status_kib, summary};
 use futures::{FutureExt, StreamExt};
 use tokio::{
     sync::mpsc,
@@ -109,6 +109,8 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 2] = [Kind::Tonic, Kind::Lean];
+
     fn name(self) -> &'static str {
         match self {
             Kind::Tonic => "tonic",
@@ -422,12 +424,7 @@ fn cpu_time(daemon: Option<&Daemon>) -> Duration {
 /// Write-family system calls a daemon has made so far (`syscw` of `/proc/PID/io`): socket
 /// writes, and the few others (the runtime's eventfd wake-ups, logs, the store's writes).
 fn write_calls(daemon: &Daemon) -> u64 {
-    let io =
-        std::fs::read_to_string(format!("/proc/{}/io", daemon.proc.pid())).expect("/proc/PID/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("syscw:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("syscw in /proc/PID/io")
+    proc_number(daemon.proc.pid(), "io", "syscw")
 }
 
 /// Latencies of one kind of change over the changes made.
@@ -609,10 +606,13 @@ async fn main() {
         .filter(|k| !k.is_empty())
         .unwrap_or("tonic,lean")
         .split(',')
-        .map(|k| match k {
-            "tonic" => Kind::Tonic,
-            "lean" => Kind::Lean,
-            other => panic!("BATON_BENCH_SUBSCRIBERS: {other:?} is neither tonic nor lean"),
+        .map(|name| {
+            Kind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .unwrap_or_else(|| {
+                    panic!("BATON_BENCH_SUBSCRIBERS: {name:?} is neither tonic nor lean")
+                })
         })
         .collect();
     let plan = Plan {

@@ -61,15 +61,15 @@ impl From<ApiError> for Status {
 #[derive(Clone)]
 pub struct LeadershipService {
     elections: Arc<[Served]>,
-    /// The fan-out relays: they stop when the last clone of the service goes, if their
-    /// elections have not stopped first.
-    _relays: Arc<[AbortOnDropHandle<()>]>,
 }
 
 /// An election, and the wake-ups of its WatchLeadership streams.
 struct Served {
     election: Election,
     fanout: Fanout,
+    /// The fan-out's relay: it stops when the last clone of the service goes, if the election
+    /// has not stopped first.
+    _relay: AbortOnDropHandle<()>,
 }
 
 impl LeadershipService {
@@ -79,17 +79,18 @@ impl LeadershipService {
     ///
     /// Outside a tokio runtime.
     pub fn new(elections: Vec<Election>) -> Self {
-        let (elections, relays) = elections
+        let elections = elections
             .into_iter()
             .map(|election| {
                 let (fanout, relay) = Fanout::spawn(election.changes());
-                (Served { election, fanout }, relay)
+                Served {
+                    election,
+                    fanout,
+                    _relay: relay,
+                }
             })
-            .unzip::<_, _, Vec<_>, Vec<_>>();
-        LeadershipService {
-            elections: elections.into(),
-            _relays: relays.into(),
-        }
+            .collect();
+        LeadershipService { elections }
     }
 
     /// The tonic server for this service.

@@ -393,12 +393,17 @@ pub fn summary(mut samples: Vec<Duration>) -> String {
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in KiB.
 pub fn status_kib(pid: impl std::fmt::Display, name: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    status
-        .lines()
+    proc_number(pid, "status", name)
+}
+
+/// The number of a `NAME: VALUE [kB]` line of `/proc/PID/FILE` (`status`, `io`).
+pub fn proc_number(pid: impl std::fmt::Display, file: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/{file}: {e}"));
+    text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/{file}"))
 }
 
 /// Short `baton run` timings for end-to-end tests: a 3 s lease (whole seconds, as etcd and
