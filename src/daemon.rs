@@ -32,6 +32,7 @@ use crate::{
     proto,
     server::LeadershipService,
     store::{Store, file::FileStore},
+    watch::WatchLayer,
 };
 
 /// Health service (grpc.health.v1 `service` name) that is SERVING while every election has a
@@ -256,11 +257,13 @@ pub async fn run_with_store(
     ));
 
     let stop_server = CancellationToken::new();
+    let leadership = LeadershipService::new(elections.clone());
     let router = builder
+        .layer(WatchLayer::new(leadership.clone()))
         .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(LeadershipService::new(elections.clone()).into_server());
+        .add_service(leadership.into_server());
     let stopped = || stop_server.clone().cancelled_owned();
     // Held until the end: dropping it removes the socket file.
     let mut socket_file = None;

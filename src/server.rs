@@ -4,7 +4,12 @@
 //!
 //! Errors become a `tonic::Status` in exactly one place: `impl From<ApiError> for Status`.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt};
 use tokio::time::Instant;
@@ -13,8 +18,8 @@ use tonic::{Request, Response, Status, transport::server::TlsConnectInfo};
 
 use crate::{
     coalesce::ConnectionNumber,
-    election::{Election, ElectionError, Leadership, Role},
-    fanout::Fanout,
+    election::{Election, ElectionError, Leadership, Role, Subscription},
+    fanout::{ChangeId, Fanout, Watch},
     proto::{self, leadership_server::LeadershipServer},
 };
 
@@ -124,6 +129,57 @@ impl LeadershipService {
     }
 }
 
+/// An open WatchLeadership stream: the fan-out's "changed", and what to tell the subscriber.
+pub(crate) struct Watching {
+    changes: Watch,
+    subscription: Subscription,
+}
+
+impl Watching {
+    /// Ready after each change: then send [`Watching::event`]. `None` once the election has
+    /// stopped.
+    pub(crate) fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.changes.poll_next_unpin(cx)
+    }
+
+    /// The event to send now. Each state is read by `Subscription::deliver`, which records a
+    /// worker being told LEADER atomically with reading it. When the client goes away the
+    /// stream is dropped, and with it the subscription.
+    pub(crate) fn event(&self) -> proto::LeadershipEvent {
+        to_event(&self.subscription.deliver())
+    }
+
+    /// For a stream that no worker opened (an observer), which change it is at: what every
+    /// observer of the election at the same change may be sent, if they are sent the same
+    /// state. `None` for a worker's stream, whose event must be the state its
+    /// [`Watching::event`] reads.
+    pub(crate) fn observed_change(&self) -> Option<ChangeId> {
+        (!self.subscription.is_worker()).then(|| self.changes.change())
+    }
+
+    /// The state an observer is sent now.
+    pub(crate) fn state(&self) -> Leadership {
+        self.subscription.deliver()
+    }
+}
+
+impl LeadershipService {
+    /// Open a WatchLeadership stream for a client on connection number `connection`.
+    pub(crate) fn open_watch(
+        &self,
+        request: &proto::WatchLeadershipRequest,
+        connection: Option<u64>,
+    ) -> Result<Watching, ApiError> {
+        let served = self.served(&request.election)?;
+        let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
+        tracing::debug!(election = %request.election, ?worker, ?connection, "watch opened");
+        Ok(Watching {
+            changes: served.fanout.watch(connection),
+            subscription: served.election.subscribe(worker, request.ready),
+        })
+    }
+}
+
 fn require_worker(worker: &str) -> Result<&str, ApiError> {
     if worker.is_empty() {
         Err(ApiError::InvalidArgument {
@@ -137,6 +193,12 @@ fn require_worker(worker: &str) -> Result<&str, ApiError> {
 
 /// Encode a state as the wire event, with `valid_for` counted from now.
 pub fn to_event(state: &Leadership) -> proto::LeadershipEvent {
+    to_event_within(state, Duration::ZERO)
+}
+
+/// Encode a state as the wire event, for sending within `age` from now: `valid_for` counted
+/// from now, less `age`, so that it never says more than is left when the event is sent.
+pub(crate) fn to_event_within(state: &Leadership, age: Duration) -> proto::LeadershipEvent {
     let view = &state.view;
     let role = match view.role {
         Role::Unknown => proto::Role::Unknown,
@@ -144,7 +206,9 @@ pub fn to_event(state: &Leadership) -> proto::LeadershipEvent {
         Role::Leader => proto::Role::Leader,
     };
     let valid_for = view.valid_until.map(|until| {
-        let left = until.saturating_duration_since(Instant::now());
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(age);
         prost_types::Duration {
             seconds: left.as_secs() as i64,
             nanos: left.subsec_nanos() as i32,
@@ -165,7 +229,7 @@ pub fn to_event(state: &Leadership) -> proto::LeadershipEvent {
 
 /// The number [`Coalesced`](crate::coalesce::Coalesced) gave the request's connection: tonic
 /// puts the connect info in the request's extensions, under TLS inside its own.
-fn connection_number(extensions: &tonic::Extensions) -> Option<u64> {
+pub(crate) fn connection_number(extensions: &tonic::Extensions) -> Option<u64> {
     extensions
         .get::<ConnectionNumber>()
         .or_else(|| {
@@ -186,19 +250,15 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::WatchLeadershipRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // The daemon serves this method on its own route (`crate::watch`); this is the same
+        // stream through tonic's generic one.
         let connection = connection_number(request.extensions());
-        let request = request.into_inner();
-        let served = self.served(&request.election)?;
-        let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
-        tracing::debug!(election = %request.election, ?worker, ?connection, "watch opened");
-        let subscription = served.election.subscribe(worker, request.ready);
-        // Each state is read by `Subscription::deliver`, which records a worker being told
-        // LEADER atomically with reading it. When the client goes away tonic drops the
-        // stream, and with it the subscription.
-        let events = served
-            .fanout
-            .watch(connection)
-            .map(move |()| Ok(to_event(&subscription.deliver())));
+        let mut watching = self.open_watch(request.get_ref(), connection)?;
+        let events = futures::stream::poll_fn(move |cx| {
+            watching
+                .poll_change(cx)
+                .map(|changed| changed.map(|()| Ok(watching.event())))
+        });
         Ok(Response::new(Box::pin(events)))
     }
 

@@ -374,6 +374,11 @@ impl Drop for WorkerGuard {
 }
 
 impl Subscription {
+    /// Whether a worker opened it (its LEADER events are recorded), not an observer.
+    pub fn is_worker(&self) -> bool {
+        self.worker.is_some()
+    }
+
     /// The state to send to the subscriber now. For a worker, being told LEADER is recorded
     /// atomically with reading the state: the elector checks the same record, under the same
     /// lock, before it releases, so a worker can never be told it leads after the release
