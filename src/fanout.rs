@@ -39,10 +39,6 @@ use futures::Stream;
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-/// Which change of which fan-out a stream is at: equal for two streams of the same election
-/// that were woken by the same change (the first part numbers the fan-outs of this process).
-pub type ChangeId = (u64, u64);
-
 /// Where a stream's wake-up comes in the order: its connection's number, then the order the
 /// streams were opened in.
 type Key = (u64, u64);
@@ -53,9 +49,8 @@ pub struct Fanout {
     shared: Arc<Shared>,
 }
 
+#[derive(Default)]
 struct Shared {
-    /// This fan-out's number in this process.
-    id: u64,
     /// What every stream reads as it is polled, written once per change: kept off the cache
     /// line of `streams`' lock.
     news: News,
@@ -92,13 +87,8 @@ impl Fanout {
     pub fn spawn<T: Send + Sync + 'static>(
         mut changes: watch::Receiver<T>,
     ) -> (Fanout, AbortOnDropHandle<()>) {
-        static SPAWNED: AtomicU64 = AtomicU64::new(0);
         let fanout = Fanout {
-            shared: Arc::new(Shared {
-                id: SPAWNED.fetch_add(1, Ordering::Relaxed),
-                news: News::default(),
-                streams: Mutex::default(),
-            }),
+            shared: Arc::default(),
         };
         let relay = fanout.clone();
         let task = tokio::spawn(async move {
@@ -175,13 +165,6 @@ pub struct Watch {
     seen: Option<u64>,
 }
 
-impl Watch {
-    /// The change this stream last yielded.
-    pub fn change(&self) -> ChangeId {
-        (self.fanout.shared.id, self.seen.unwrap_or_default())
-    }
-}
-
 impl Stream for Watch {
     type Item = ();
 
@@ -233,11 +216,15 @@ impl News {
     /// What a stream that last yielded `seen` yields now without waiting: a change it has not
     /// seen (it has then), the end once the channel has closed, or `Pending`.
     fn take(&self, seen: &mut Option<u64>) -> Poll<Option<()>> {
+        // `closed` first: it is set after the last bump, so once it reads true, `version`
+        // reads the last change (read the other way round, a close between the two reads
+        // would end the stream before the last change).
+        let closed = self.closed.load(Ordering::Acquire);
         let version = self.version.load(Ordering::Acquire);
         if *seen != Some(version) {
             *seen = Some(version);
             Poll::Ready(Some(()))
-        } else if self.closed.load(Ordering::Acquire) {
+        } else if closed {
             Poll::Ready(None)
         } else {
             Poll::Pending
@@ -283,13 +270,22 @@ mod tests {
 
     type Log = (mpsc::UnboundedSender<usize>, mpsc::UnboundedReceiver<usize>);
 
-    /// Poll `watch` once with a waker that logs `index`.
-    fn poll(watch: &mut Watch, index: usize, log: &Log) -> Poll<Option<()>> {
-        let waker = Waker::from(Arc::new(Logged {
+    /// A waker that logs `index`.
+    fn logged(index: usize, log: &Log) -> Waker {
+        Waker::from(Arc::new(Logged {
             index,
             log: log.0.clone(),
-        }));
-        Pin::new(watch).poll_next(&mut Context::from_waker(&waker))
+        }))
+    }
+
+    fn poll_with(watch: &mut Watch, waker: &Waker) -> Poll<Option<()>> {
+        Pin::new(watch).poll_next(&mut Context::from_waker(waker))
+    }
+
+    /// Poll `watch` once with a new waker that logs `index` (another task, as far as the
+    /// stream can tell).
+    fn poll(watch: &mut Watch, index: usize, log: &Log) -> Poll<Option<()>> {
+        poll_with(watch, &logged(index, log))
     }
 
     /// The next `n` wake-ups, in order.
@@ -385,6 +381,33 @@ mod tests {
         );
         settle().await;
         assert!(log.1.try_recv().is_err(), "no extra wake-ups");
+    }
+
+    #[tokio::test]
+    async fn a_stream_polled_by_the_same_task_waits_once_and_is_woken_by_the_last_waker() {
+        let (tx, rx) = watch::channel(0);
+        let (fanout, _relay) = Fanout::spawn(rx);
+        let mut log = mpsc::unbounded_channel();
+        let (task, other) = (logged(0, &log), logged(1, &log));
+        let mut watch = fanout.watch(Some(1));
+        assert_eq!(poll_with(&mut watch, &task), Poll::Ready(Some(())));
+        assert_eq!(poll_with(&mut watch, &task), Poll::Pending);
+        assert_eq!(poll_with(&mut watch, &task), Poll::Pending, "again");
+        for change in 1..=3 {
+            tx.send(change).unwrap();
+            assert_eq!(woken(&mut log, 1).await, [0], "change {change}");
+            assert_eq!(poll_with(&mut watch, &task), Poll::Ready(Some(())));
+            assert_eq!(poll_with(&mut watch, &task), Poll::Pending);
+        }
+        settle().await;
+        assert!(log.1.try_recv().is_err(), "once per change");
+        // Polled by another task, then by the first again: the first is woken, once.
+        assert_eq!(poll_with(&mut watch, &other), Poll::Pending);
+        assert_eq!(poll_with(&mut watch, &task), Poll::Pending);
+        tx.send(4).unwrap();
+        assert_eq!(woken(&mut log, 1).await, [0]);
+        settle().await;
+        assert!(log.1.try_recv().is_err(), "the other task is not woken");
     }
 
     #[tokio::test]

@@ -3,6 +3,8 @@
 //! that `grpcurl` works with no proto file.
 //!
 //! Errors become a `tonic::Status` in exactly one place: `impl From<ApiError> for Status`.
+//! (`crate::watch` also refuses a malformed request as tonic's own handler would, with tonic's
+//! statuses.)
 
 use std::{
     pin::Pin,
@@ -19,7 +21,7 @@ use tonic::{Request, Response, Status, transport::server::TlsConnectInfo};
 use crate::{
     coalesce::ConnectionNumber,
     election::{Election, ElectionError, Leadership, Role, Subscription},
-    fanout::{ChangeId, Fanout, Watch},
+    fanout::{Fanout, Watch},
     proto::{self, leadership_server::LeadershipServer},
 };
 
@@ -98,7 +100,9 @@ impl LeadershipService {
         LeadershipService { elections }
     }
 
-    /// The tonic server for this service.
+    /// The tonic server for this service. The daemon also puts a
+    /// [`WatchLayer`](crate::watch::WatchLayer) over this service in front of its router, which
+    /// answers WatchLeadership with less work per event; without it, this server answers it.
     pub fn into_server(self) -> LeadershipServer<Self> {
         LeadershipServer::new(self)
     }
@@ -149,30 +153,27 @@ impl Watching {
         to_event(&self.subscription.deliver())
     }
 
-    /// For a stream that no worker opened (an observer), which change it is at: what every
-    /// observer of the election at the same change may be sent, if they are sent the same
-    /// state. `None` for a worker's stream, whose event must be the state its
-    /// [`Watching::event`] reads.
-    pub(crate) fn observed_change(&self) -> Option<ChangeId> {
-        (!self.subscription.is_worker()).then(|| self.changes.change())
-    }
-
-    /// The state an observer is sent now.
-    pub(crate) fn state(&self) -> Leadership {
-        self.subscription.deliver()
+    /// For a stream that no worker opened (an observer), `f` of the state now, read in place.
+    /// `None` for a worker's stream, whose event must be the state its [`Watching::event`]
+    /// reads (and records).
+    pub(crate) fn observe<R>(&self, f: impl FnOnce(&Leadership) -> R) -> Option<R> {
+        self.subscription.observe(f)
     }
 }
 
 impl LeadershipService {
-    /// Open a WatchLeadership stream for a client on connection number `connection`.
+    /// Open a WatchLeadership stream for a client on connection number `connection`, from
+    /// `route` (for the log: `watch` for [`crate::watch`]'s, `tonic` for the generated one).
     pub(crate) fn open_watch(
         &self,
         request: &proto::WatchLeadershipRequest,
         connection: Option<u64>,
+        route: &'static str,
     ) -> Result<Watching, ApiError> {
         let served = self.served(&request.election)?;
         let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
-        tracing::debug!(election = %request.election, ?worker, ?connection, "watch opened");
+        tracing::debug!(election = %request.election, ?worker, ?connection, %route,
+            "watch opened");
         Ok(Watching {
             changes: served.fanout.watch(connection),
             subscription: served.election.subscribe(worker, request.ready),
@@ -250,10 +251,11 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::WatchLeadershipRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        // The daemon serves this method on its own route (`crate::watch`); this is the same
-        // stream through tonic's generic one.
+        // The daemon answers this method before tonic's router does ([`crate::watch`]). This
+        // is the same stream for a server built from `into_server` alone; it sends the same
+        // events, each encoded for its stream.
         let connection = connection_number(request.extensions());
-        let mut watching = self.open_watch(request.get_ref(), connection)?;
+        let mut watching = self.open_watch(request.get_ref(), connection, "tonic")?;
         let events = futures::stream::poll_fn(move |cx| {
             watching
                 .poll_change(cx)

@@ -13,17 +13,19 @@
 //!
 //! - the request message is read with [`tonic::codec::Streaming`] (tonic's framing, limits and
 //!   errors); a compressed request is refused as tonic refuses it, since this server accepts no
-//!   compression;
+//!   compression. Unlike tonic, the stream starts once the message is read, without waiting for
+//!   the request's end (its trailers, which nothing here would read);
 //! - a request error is a trailers-only response, from [`Status::into_http`];
 //! - the response has tonic's headers, one gRPC message per event, written straight into the
 //!   frame's bytes, and `grpc-status: 0` in the trailers when the election stops.
 //!
 //! What the stream says is [`crate::server`]'s (`LeadershipService::open_watch`), shared with
 //! the generated service's method, so both routes send the same events. One thing differs:
-//! observers (streams opened without a worker name) woken by the same change on the same thread
+//! observers (streams opened without a worker name) that find the same state on the same thread
 //! within [`REUSE`] are sent the same bytes, encoded once, with `valid_for` short by `REUSE` so
-//! that it never says more than is left. A worker's stream is always encoded from the state its
-//! own read recorded (see `Subscription::deliver`).
+//! that it never says more than is left. Each stream is still sent the state as it finds it
+//! when polled. A worker's stream is always encoded from the state its own read recorded (see
+//! `Subscription::deliver`).
 
 use std::{
     cell::RefCell,
@@ -40,11 +42,10 @@ use http_body::Frame;
 use http_body_util::Either;
 use prost::Message;
 use tokio::time::Instant;
-use tonic::{Status, body::Body, codec::Codec as _};
+use tonic::{Status, body::Body, codec::Codec as _, metadata::MetadataValue};
 
 use crate::{
     election::Leadership,
-    fanout::ChangeId,
     proto::{self, Codec},
     server::{LeadershipService, Watching, connection_number, to_event_within},
 };
@@ -97,6 +98,8 @@ where
     type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Readiness is the inner service's even for a call answered here: tonic's router is
+        // always ready. A limit put inside this layer would count WatchLeadership as a call.
         self.inner.poll_ready(cx)
     }
 
@@ -134,9 +137,10 @@ async fn open(
             "Content is compressed with `{}` which isn't supported",
             String::from_utf8_lossy(encoding.as_bytes())
         ));
-        status
-            .metadata_mut()
-            .insert("grpc-accept-encoding", "identity".parse().expect("ASCII"));
+        status.metadata_mut().insert(
+            "grpc-accept-encoding",
+            MetadataValue::from_static("identity"),
+        );
         return Err(status);
     }
     let connection = connection_number(request.extensions());
@@ -152,7 +156,7 @@ async fn open(
         .message()
         .await?
         .ok_or_else(|| Status::internal("Missing request message."))?;
-    let watching = leadership.open_watch(&message, connection)?;
+    let watching = leadership.open_watch(&message, connection, "watch")?;
     Ok(WatchBody {
         watching: Some(watching),
     })
@@ -177,10 +181,11 @@ impl http_body::Body for WatchBody {
             return Poll::Ready(None);
         };
         let frame = match ready!(watching.poll_change(cx)) {
-            Some(()) => Frame::data(match watching.observed_change() {
-                Some(change) => observed_message(change, || watching.state()),
-                None => message(&watching.event()),
-            }),
+            Some(()) => Frame::data(
+                watching
+                    .observe(observed_message)
+                    .unwrap_or_else(|| message(&watching.event())),
+            ),
             None => {
                 self.watching = None;
                 let mut trailers = HeaderMap::with_capacity(1);
@@ -197,35 +202,47 @@ impl http_body::Body for WatchBody {
 }
 
 /// How long an observer's message is sent again on the thread that encoded it, to other
-/// observers at the same change; its `valid_for` is short by this much, so it never says more
-/// than is left.
+/// observers that find the same state; its `valid_for` is short by this much, so it never says
+/// more than is left.
 pub const REUSE: Duration = Duration::from_millis(1);
 
-thread_local! {
-    /// The observer's message this thread encoded last: its change, when, the message.
-    static LAST: RefCell<Option<(ChangeId, Instant, Bytes)>> = const { RefCell::new(None) };
+/// An observer's message, and what it was encoded from.
+struct Encoded {
+    state: Leadership,
+    at: Instant,
+    message: Bytes,
 }
 
-/// The message for an observer at `change`: the one this thread encoded for the same change in
-/// the last [`REUSE`], or `state` encoded now. In a fan-out to thousands of observers each
-/// thread encodes about once a millisecond, and the observers share its bytes.
-fn observed_message(change: ChangeId, state: impl FnOnce() -> Leadership) -> Bytes {
+thread_local! {
+    /// The observer's message this thread encoded last.
+    static LAST: RefCell<Option<Encoded>> = const { RefCell::new(None) };
+}
+
+/// The message for an observer that finds `state`: the one this thread encoded from an equal
+/// state in the last [`REUSE`], or `state` encoded now. In a fan-out to thousands of observers
+/// each thread encodes about once a millisecond, and the observers share its bytes. (A state
+/// names its election and replica, so observers of another election never match.)
+fn observed_message(state: &Leadership) -> Bytes {
     let now = Instant::now();
     LAST.with_borrow_mut(|last| {
-        if let Some((at_change, at, message)) = last
-            && *at_change == change
-            && now.duration_since(*at) < REUSE
+        if let Some(last) = last
+            && last.state == *state
+            && now.duration_since(last.at) < REUSE
         {
-            return message.clone();
+            return last.message.clone();
         }
-        let fresh = message(&to_event_within(&state(), REUSE));
-        *last = Some((change, now, fresh.clone()));
-        fresh
+        let message = message(&to_event_within(state, REUSE));
+        *last = Some(Encoded {
+            state: state.clone(),
+            at: now,
+            message: message.clone(),
+        });
+        message
     })
 }
 
 /// One length-prefixed, uncompressed gRPC message.
-fn message(event: &proto::LeadershipEvent) -> Bytes {
+fn message(event: &impl Message) -> Bytes {
     let len = event.encoded_len();
     let mut buf = BytesMut::with_capacity(5 + len);
     buf.put_u8(0);
@@ -238,6 +255,7 @@ fn message(event: &proto::LeadershipEvent) -> Bytes {
 mod tests {
     use std::{sync::Arc, time::Duration};
 
+    use futures::StreamExt;
     use http_body::Body as _;
     use http_body_util::{BodyExt, Full};
     use tokio_util::sync::CancellationToken;
@@ -247,6 +265,8 @@ mod tests {
     use super::*;
     use crate::{
         election::{CampaignMode, Election, ElectionConfig, Role},
+        proto::leadership_server::Leadership as _,
+        server::to_event,
         store::{Timing, memory::MemoryStore},
     };
 
@@ -272,8 +292,15 @@ mod tests {
         }
     }
 
+    struct Setup {
+        route: WatchRoute<Elsewhere>,
+        leadership: LeadershipService,
+        election: Election,
+        cancel: CancellationToken,
+    }
+
     /// A route over election "e", in which this replica ("a") leads.
-    async fn route() -> (WatchRoute<Elsewhere>, Election, CancellationToken) {
+    async fn setup() -> Setup {
         let cancel = CancellationToken::new();
         let (election, _task) = Election::spawn(
             Arc::new(MemoryStore::new()),
@@ -295,8 +322,13 @@ mod tests {
             .wait_for(|s| s.view.role == Role::Leader)
             .await
             .expect("running");
-        let layer = WatchLayer::new(LeadershipService::new(vec![election.clone()]));
-        (layer.layer(Elsewhere), election, cancel)
+        let leadership = LeadershipService::new(vec![election.clone()]);
+        Setup {
+            route: WatchLayer::new(leadership.clone()).layer(Elsewhere),
+            leadership,
+            election,
+            cancel,
+        }
     }
 
     fn request(path: &str, body: Vec<u8>) -> http::Request<Body> {
@@ -306,21 +338,16 @@ mod tests {
             .unwrap()
     }
 
-    fn watch(election: &str, worker: &str) -> http::Request<Body> {
-        let message = proto::WatchLeadershipRequest {
+    fn watch_request(election: &str, worker: &str) -> proto::WatchLeadershipRequest {
+        proto::WatchLeadershipRequest {
             election: election.into(),
             worker: worker.into(),
             ready: false,
-        };
-        request(PATH, message_bytes(&message).to_vec())
+        }
     }
 
-    fn message_bytes(message: &impl Message) -> Bytes {
-        let mut buf = BytesMut::new();
-        buf.put_u8(0);
-        buf.put_u32(message.encoded_len() as u32);
-        message.encode_raw(&mut buf);
-        buf.freeze()
+    fn watch(election: &str, worker: &str) -> http::Request<Body> {
+        request(PATH, message(&watch_request(election, worker)).to_vec())
     }
 
     type Answer = http::Response<Either<WatchBody, Body>>;
@@ -347,6 +374,19 @@ mod tests {
         Duration::new(d.seconds as u64, d.nanos as u32)
     }
 
+    /// An event without its times (`valid_for`, `observed_at`), to compare with a state.
+    fn untimed(event: &proto::LeadershipEvent) -> proto::LeadershipEvent {
+        proto::LeadershipEvent {
+            valid_for: None,
+            observed_at: None,
+            ..event.clone()
+        }
+    }
+
+    fn untimed_state(state: &Leadership) -> proto::LeadershipEvent {
+        untimed(&to_event(state))
+    }
+
     /// The `grpc-status` of a trailers-only answer.
     fn status(answer: &Answer) -> &str {
         assert!(answer.body().is_end_stream(), "trailers-only");
@@ -355,41 +395,57 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn other_routes_go_to_the_inner_service() {
-        let (mut route, ..) = route().await;
+        let Setup { mut route, .. } = setup().await;
         let answer = call(&mut route, request("/grpc.health.v1.Health/Check", vec![])).await;
         assert!(answer.headers().contains_key("x-elsewhere"));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_watch_streams_grpc_messages_then_ok_when_the_election_stops() {
-        let (mut route, election, cancel) = route().await;
+    async fn a_watch_streams_each_state_then_the_last_then_ok_when_the_election_stops() {
+        let Setup {
+            mut route,
+            election,
+            cancel,
+            ..
+        } = setup().await;
         let mut answer = call(&mut route, watch("e", "")).await;
         assert_eq!(answer.status(), http::StatusCode::OK);
         assert_eq!(answer.headers()[CONTENT_TYPE], "application/grpc");
-        let event = decode(&next_message(&mut answer).await);
+        let first = decode(&next_message(&mut answer).await);
         assert_eq!(
-            (event.election.as_str(), event.role(), event.leader.as_str()),
+            (first.election.as_str(), first.role(), first.leader.as_str()),
             ("e", proto::Role::Leader, "a")
         );
         let state = election.current();
+        assert_eq!(untimed(&first), untimed_state(&state));
         // Counted from now (paused), less the time an observer's message may be reused.
         let left = state.view.valid_until.unwrap() - Instant::now() - REUSE;
-        assert_eq!(valid_for(&event), left);
+        assert_eq!(valid_for(&first), left);
+
+        // A change is sent as the state it left.
+        election.resign(None).await.unwrap();
+        let next = decode(&next_message(&mut answer).await);
+        assert_ne!(untimed(&next), untimed(&first));
+        assert_eq!(untimed(&next), untimed_state(&election.current()));
+
+        // The election stops: its last state, then the trailers.
         cancel.cancel();
-        let mut trailers = None;
+        let (mut last, mut trailers) = (None, None);
         while let Some(frame) = answer.body_mut().frame().await {
-            let frame = frame.unwrap();
-            if frame.is_trailers() {
-                trailers = frame.into_trailers().ok();
+            match frame.unwrap().into_data() {
+                Ok(data) => last = Some(decode(&data)),
+                Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
+        let last = last.expect("the last state is sent");
+        assert_eq!(untimed(&last), untimed_state(&election.current()));
         assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
         assert!(answer.body().is_end_stream());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_bad_request_is_answered_trailers_only() {
-        let (mut route, ..) = route().await;
+    async fn a_bad_request_is_answered_trailers_only_as_tonic_would() {
+        let Setup { mut route, .. } = setup().await;
         let not_found = call(&mut route, watch("nope", "")).await;
         assert_eq!(status(&not_found), "5", "an unknown election");
         let unnamed = call(&mut route, watch("", "")).await;
@@ -398,17 +454,43 @@ mod tests {
         assert_eq!(status(&empty), "13", "no request message");
         let garbage = call(&mut route, request(PATH, vec![0, 0, 0, 0, 2, 0xff, 0xff])).await;
         assert_eq!(status(&garbage), "13", "a message that does not decode");
+        let mut flagged = message(&watch_request("e", "")).to_vec();
+        flagged[0] = 1;
+        let flagged = call(&mut route, request(PATH, flagged)).await;
+        assert_eq!(status(&flagged), "13", "compressed, with no grpc-encoding");
+        let mut huge = vec![0, 0, 0x50, 0, 0];
+        huge.resize(5 + 0x50_0000, 0);
+        let huge = call(&mut route, request(PATH, huge)).await;
+        assert_eq!(
+            status(&huge),
+            "11",
+            "over tonic's 4 MiB limit (its OUT_OF_RANGE)"
+        );
+
         let mut gzip = watch("e", "");
         gzip.headers_mut()
             .insert("grpc-encoding", HeaderValue::from_static("gzip"));
         let compressed = call(&mut route, gzip).await;
         assert_eq!(status(&compressed), "12", "compression");
         assert_eq!(compressed.headers()["grpc-accept-encoding"], "identity");
+        let mut identity = watch("e", "");
+        identity
+            .headers_mut()
+            .insert("grpc-encoding", HeaderValue::from_static("identity"));
+        let mut plain = call(&mut route, identity).await;
+        assert_eq!(
+            decode(&next_message(&mut plain).await).role(),
+            proto::Role::Leader
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn observers_share_a_message_and_a_worker_gets_its_own() {
-        let (mut route, election, _cancel) = route().await;
+        let Setup {
+            mut route,
+            election,
+            ..
+        } = setup().await;
         let mut first = call(&mut route, watch("e", "")).await;
         let mut second = call(&mut route, watch("e", "")).await;
         let shared = next_message(&mut first).await;
@@ -427,21 +509,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_observers_message_is_encoded_again_once_it_is_reuse_old() {
-        let (_route, election, _cancel) = route().await;
+    async fn the_generated_route_sends_the_same_events() {
+        let Setup {
+            mut route,
+            leadership,
+            ..
+        } = setup().await;
+        let mut generated = leadership
+            .watch_leadership(tonic::Request::new(watch_request("e", "")))
+            .await
+            .unwrap()
+            .into_inner();
+        let tonic_event = generated.next().await.unwrap().unwrap();
+        let mut answer = call(&mut route, watch("e", "")).await;
+        let event = decode(&next_message(&mut answer).await);
+        assert_eq!(untimed(&event), untimed(&tonic_event));
+        assert_eq!(event.observed_at, tonic_event.observed_at);
+        assert_eq!(valid_for(&event) + REUSE, valid_for(&tonic_event));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_observers_message_is_encoded_again_for_another_state_or_once_reuse_old() {
+        let Setup { election, .. } = setup().await;
         let state = election.current();
-        let change = (u64::MAX, 7);
-        let first = observed_message(change, || state.clone());
-        let again = observed_message(change, || unreachable!("reused"));
-        assert_eq!(again.as_ptr(), first.as_ptr());
-        let other = observed_message((u64::MAX, 8), || state.clone());
-        assert_ne!(other.as_ptr(), first.as_ptr(), "another change");
-        let first = observed_message(change, || state.clone());
+        let first = observed_message(&state);
+        assert_eq!(observed_message(&state).as_ptr(), first.as_ptr());
+        let mut other = state.clone();
+        other.view.term += 1;
+        let other = observed_message(&other);
+        assert_ne!(other.as_ptr(), first.as_ptr(), "another state");
+        assert_eq!(decode(&other).term, state.view.term + 1);
+
+        let first = observed_message(&state);
         tokio::time::advance(REUSE - Duration::from_nanos(1)).await;
-        let again = observed_message(change, || unreachable!("reused"));
-        assert_eq!(again.as_ptr(), first.as_ptr());
+        assert_eq!(observed_message(&state).as_ptr(), first.as_ptr());
         tokio::time::advance(Duration::from_nanos(1)).await;
-        let fresh = observed_message(change, || state.clone());
+        let fresh = observed_message(&state);
         assert_ne!(fresh.as_ptr(), first.as_ptr());
         assert_eq!(
             valid_for(&decode(&fresh)) + REUSE,

@@ -374,9 +374,10 @@ impl Drop for WorkerGuard {
 }
 
 impl Subscription {
-    /// Whether a worker opened it (its LEADER events are recorded), not an observer.
-    pub fn is_worker(&self) -> bool {
-        self.worker.is_some()
+    /// For an observer's subscription (no worker), `f` of the state now, read in place (a
+    /// worker's reads go through [`Subscription::deliver`], which records them).
+    pub fn observe<R>(&self, f: impl FnOnce(&Leadership) -> R) -> Option<R> {
+        self.worker.is_none().then(|| f(&self.state.borrow()))
     }
 
     /// The state to send to the subscriber now. For a worker, being told LEADER is recorded

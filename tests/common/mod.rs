@@ -232,9 +232,10 @@ impl Daemon {
 
     /// The `connection=` of the first `n` `watch opened` lines, once there are `n`. The
     /// fan-out groups streams by the connection's number, so every transport must give one:
-    /// each should be `Some(N)`.
+    /// each should be `Some(N)`. Only streams opened by the daemon's own WatchLeadership route
+    /// (`route=watch`, `src/watch.rs`) count: it must be the one that answers.
     pub fn watch_connections(&self, n: usize) -> Vec<String> {
-        let opened = |l: &str| l.contains("watch opened");
+        let opened = |l: &str| l.contains("watch opened") && field(l, "route") == Some("watch");
         self.proc
             .stderr
             .wait_count("'watch opened' lines", n, opened);
