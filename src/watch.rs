@@ -509,6 +509,37 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_workers_stream_records_that_it_was_told_it_leads() {
+        let Setup {
+            mut route,
+            election,
+            ..
+        } = setup().await;
+        let term = election.current().view.term;
+        let workers = election.workers();
+        let drained = || workers.borrow().drained(term, Instant::now());
+
+        let mut observer = call(&mut route, watch("e", "")).await;
+        decode(&next_message(&mut observer).await);
+        assert_eq!(workers.borrow().subscribed(), 0, "an observer is no worker");
+        assert!(drained(), "nobody was told it leads");
+
+        let mut worker = call(&mut route, watch("e", "w")).await;
+        assert_eq!(workers.borrow().subscribed(), 1);
+        assert!(drained(), "subscribed, not yet told");
+        let told = decode(&next_message(&mut worker).await);
+        assert_eq!(told.role(), proto::Role::Leader);
+        assert!(!drained(), "told it leads: a release waits for it");
+
+        // Its stream gone, it counts until the validity it was sent runs out.
+        drop(worker);
+        assert_eq!(workers.borrow().subscribed(), 0);
+        assert!(!drained());
+        tokio::time::advance(valid_for(&told)).await;
+        assert!(drained());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_generated_route_sends_the_same_events() {
         let Setup {
             mut route,
