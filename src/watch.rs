@@ -519,24 +519,27 @@ mod tests {
         let workers = election.workers();
         let drained = || workers.borrow().drained(term, Instant::now());
 
+        // An observer first: this thread now holds a shared message that the worker must not
+        // be sent (its `valid_for` is short, and sending it records nothing).
         let mut observer = call(&mut route, watch("e", "")).await;
-        decode(&next_message(&mut observer).await);
+        next_message(&mut observer).await;
         assert_eq!(workers.borrow().subscribed(), 0, "an observer is no worker");
         assert!(drained(), "nobody was told it leads");
 
         let mut worker = call(&mut route, watch("e", "w")).await;
-        assert_eq!(workers.borrow().subscribed(), 1);
+        assert_eq!(workers.borrow().subscribed(), 1, "a worker");
         assert!(drained(), "subscribed, not yet told");
         let told = decode(&next_message(&mut worker).await);
         assert_eq!(told.role(), proto::Role::Leader);
         assert!(!drained(), "told it leads: a release waits for it");
 
-        // Its stream gone, it counts until the validity it was sent runs out.
+        // Its stream gone, it counts until the validity it was sent runs out, and not longer.
         drop(worker);
-        assert_eq!(workers.borrow().subscribed(), 0);
-        assert!(!drained());
-        tokio::time::advance(valid_for(&told)).await;
-        assert!(drained());
+        assert_eq!(workers.borrow().subscribed(), 0, "no stream left");
+        tokio::time::advance(valid_for(&told) - Duration::from_nanos(1)).await;
+        assert!(!drained(), "not before the validity it was sent ran out");
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert!(drained(), "once it ran out");
     }
 
     #[tokio::test(start_paused = true)]
