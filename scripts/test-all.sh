@@ -49,19 +49,29 @@ if [ ${#pip_missing[@]} -gt 0 ]; then
   [ -x "$tools/bin/pip" ] || python3 -m venv "$tools"
   "$tools/bin/pip" install -q "${pip_missing[@]}"
 fi
-export PATH="$PWD/$tools/bin:$HOME/.cargo/bin:$PATH"
+# `cargo install` puts tansu in $CARGO_HOME/bin, which need not be ~/.cargo.
+cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+export PATH="$PWD/$tools/bin:$cargo_bin:$PATH"
 if ! command -v tansu >/dev/null; then
   echo "test-all: installing the Kafka-protocol broker tansu (cargo install, about 10 minutes)"
   cargo install tansu --features dynostore --locked
 fi
 
+# Every cargo call is --locked: a Cargo.lock that does not match Cargo.toml fails here, as
+# `cargo build --locked` fails in the image.
 # Every test of every feature; the worker client also builds alone.
-cargo build --no-default-features --lib
+cargo build --locked --no-default-features --lib
 # The tests start the examples as real processes; `cargo test --all-targets` builds examples
 # only as test harnesses, so build the runnable ones first.
-cargo build --all-features --examples
-cargo test --all-features --all-targets
+cargo build --locked --all-features --examples
+# --no-fail-fast: one failing test binary does not hide the others; cargo still exits non-zero.
+status=0
+cargo test --locked --no-fail-fast --all-features --all-targets || status=$?
 
 # The benchmarks, in release mode, print the figures (they assert only safety).
-cargo build --release --all-features --bins --examples
-cargo bench --all-features
+cargo build --locked --release --all-features --bins --examples || status=$?
+cargo bench --locked --no-fail-fast --all-features || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "test-all: FAILED (exit $status); the failing binaries are named above"
+fi
+exit "$status"

@@ -800,10 +800,20 @@ fn the_image_features_exist_and_the_lock_file_is_current() {
             "the Dockerfile builds with feature {wanted}; Cargo.toml has {features:?}"
         );
     }
-    // `cargo build --locked` in the image fails if Cargo.lock would change.
+    // `cargo build --locked` in the image fails if Cargo.lock would change. The check reads only
+    // this platform's packages, which the test build has already fetched: a plain `metadata
+    // --offline` would need every platform's (Windows crates too) in the local cache.
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let version = Command::new(rustc).arg("-vV").output().expect("run rustc -vV");
+    let version = String::from_utf8_lossy(&version.stdout);
+    let host = version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc -vV names the host");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let output = Command::new(cargo)
         .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["--filter-platform", host])
         .current_dir(root())
         .output()
         .expect("run cargo metadata");
