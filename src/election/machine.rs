@@ -47,6 +47,9 @@ pub enum Reason {
     Starting,
     /// Another replica holds the election.
     OtherLeads,
+    /// The store names this replica's identity, from a holding this process cannot prove (an
+    /// earlier process, or a holding given up after a stall): it must expire first.
+    OwnHoldingExpiring,
     /// Nobody holds the election.
     NobodyLeads,
     /// The store failed or refused; the daemon retries with back-off.
@@ -71,6 +74,9 @@ impl fmt::Display for Reason {
             Reason::Leading => Ok(()),
             Reason::Starting => f.write_str("starting: waiting for the store"),
             Reason::OtherLeads => f.write_str("another replica leads"),
+            Reason::OwnHoldingExpiring => f.write_str(
+                "the store still names this replica from an earlier holding; waiting for it to expire",
+            ),
             Reason::NobodyLeads => f.write_str("nobody leads"),
             Reason::StoreUnavailable(e) => write!(f, "store unavailable: {e}"),
             Reason::RenewDeadlinePassed => {
@@ -94,7 +100,8 @@ pub struct View {
     pub role: Role,
     /// The leader's identity, `None` when nobody leads or it is unknown.
     pub leader: Option<String>,
-    /// The term of the current holding (0 if unknown).
+    /// The term of the current holding; while nobody leads, the store is unknown or the
+    /// election stopped, the last term known (0 only before any is known).
     pub term: u64,
     /// Leader: until when this replica certainly leads. Stepping down: until when it keeps the
     /// holding for its workers to finish. Otherwise none.
@@ -108,9 +115,9 @@ pub struct View {
 /// The phase of the election. Variant docs name their transitions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// Nothing known: starting, or the store failed.
+    /// Nothing known: starting, or the store failed. `term` is the last one known.
     /// -> Follower on `Observed`, -> Leader on `Acquired`.
-    Unknown { reason: Reason },
+    Unknown { reason: Reason, term: u64 },
     /// Another replica or nobody holds the election.
     /// -> Leader on `Acquired`, -> Unknown on `StoreFailed`.
     Follower { leader: Option<String>, term: u64 },
@@ -126,8 +133,8 @@ enum Phase {
         successor: Option<String>,
         exit: bool,
     },
-    /// The daemon stopped this election. Final.
-    Stopped,
+    /// The daemon stopped this election; `term` is the last one known. Final.
+    Stopped { term: u64 },
 }
 
 /// A holding and its proof.
@@ -229,6 +236,7 @@ impl Machine {
             drain_timeout,
             phase: Phase::Unknown {
                 reason: Reason::Starting,
+                term: 0,
             },
             campaign_allowed,
             hold_off_until: None,
@@ -279,6 +287,7 @@ impl Machine {
             Phase::Leader { lease } if lease.valid_until(&self.timing) <= now => {
                 self.phase = Phase::Unknown {
                     reason: Reason::RenewDeadlinePassed,
+                    term: lease.term,
                 };
                 Some(Command::Abandon)
             }
@@ -306,7 +315,7 @@ impl Machine {
     /// What the runtime should do with the store now.
     pub fn activity(&self) -> Activity {
         match &self.phase {
-            Phase::Stopped => Activity::Stop,
+            Phase::Stopped { .. } => Activity::Stop,
             Phase::Leader { .. } | Phase::SteppingDown { .. } => Activity::Renew,
             Phase::Unknown { .. } | Phase::Follower { .. } => {
                 if self.campaign_allowed && self.hold_off_until.is_none() {
@@ -326,6 +335,16 @@ impl Machine {
         }
     }
 
+    /// The term of the current phase: the holding's, the observed one, or the last known.
+    fn term(&self) -> u64 {
+        match &self.phase {
+            Phase::Unknown { term, .. }
+            | Phase::Follower { term, .. }
+            | Phase::Stopped { term } => *term,
+            Phase::Leader { lease } | Phase::SteppingDown { lease, .. } => lease.term,
+        }
+    }
+
     /// Whether this replica is stepping down and waiting for its workers.
     pub fn draining(&self) -> bool {
         matches!(self.phase, Phase::SteppingDown { .. })
@@ -336,9 +355,11 @@ impl Machine {
         let campaigning =
             self.activity() == Activity::Campaign || matches!(self.phase, Phase::Leader { .. });
         let (role, leader, term, valid_until, reason) = match &self.phase {
-            Phase::Unknown { reason } => (Role::Unknown, None, 0, None, reason.clone()),
+            Phase::Unknown { reason, term } => (Role::Unknown, None, *term, None, reason.clone()),
             Phase::Follower { leader, term } => {
-                let reason = if leader.is_some() {
+                let reason = if leader.as_deref() == Some(identity) {
+                    Reason::OwnHoldingExpiring
+                } else if leader.is_some() {
                     Reason::OtherLeads
                 } else if self.hold_off_until.is_some() {
                     Reason::HoldingOff
@@ -367,7 +388,7 @@ impl Machine {
                 Some(lease.valid_until(&self.timing).min(*drain_until)),
                 Reason::SteppingDown,
             ),
-            Phase::Stopped => (Role::Follower, None, 0, None, Reason::ShuttingDown),
+            Phase::Stopped { term } => (Role::Follower, None, *term, None, Reason::ShuttingDown),
         };
         View {
             role,
@@ -386,9 +407,15 @@ impl Machine {
                     // Someone took over: the hold-off after our resign has done its job.
                     self.hold_off_until = None;
                 }
+                // A record that names no holder may carry no term either (none written yet, or
+                // deleted): the last term known still stands.
+                let term = match seen.holder {
+                    Some(_) => seen.term,
+                    None => seen.term.max(self.term()),
+                };
                 self.phase = Phase::Follower {
                     leader: seen.holder,
-                    term: seen.term,
+                    term,
                 };
                 None
             }
@@ -427,29 +454,33 @@ impl Machine {
 
     fn store_failed(&mut self, kind: ErrorKind, reason: String) -> Option<Command> {
         match (&self.phase, kind) {
-            (Phase::Leader { .. }, ErrorKind::Lost) => {
+            (Phase::Leader { lease }, ErrorKind::Lost) => {
                 self.phase = Phase::Unknown {
                     reason: Reason::Lost(reason),
+                    term: lease.term,
                 };
                 Some(Command::Abandon)
             }
             // A leader keeps trying until its renew deadline; `tick` steps it down then.
             (Phase::Leader { .. }, _) => None,
-            (Phase::SteppingDown { exit, .. }, ErrorKind::Lost) => {
+            (Phase::SteppingDown { exit, lease, .. }, ErrorKind::Lost) => {
+                let term = lease.term;
                 self.phase = if *exit {
-                    Phase::Stopped
+                    Phase::Stopped { term }
                 } else {
                     Phase::Unknown {
                         reason: Reason::Lost(reason),
+                        term,
                     }
                 };
                 Some(Command::Abandon)
             }
             (Phase::SteppingDown { .. }, _) => None,
-            (Phase::Stopped, _) => None,
+            (Phase::Stopped { .. }, _) => None,
             (Phase::Unknown { .. } | Phase::Follower { .. }, _) => {
                 self.phase = Phase::Unknown {
                     reason: Reason::StoreUnavailable(reason),
+                    term: self.term(),
                 };
                 None
             }
@@ -477,7 +508,7 @@ impl Machine {
                 None
             }
             Phase::Unknown { .. } | Phase::Follower { .. } if exit => {
-                self.phase = Phase::Stopped;
+                self.phase = Phase::Stopped { term: self.term() };
                 // Leave the election (an etcd candidate key, for one) on the way out.
                 Some(Command::Release { successor: None })
             }
@@ -499,7 +530,7 @@ impl Machine {
             successor: successor.clone(),
         };
         self.phase = if *exit {
-            Phase::Stopped
+            Phase::Stopped { term: lease.term }
         } else {
             Phase::Follower {
                 leader: None,
@@ -821,6 +852,63 @@ mod tests {
         assert_eq!(v.role, Role::Unknown);
         assert_eq!(v.leader, None);
         assert!(v.reason.to_string().contains("connection refused"));
+    }
+
+    #[test]
+    fn a_known_term_is_kept_through_stepping_down_stopping_and_store_failures() {
+        let now = Instant::now();
+        let mut m = leader_at(now, 6);
+        m.handle(now, Event::Shutdown);
+        let stepping = m.view("me");
+        assert_eq!((stepping.reason, stepping.term), (Reason::SteppingDown, 6));
+        m.handle(now, Event::Drained);
+        let stopped = m.view("me");
+        assert_eq!(stopped.reason, Reason::ShuttingDown);
+        assert_eq!(
+            (stopped.leader, stopped.term),
+            (None, 6),
+            "released, term kept"
+        );
+
+        let mut m = leader_at(now, 4);
+        m.tick(now + timing().renew_deadline);
+        assert_eq!(m.view("me").term, 4, "renew deadline passed");
+        m.handle(
+            now,
+            Event::Observed(Observation {
+                holder: Some("other".into()),
+                term: 5,
+            }),
+        );
+        let failed = Event::StoreFailed {
+            kind: ErrorKind::Unavailable,
+            reason: "connection refused".into(),
+        };
+        m.handle(now, failed.clone());
+        assert_eq!((m.view("me").role, m.view("me").term), (Role::Unknown, 5));
+        // A record with no holder and no term (deleted, or not written yet) forgets nothing.
+        m.handle(now, Event::Observed(Observation::default()));
+        assert_eq!(m.view("me").term, 5);
+        m.handle(now, Event::Shutdown);
+        assert_eq!(m.view("me").term, 5, "a follower's stop");
+    }
+
+    #[test]
+    fn its_own_name_in_the_store_is_not_another_replica() {
+        let now = Instant::now();
+        let mut m = Machine::new(timing(), DRAIN, true);
+        m.handle(
+            now,
+            Event::Observed(Observation {
+                holder: Some("me".into()),
+                term: 3,
+            }),
+        );
+        let v = m.view("me");
+        assert_eq!(v.role, Role::Follower);
+        assert_eq!(v.reason, Reason::OwnHoldingExpiring);
+        assert!(v.reason.to_string().contains("earlier holding"));
+        assert_eq!(m.view("other").reason, Reason::OtherLeads);
     }
 
     #[test]
