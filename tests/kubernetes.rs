@@ -18,6 +18,7 @@ use baton::{
     },
 };
 use common::{Daemon, Proc, SOON, field, timer_worker};
+use futures::StreamExt as _;
 use k8s_api::{ApiServer, Write};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -259,9 +260,11 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// The store speaks HTTP/2 when the API server offers it (as client-go does), so its calls share
+/// the watch's warm TLS connection: a take-over pays no handshake. And it names itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn works_over_https_with_the_cluster_s_own_ca() {
-    let api = ApiServer::start_tls();
+async fn https_with_the_cluster_s_ca_one_http2_connection_and_a_user_agent() {
+    let api = ApiServer::start();
     assert!(api.url.starts_with("https://"), "{}", api.url);
     let dir = tempfile::tempdir().unwrap();
     let token = api.service_account(NS, "tls", &[NS]);
@@ -289,6 +292,97 @@ async fn works_over_https_with_the_cluster_s_own_ca() {
         panic!("b takes over");
     };
     assert!(next.term > held.term);
+    let stats = api.all_stats();
+    assert_eq!(
+        api.connections(),
+        1,
+        "lists, writes and the watch share one connection"
+    );
+    assert_eq!(
+        stats.http_versions.into_iter().collect::<Vec<_>>(),
+        ["HTTP/2.0"]
+    );
+    assert_eq!(
+        stats.user_agents.into_iter().collect::<Vec<_>>(),
+        [baton::store::kubernetes::USER_AGENT]
+    );
+    assert!(baton::store::kubernetes::USER_AGENT.starts_with("baton/0."));
+}
+
+/// A store call the elector stops waiting for (a worker subscribes during the first create, a
+/// renewal in flight at SIGTERM) still finishes on the wire: the API server would log a
+/// request cut off as a 5xx "context canceled".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_not_abandoned() {
+    let e = "inflight";
+    let cluster = Cluster::new();
+    cluster.api.set_latency(Duration::from_millis(200));
+    let (token, kubeconfig) = cluster.account("a", true);
+    let mut a = Daemon::start_command("a", cluster.baton(&kubeconfig), &args(e, &[]));
+    // A worker subscribes while the first list or create is in flight: the elector wakes.
+    wait_until("a request in flight", || {
+        cluster.api.stats(&token).in_flight > 0
+    })
+    .await;
+    let client = a.client().await;
+    let mut worker = Box::pin(client.watch_as(e, Some("worker-1"), false));
+    let leading = tokio::time::timeout(SOON, async {
+        while let Some(event) = worker.next().await {
+            if let baton::client::WatchEvent::State(state) = event
+                && state.role == Role::Leader
+            {
+                return state;
+            }
+        }
+        panic!("the stream ended")
+    })
+    .await
+    .expect("leads");
+    drop(worker);
+    // SIGTERM while a renewal is in flight.
+    wait_until("a renewal in flight", || {
+        cluster.api.stats(&token).in_flight > 0
+    })
+    .await;
+    a.proc.signal(Signal::SIGTERM);
+    assert!(a.proc.wait().success());
+    let stats = cluster.api.stats(&token);
+    assert_eq!(stats.abandoned, 0, "{stats:?}");
+    let released = cluster.api.lease(NS, e).expect("the lease");
+    assert_eq!(released["spec"]["holderIdentity"], "", "released at exit");
+    assert_eq!(
+        released["spec"]["leaseTransitions"].as_u64(),
+        Some(leading.term)
+    );
+}
+
+/// During an outage each failed call is one line: Baton's warning, nothing from kube's own
+/// tracing layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_one_line_per_failure() {
+    let e = "outage";
+    let mut cluster = Cluster::new();
+    let (_, kubeconfig) = cluster.account("a", true);
+    let a = Daemon::start_command("a", cluster.baton(&kubeconfig), &args(e, &[]));
+    a.wait_role(e, Role::Leader).await;
+    cluster.api.stop_abruptly();
+    let failed = |l: &str| l.contains("store call failed");
+    a.proc.stderr.wait_count("three failed calls", 3, failed);
+    let lines = a.proc.stderr.all();
+    let errors: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("ERROR") || l.contains("kube_client"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "lines beside Baton's warnings: {errors:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| failed(l))
+            .all(|l| l.contains("WARN"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,6 +509,94 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
         "a took over {} ms after the foreign renewal, before its 4 s lease ran out",
         (took.mono - last_foreign.mono) / 1_000_000
     );
+}
+
+/// A Lease that still names this replica from an earlier process is its own earlier holding,
+/// not another replica's: the reason says so, and the daemon takes it once it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn its_own_earlier_holding_is_named_as_such_until_it_expires() {
+    let e = "own";
+    let cluster = Cluster::new();
+    cluster.api.put(
+        NS,
+        json!({
+            "metadata": {"name": e},
+            "spec": {
+                "holderIdentity": "a",
+                "leaseDurationSeconds": 3,
+                "leaseTransitions": 3,
+            }
+        }),
+    );
+    let (a, _) = cluster.daemon("a", e);
+    let seen = a
+        .wait_for(e, "seeing its own name", |s| s.leader.is_some())
+        .await;
+    assert_eq!(
+        (seen.role, seen.leader.as_deref(), seen.term),
+        (Role::Follower, Some("a"), 3)
+    );
+    assert!(
+        seen.reason.contains("earlier holding") && !seen.reason.contains("another replica"),
+        "{:?}",
+        seen.reason
+    );
+    assert_eq!(a.wait_role(e, Role::Leader).await.term, 4);
+}
+
+/// Every event carries the term once one is known, through the store's outage (UNKNOWN) and
+/// the shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_keep_the_term_through_an_outage_and_the_shutdown() {
+    let e = "terms";
+    let mut cluster = Cluster::new();
+    let (_, kubeconfig) = cluster.account("a", true);
+    let mut a = Daemon::start_command("a", cluster.baton(&kubeconfig), &args(e, &[]));
+    let client = a.client().await;
+    let events = tokio::spawn(
+        client
+            .watch(e)
+            .take_while(|event| {
+                std::future::ready(!matches!(event, baton::client::WatchEvent::Disconnected(_)))
+            })
+            .collect::<Vec<_>>(),
+    );
+    let led = a.wait_role(e, Role::Leader).await;
+    cluster.api.stop_abruptly();
+    a.wait_role(e, Role::Unknown).await;
+    cluster.api.start_again();
+    a.wait_role(e, Role::Leader).await;
+    a.proc.signal(Signal::SIGTERM);
+    assert!(a.proc.wait().success());
+    let states: Vec<_> = tokio::time::timeout(SOON, events)
+        .await
+        .expect("the stream ends with the daemon")
+        .unwrap()
+        .into_iter()
+        .filter_map(|event| match event {
+            baton::client::WatchEvent::State(state) => Some(state),
+            _ => None,
+        })
+        .collect();
+    let first_known = states.iter().position(|s| s.term > 0).expect("a term");
+    let zeros: Vec<_> = states[first_known..]
+        .iter()
+        .filter(|s| s.term == 0)
+        .collect();
+    assert!(
+        zeros.is_empty(),
+        "events with term 0 after term {}: {zeros:#?}",
+        led.term
+    );
+    assert!(
+        states
+            .iter()
+            .any(|s| s.role == Role::Unknown && s.term >= led.term)
+    );
+    let last = states.last().expect("events");
+    assert_eq!((last.role, last.leader.as_deref()), (Role::Follower, None));
+    assert!(last.term > led.term, "the second holding's term: {last:?}");
+    assert_eq!(last.reason, "shutting down");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

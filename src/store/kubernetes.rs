@@ -171,6 +171,20 @@ pub enum KubernetesError {
         #[source]
         source: Box<kube::Error>,
     },
+    /// The task that sent a request ended without an answer (it panicked, or the runtime is
+    /// stopping).
+    #[error("the {verb} request of lease {namespace}/{lease} was aborted: {source}")]
+    Aborted {
+        /// The verb.
+        verb: &'static str,
+        /// The namespace.
+        namespace: String,
+        /// The Lease.
+        lease: String,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// `leaseTransitions` cannot grow any more (it is an int32).
     #[error("lease {namespace}/{lease}: leaseTransitions is at its maximum; delete the Lease")]
     TermExhausted {
@@ -193,6 +207,7 @@ impl KubernetesError {
             KubernetesError::Forbidden { .. }
             | KubernetesError::Unauthorized { .. }
             | KubernetesError::Conflict { .. }
+            | KubernetesError::Aborted { .. }
             | KubernetesError::Api { .. } => ErrorKind::Unavailable,
         }
     }
@@ -266,7 +281,7 @@ impl KubernetesStore {
             })
             .unwrap_or_else(|| config.default_namespace.clone());
         let principal = principal(&config);
-        let client = Client::try_from(config).map_err(|source| KubernetesError::Client {
+        let client = http_client(config).map_err(|source| KubernetesError::Client {
             source: Box::new(source),
         })?;
         Ok(KubernetesStore {
@@ -281,6 +296,63 @@ impl KubernetesStore {
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
+}
+
+/// What Baton sends as `User-Agent`, as client-go sends its own name and version.
+pub const USER_AGENT: &str = concat!("baton/", env!("CARGO_PKG_VERSION"));
+
+/// HTTP/2 pings on an idle connection, so that a dead one is noticed and replaced although a
+/// watch keeps it busy.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// The API client: kube's own layers (base URL, credentials, extra headers) over a connector of
+/// our own. kube's default connector leaves Nagle's algorithm on, so a take-over's request on a
+/// fresh connection waited for the server's delayed ACK (about 40 ms); it also logs every
+/// failure, which the elector already reports. Here `TCP_NODELAY` is on and HTTP/2 is offered,
+/// as client-go does, so calls share the watch's warm connection instead of opening a new one.
+/// A kubeconfig with a proxy keeps kube's default stack (with `User-Agent`).
+fn http_client(mut config: kube::Config) -> Result<Client, kube::Error> {
+    use http::{HeaderValue, header};
+    use hyper_util::{
+        client::legacy::{Builder, connect::HttpConnector},
+        rt::{TokioExecutor, TokioTimer},
+    };
+    use kube::client::ConfigExt as _;
+
+    config
+        .headers
+        .push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
+    if config.proxy_url.is_some() {
+        return Client::try_from(config);
+    }
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(config.connect_timeout);
+    let mut tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config()?)
+        .https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        let name = name.clone().try_into().map_err(|e| {
+            kube::Error::RustlsTls(kube::client::RustlsTlsError::InvalidServerName(e))
+        })?;
+        tls = tls.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
+    let connector = tls.enable_http1().enable_http2().wrap_connector(tcp);
+    let http = Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(KEEPALIVE)
+        .http2_keep_alive_timeout(KEEPALIVE)
+        .http2_keep_alive_while_idle(true)
+        .build(connector);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        // The auth layer's errors are boxed: box the client's too.
+        .map_err(tower::BoxError::from)
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// Who the credentials of `config` name, for error messages: the `sub` claim of a service
@@ -348,6 +420,7 @@ impl Store for KubernetesStore {
             held: None,
             attempt: None,
             highest_term: 0,
+            in_flight: None,
         }))
     }
 
@@ -412,6 +485,18 @@ struct Seen {
     changed_at: Instant,
 }
 
+/// What a list or a write answered.
+enum Answer {
+    Listed(kube::core::ObjectList<Lease>),
+    Written(Box<Lease>),
+}
+
+/// A request running as a task of its own (see [`LeaseCandidate::request`]).
+struct InFlight {
+    verb: &'static str,
+    task: tokio::task::JoinHandle<Result<kube::Result<Answer>, tokio::time::error::Elapsed>>,
+}
+
 /// Our holding.
 struct Held {
     term: i32,
@@ -455,6 +540,8 @@ struct LeaseCandidate {
     /// The highest `leaseTransitions` seen, so that a Lease deleted and created again (by a
     /// person) does not hand out a term this candidate has already seen.
     highest_term: i32,
+    /// A request whose caller stopped waiting for it.
+    in_flight: Option<InFlight>,
 }
 
 /// The current wall-clock time at the microsecond precision of a MicroTime, so that what we
@@ -500,6 +587,63 @@ impl LeaseCandidate {
                 lease: self.name.clone(),
                 source: Box::new(source),
             },
+        }
+    }
+
+    /// Send one request (a list or a write) as a task of its own, bounded by the renew deadline,
+    /// and wait for its answer.
+    ///
+    /// If the caller stops waiting (the elector drops this future when a worker subscribes,
+    /// at shutdown, or when a renewal outlives the retry period), the request still finishes
+    /// on the wire: cut off, the API server would log it as a 5xx "context canceled", and
+    /// operators alert on those. Letting it finish is safe: a take-over that lands late is
+    /// found by `settle_attempt` and kept or given back as the elector asks, and a renewal or
+    /// release landing late changes nothing this replica claims. What it wrote is taken in
+    /// by the next call ([`LeaseCandidate::settle`]).
+    async fn request(
+        &mut self,
+        verb: &'static str,
+        call: impl Future<Output = kube::Result<Answer>> + Send + 'static,
+    ) -> Result<Answer, StoreError> {
+        self.settle().await;
+        let limit = self.timing.renew_deadline;
+        let task = tokio::spawn(timeout(limit, call));
+        let answer = &mut self.in_flight.insert(InFlight { verb, task }).task;
+        let answer = answer.await;
+        self.in_flight = None;
+        match answer {
+            Ok(Ok(answer)) => answer.map_err(|e| self.fail(verb, e).into()),
+            Ok(Err(_)) => Err(StoreError::Timeout {
+                op: verb,
+                after: limit,
+            }),
+            Err(source) => Err(KubernetesError::Aborted {
+                verb,
+                namespace: self.namespace.clone(),
+                lease: self.name.clone(),
+                source,
+            }
+            .into()),
+        }
+    }
+
+    /// Wait for a request whose caller stopped waiting (bounded by its own timeout), and take in
+    /// what it wrote. The record is listed again before it is trusted.
+    async fn settle(&mut self) {
+        let Some(InFlight { verb, task }) = self.in_flight.take() else {
+            return;
+        };
+        self.stale = true;
+        match task.await {
+            Ok(Ok(Ok(Answer::Written(lease)))) => {
+                tracing::debug!(lease = %self.name, verb, "a request left in flight applied");
+                self.apply(Some(*lease));
+            }
+            Ok(Ok(Ok(Answer::Listed(_)))) => {}
+            Ok(Ok(Err(error))) => {
+                tracing::debug!(lease = %self.name, verb, %error, "a request left in flight failed");
+            }
+            Ok(Err(_)) | Err(_) => {}
         }
     }
 
@@ -567,14 +711,15 @@ impl LeaseCandidate {
     /// List the Lease (the start of list-then-watch): the record and a version to watch from.
     async fn refresh(&mut self) -> Result<(), StoreError> {
         let params = ListParams::default().fields(&format!("metadata.name={}", self.name));
-        let list = self
-            .bounded("list", async {
-                self.api
-                    .list(&params)
-                    .await
-                    .map_err(|e| self.fail("list", e))
+        let api = self.api.clone();
+        let Answer::Listed(list) = self
+            .request("list", async move {
+                api.list(&params).await.map(Answer::Listed)
             })
-            .await?;
+            .await?
+        else {
+            unreachable!("a list answers with a list")
+        };
         self.watch = None;
         self.stale = false;
         let lease = list
@@ -647,25 +792,28 @@ impl LeaseCandidate {
 
     /// Write `lease` (which carries the resourceVersion it was read at) or, without a base,
     /// create it. Returns the written Lease.
-    async fn write(&self, lease: &Lease, create: bool) -> Result<Lease, StoreError> {
+    async fn write(&mut self, lease: &Lease, create: bool) -> Result<Lease, StoreError> {
+        let (api, name, lease) = (self.api.clone(), self.name.clone(), lease.clone());
         let params = PostParams::default();
-        if create {
-            self.bounded("create", async {
-                self.api
-                    .create(&params, lease)
+        let answer = if create {
+            self.request("create", async move {
+                api.create(&params, &lease)
                     .await
-                    .map_err(|e| self.fail("create", e))
+                    .map(|l| Answer::Written(Box::new(l)))
             })
-            .await
+            .await?
         } else {
-            self.bounded("update", async {
-                self.api
-                    .replace(&self.name, &params, lease)
+            self.request("update", async move {
+                api.replace(&name, &params, &lease)
                     .await
-                    .map_err(|e| self.fail("update", e))
+                    .map(|l| Answer::Written(Box::new(l)))
             })
-            .await
-        }
+            .await?
+        };
+        let Answer::Written(written) = answer else {
+            unreachable!("a write answers with the Lease")
+        };
+        Ok(*written)
     }
 
     /// Try to take the Lease, which the last look found free or expired.

@@ -1,8 +1,12 @@
 //! **A test double of the Kubernetes API server**, for `coordination.k8s.io/v1` Leases only. It is
-//! not Kubernetes: it serves exactly the calls Baton's Kubernetes store makes, over plain HTTP
-//! on `127.0.0.1:0`, and keeps the real API's semantics for them (reference: the Kubernetes API
-//! concepts page, "Resource versions", "Efficient detection of changes", and the Lease and
-//! Status API references).
+//! not Kubernetes: it serves exactly the calls Baton's Kubernetes store makes, over HTTPS on
+//! `127.0.0.1:0` (HTTP/2 or HTTP/1.1 by ALPN, as the API server), and keeps the real API's
+//! semantics for them (reference: the Kubernetes API concepts page, "Resource versions",
+//! "Efficient detection of changes", and the Lease and Status API references).
+//!
+//! What it cannot show: anything of a real cluster beyond these calls (admission, priority and
+//! fairness, etcd's own latency, a multi-replica API server, token review); it answers in
+//! microseconds unless [`ApiServer::set_latency`] slows it down.
 //!
 //! Behaviours kept:
 //! - Paths `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: `GET` one, `GET`
@@ -30,10 +34,13 @@
 //!
 //! - `TCP_NODELAY` on every connection, as Go's `net/http` server (the API server) sets by
 //!   default: a watch event is written at once, not held back by Nagle's algorithm until the
-//!   client's delayed ACK.
-//! - Plain HTTP, or HTTPS with a certificate for `127.0.0.1` signed by a CA of its own
-//!   ([`ApiServer::start_tls`]), whose PEM the kubeconfig carries as
-//!   `certificate-authority-data`, as a real cluster's does.
+//!   client's delayed ACK. (The client's side is the client's: Nagle there shows.)
+//! - HTTPS with a certificate for `127.0.0.1` signed by a CA of its own, whose PEM the
+//!   kubeconfig carries as `certificate-authority-data`, as a real cluster's does; ALPN offers
+//!   `h2` and `http/1.1`. Every connection pays a real TLS handshake.
+//! - Requests a client gave up on before the answer (an HTTP/2 stream reset, a closed
+//!   connection) are counted in [`Stats::abandoned`]: the real API server logs them as
+//!   `5xx ... context canceled`. Each request's `User-Agent` is kept in [`Stats::user_agents`].
 //!
 //! Test controls: grants, compaction, ending all watches, a gate that holds LIST calls until
 //! several clients have listed (to make candidates race), and per-token counters of requests,
@@ -58,7 +65,6 @@ use axum::{
     http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
-    serve::ListenerExt as _,
 };
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -110,6 +116,14 @@ pub struct Stats {
     pub forbidden: u64,
     /// Updates without a resourceVersion (blind overwrites).
     pub unconditional_updates: u64,
+    /// Non-watch requests the client abandoned before the answer.
+    pub abandoned: u64,
+    /// Non-watch requests being served now.
+    pub in_flight: u64,
+    /// The `User-Agent` of every request (`""` when there was none).
+    pub user_agents: std::collections::BTreeSet<String>,
+    /// The HTTP version of every request (`HTTP/2.0`, `HTTP/1.1`).
+    pub http_versions: std::collections::BTreeSet<String>,
 }
 
 impl Stats {
@@ -153,6 +167,8 @@ struct Inner {
     writes: Vec<Write>,
     /// Hold LIST calls until this many distinct tokens have listed.
     list_gate: Option<(usize, HashSet<String>)>,
+    /// How long every non-watch request waits before it is served.
+    latency: Duration,
 }
 
 struct Shared {
@@ -161,6 +177,8 @@ struct Shared {
     gate: Notify,
     /// Bumped to end every open watch.
     end_watches: watch::Sender<u64>,
+    /// TLS connections accepted (handshakes completed).
+    connections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -171,6 +189,7 @@ impl Shared {
             events,
             gate: Notify::new(),
             end_watches: watch::channel(0).0,
+            connections: Arc::default(),
         })
     }
 
@@ -181,10 +200,12 @@ impl Shared {
 
 /// The running server. Runs on its own thread and runtime, so tests may block.
 pub struct ApiServer {
-    /// `http://127.0.0.1:PORT`, or `https://` with [`ApiServer::start_tls`].
+    /// `https://127.0.0.1:PORT`.
     pub url: String,
-    /// With TLS: the PEM of the CA that signed the server's certificate.
-    pub ca_pem: Option<String>,
+    /// The PEM of the CA that signed the server's certificate.
+    pub ca_pem: String,
+    /// The server's TLS setup, kept for [`ApiServer::start_again`].
+    tls: tls::Tls,
     shared: Arc<Shared>,
     /// Where it listens (kept for [`ApiServer::start_again`]).
     addr: SocketAddr,
@@ -208,7 +229,7 @@ fn serve(
     shared: Arc<Shared>,
     bind: SocketAddr,
     netns: Option<PathBuf>,
-    tls: Option<tls::Tls>,
+    acceptor: tokio_rustls::TlsAcceptor,
 ) -> (
     SocketAddr,
     tokio::sync::oneshot::Sender<Stop>,
@@ -236,6 +257,7 @@ fn serve(
                 .send(listener.local_addr().expect("local addr"))
                 .expect("report address");
             let prefix = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases";
+            let accepted = shared.connections.clone();
             let app = Router::new()
                 .route(prefix, get(collection).post(collection))
                 .route(
@@ -250,31 +272,21 @@ fn serve(
                         json!({}),
                     )
                 })
+                .layer(axum::middleware::from_fn_with_state(shared.clone(), track))
                 .with_state(shared);
             let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();
             let graceful = async {
                 let _ = graceful_rx.await;
             };
             let server = async move {
-                match tls {
-                    None => {
-                        let listener = listener.tap_io(|tcp| {
-                            let _ = tcp.set_nodelay(true);
-                        });
-                        let _ = axum::serve(listener, app)
-                            .with_graceful_shutdown(graceful)
-                            .await;
-                    }
-                    Some(tls) => {
-                        let listener = tls::TlsListener {
-                            tcp: listener,
-                            acceptor: tls.acceptor,
-                        };
-                        let _ = axum::serve(listener, app)
-                            .with_graceful_shutdown(graceful)
-                            .await;
-                    }
-                }
+                let listener = tls::TlsListener {
+                    tcp: listener,
+                    acceptor,
+                    accepted,
+                };
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(graceful)
+                    .await;
             };
             tokio::pin!(server);
             tokio::select! {
@@ -319,50 +331,65 @@ pub fn service_account_token(namespace: &str, account: &str) -> String {
 }
 
 impl ApiServer {
-    /// Start on `127.0.0.1:0`, plain HTTP.
+    /// Start on `127.0.0.1:0`, HTTPS with a server certificate signed by a fresh CA.
     pub fn start() -> ApiServer {
-        Self::start_with(None)
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), None)
     }
 
-    /// Start on `127.0.0.1:0` with HTTPS, a server certificate signed by a fresh CA.
-    pub fn start_tls() -> ApiServer {
-        Self::start_with(Some(tls::Tls::new()))
-    }
-
-    fn start_with(tls: Option<tls::Tls>) -> ApiServer {
-        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let shared = Shared::new();
-        let bind = SocketAddr::from(([127, 0, 0, 1], 0));
-        let (addr, stop, thread) = serve(shared.clone(), bind, None, tls);
-        ApiServer {
-            url: format!("{scheme}://{addr}"),
-            ca_pem,
-            shared,
-            addr,
-            netns: None,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Start plain HTTP inside the network namespace at `netns` (`/var/run/netns/NAME`, made
-    /// with `ip netns add`; needs root), on `ip:0`, an address of that namespace. The server's
+    /// Start inside the network namespace at `netns` (`/var/run/netns/NAME`, made with
+    /// `ip netns add`; needs root), on `ip:0`, an address of that namespace. The server's
     /// thread enters the namespace before it binds; the test's other threads stay where they are.
     pub fn start_in_netns(netns: &Path, ip: std::net::IpAddr) -> ApiServer {
+        Self::start_at(SocketAddr::new(ip, 0), Some(netns.to_owned()))
+    }
+
+    fn start_at(bind: SocketAddr, netns: Option<PathBuf>) -> ApiServer {
+        let tls = tls::Tls::new(bind.ip());
         let shared = Shared::new();
-        let netns = Some(netns.to_owned());
-        let (addr, stop, thread) =
-            serve(shared.clone(), SocketAddr::new(ip, 0), netns.clone(), None);
+        let (addr, stop, thread) = serve(shared.clone(), bind, netns.clone(), tls.acceptor.clone());
         ApiServer {
-            url: format!("http://{addr}"),
-            ca_pem: None,
+            url: format!("https://{addr}"),
+            ca_pem: tls.ca_pem.clone(),
+            tls,
             shared,
             addr,
             netns,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// How many connections clients have opened (TLS handshakes completed).
+    pub fn connections(&self) -> u64 {
+        self.shared
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Make every non-watch request wait this long before it is served (a loaded API server),
+    /// so that a client that gives up on a request in flight shows in [`Stats::abandoned`].
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.lock().latency = latency;
+    }
+
+    /// The counters of every token together.
+    pub fn all_stats(&self) -> Stats {
+        let inner = self.shared.lock();
+        let mut all = Stats::default();
+        for stats in inner.stats.values() {
+            for (verb, n) in &stats.requests {
+                *all.requests.entry(verb).or_default() += n;
+            }
+            all.conflicts += stats.conflicts;
+            all.forbidden += stats.forbidden;
+            all.unconditional_updates += stats.unconditional_updates;
+            all.abandoned += stats.abandoned;
+            all.in_flight += stats.in_flight;
+            all.user_agents.extend(stats.user_agents.iter().cloned());
+            all.http_versions
+                .extend(stats.http_versions.iter().cloned());
+        }
+        all
     }
 
     /// An outage: stop serving at once, cutting every open connection and watch, as a crashed
@@ -377,11 +404,15 @@ impl ApiServer {
     }
 
     /// Serve again after [`ApiServer::stop_abruptly`], on the same address (and network
-    /// namespace), with the same state. Plain HTTP only.
+    /// namespace), with the same state and certificate.
     pub fn start_again(&mut self) {
         assert!(self.thread.is_none(), "the test double is running");
-        assert!(self.ca_pem.is_none(), "start_again serves plain HTTP only");
-        let (addr, stop, thread) = serve(self.shared.clone(), self.addr, self.netns.clone(), None);
+        let (addr, stop, thread) = serve(
+            self.shared.clone(),
+            self.addr,
+            self.netns.clone(),
+            self.tls.acceptor.clone(),
+        );
         assert_eq!(addr, self.addr);
         self.stop = Some(stop);
         self.thread = Some(thread);
@@ -502,13 +533,10 @@ impl ApiServer {
 
     /// A kubeconfig for this server with `token`, default namespace `namespace`.
     pub fn kubeconfig(&self, token: &str, namespace: &str) -> String {
-        let ca = match &self.ca_pem {
-            Some(pem) => format!(
-                "    certificate-authority-data: {}\n",
-                base64::engine::general_purpose::STANDARD.encode(pem)
-            ),
-            None => String::new(),
-        };
+        let ca = format!(
+            "    certificate-authority-data: {}\n",
+            base64::engine::general_purpose::STANDARD.encode(&self.ca_pem)
+        );
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster:\n    server: {url}\n{ca}\
              contexts:\n- name: double\n  context:\n    cluster: double\n    user: baton\n    namespace: {namespace}\n\
@@ -618,6 +646,78 @@ fn resource(name: Option<&str>) -> String {
     }
 }
 
+/// The bearer token of a request (`""` without one).
+fn bearer(headers: &HeaderMap) -> String {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Every request: keeps its `User-Agent`; a non-watch request waits the configured latency and
+/// is counted as in flight until answered, or as abandoned if the client gives up first (hyper
+/// then drops this future).
+async fn track(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = bearer(request.headers());
+    let agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let watching = request
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let latency = {
+        let mut inner = shared.lock();
+        let stats = inner.stats.entry(token.clone()).or_default();
+        stats.user_agents.insert(agent);
+        stats
+            .http_versions
+            .insert(format!("{:?}", request.version()));
+        if !watching {
+            stats.in_flight += 1;
+        }
+        inner.latency
+    };
+    if watching {
+        return next.run(request).await;
+    }
+    /// Counts the request out when dropped: abandoned unless it was answered.
+    struct Serving {
+        shared: Arc<Shared>,
+        token: String,
+        answered: bool,
+    }
+    impl Drop for Serving {
+        fn drop(&mut self) {
+            let mut inner = self.shared.lock();
+            let stats = inner.stats.entry(self.token.clone()).or_default();
+            stats.in_flight -= 1;
+            if !self.answered {
+                stats.abandoned += 1;
+            }
+        }
+    }
+    let mut serving = Serving {
+        shared: shared.clone(),
+        token,
+        answered: false,
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let response = next.run(request).await;
+    serving.answered = true;
+    response
+}
+
 /// Authenticate and authorise; counts the request. Returns the token.
 fn authorise(
     shared: &Shared,
@@ -626,12 +726,7 @@ fn authorise(
     namespace: &str,
     name: Option<&str>,
 ) -> Result<String, Response> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .to_owned();
+    let token = bearer(headers);
     let mut inner = shared.lock();
     *inner
         .stats
@@ -1142,7 +1237,8 @@ mod tls {
     }
 
     impl Tls {
-        pub fn new() -> Tls {
+        /// A fresh CA and a certificate for `ip`, signed by it.
+        pub fn new(ip: std::net::IpAddr) -> Tls {
             let ca_key = rcgen::KeyPair::generate().expect("CA key");
             let mut ca_params =
                 rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
@@ -1152,19 +1248,22 @@ mod tls {
                 .push(rcgen::DnType::CommonName, "Lease API test double CA");
             let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
             let key = rcgen::KeyPair::generate().expect("server key");
-            let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            let cert = rcgen::CertificateParams::new(vec![ip.to_string()])
                 .expect("server params")
                 .signed_by(&key, &ca)
                 .expect("server certificate");
-            let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("TLS versions")
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-                )
-                .expect("TLS server config");
+            let mut config =
+                ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .expect("TLS versions")
+                    .with_no_client_auth()
+                    .with_single_cert(
+                        vec![cert.der().clone()],
+                        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                    )
+                    .expect("TLS server config");
+            // As the API server: HTTP/2 for clients that offer it, else HTTP/1.1.
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             Tls {
                 ca_pem: ca.pem(),
                 acceptor: TlsAcceptor::from(Arc::new(config)),
@@ -1176,6 +1275,8 @@ mod tls {
     pub struct TlsListener {
         pub tcp: TcpListener,
         pub acceptor: TlsAcceptor,
+        /// Counts completed handshakes.
+        pub accepted: Arc<std::sync::atomic::AtomicU64>,
     }
 
     impl axum::serve::Listener for TlsListener {
@@ -1189,6 +1290,8 @@ mod tls {
                 };
                 let _ = tcp.set_nodelay(true);
                 if let Ok(tls) = self.acceptor.accept(tcp).await {
+                    self.accepted
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     return (tls, addr);
                 }
             }
