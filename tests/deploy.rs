@@ -442,7 +442,7 @@ fn check_workload(docs: &[Value], store: Store) -> DaemonArgs {
             );
             assert_eq!(flag_value(&args, "--store").as_deref(), Some("kubernetes"));
             assert!(token_mounts(daemon), "the daemon has the API token");
-            check_rbac(docs, account);
+            check_rbac(docs, account, &elections);
         }
         Store::Etcd => {
             assert_eq!(flag_value(&args, "--store").as_deref(), Some("etcd"));
@@ -491,21 +491,27 @@ fn check_daemon_cli(docs: &[Value], store: Store) {
     }
 }
 
-/// One Role: Leases in coordination.k8s.io with get, list, watch, create, update; bound to the
-/// pods' ServiceAccount alone.
-fn check_rbac(docs: &[Value], account: &str) {
+/// One Role on Leases in coordination.k8s.io: get, list, watch and update of the daemon's
+/// election Leases by name, and create (which RBAC cannot limit by name); bound to the pods'
+/// ServiceAccount alone.
+fn check_rbac(docs: &[Value], account: &str, elections: &[String]) {
     let role = one(docs, "Role");
     let rules = seq(role, "rules");
-    assert_eq!(rules.len(), 1, "one rule: {rules:?}");
-    let rule = &rules[0];
-    assert_eq!(strings(rule, "apiGroups"), ["coordination.k8s.io"]);
-    assert_eq!(strings(rule, "resources"), ["leases"]);
-    let verbs: BTreeSet<String> = strings(rule, "verbs").into_iter().collect();
-    let want: BTreeSet<String> = ["get", "list", "watch", "create", "update"]
-        .map(str::to_owned)
-        .into();
-    assert_eq!(verbs, want, "exactly these verbs");
-    assert!(at(rule, "nonResourceURLs").is_null());
+    assert_eq!(rules.len(), 2, "two rules: {rules:?}");
+    let verbs = |rule: &Value| -> BTreeSet<String> { strings(rule, "verbs").into_iter().collect() };
+    let set =
+        |items: &[&str]| -> BTreeSet<String> { items.iter().map(|v| v.to_string()).collect() };
+    for rule in rules {
+        assert_eq!(strings(rule, "apiGroups"), ["coordination.k8s.io"]);
+        assert_eq!(strings(rule, "resources"), ["leases"]);
+        assert!(at(rule, "nonResourceURLs").is_null());
+    }
+    let named: BTreeSet<String> = strings(&rules[0], "resourceNames").into_iter().collect();
+    let wanted: BTreeSet<String> = elections.iter().cloned().collect();
+    assert_eq!(named, wanted, "the Role names exactly the election Leases");
+    assert_eq!(verbs(&rules[0]), set(&["get", "list", "watch", "update"]));
+    assert_eq!(verbs(&rules[1]), set(&["create"]));
+    assert!(at(&rules[1], "resourceNames").is_null());
     let binding = one(docs, "RoleBinding");
     assert_eq!(s(binding, "roleRef.kind"), "Role");
     assert_eq!(s(binding, "roleRef.name"), s(role, "metadata.name"));

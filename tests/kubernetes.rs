@@ -844,6 +844,34 @@ async fn a_forbidden_namespace_is_reported_and_recovers_once_granted() {
     assert!(daemon.proc.wait().success());
 }
 
+/// The Role in deploy/ (Leases by name, create apart) is enough for the daemon, whose list and
+/// watch name the Lease with a field selector as RBAC requires, and refuses any other Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_role_allows_the_election_lease_and_nothing_else() {
+    let role_file = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/base/role.yaml");
+    let role: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(role_file).expect("role.yaml"))
+            .expect("role.yaml is YAML");
+    let cluster = Cluster::new();
+    let (token, kubeconfig) = cluster.account("baton", true);
+    cluster.api.apply_role(&token, &role["rules"]);
+    let mut a = Daemon::start_command("a", cluster.baton(&kubeconfig), &args("timer", &[]));
+    a.wait_role("timer", Role::Leader).await;
+    let mut b = Daemon::start_command("b", cluster.baton(&kubeconfig), &args("other", &[]));
+    let line = b
+        .proc
+        .stderr
+        .wait_for("a 403 for another Lease", |l| l.contains("403"));
+    assert!(line.contains("may not list"), "{line}");
+    assert_eq!(cluster.api.lease(NS, "other"), None);
+    for daemon in [&mut a, &mut b] {
+        daemon.proc.signal(Signal::SIGTERM);
+        assert!(daemon.proc.wait().success());
+    }
+    let stats = cluster.api.stats(&token);
+    assert_eq!(stats.requests.get("create"), Some(&1), "{stats:?}");
+}
+
 #[test]
 fn lease_name_with_several_elections_is_refused() {
     let output = common::baton()

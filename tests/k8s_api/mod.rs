@@ -27,8 +27,10 @@
 //!   version older than the retained history ([`ApiServer::compact`]) gets an `ERROR` event with
 //!   a `410 Expired` Status, as the real server sends. `timeoutSeconds` ends the stream.
 //!   Bookmarks are not sent (they are optional in the real API too).
-//! - Bearer tokens with per-namespace grants, changeable at run time: an unknown token is `401`,
-//!   a namespace without a grant is `403` with the real message (`User "..." cannot VERB
+//! - Bearer tokens with per-namespace grants, changeable at run time, and optionally a Role's
+//!   rules ([`ApiServer::apply_role`]: verbs, `resourceNames`; a list or watch counts as a
+//!   request for the name its `metadata.name` field selector gives): an unknown token is `401`,
+//!   a refused request is `403` with the real message (`User "..." cannot VERB
 //!   resource "leases" in API group "coordination.k8s.io" in the namespace "..."`).
 //! - Every error body is a `v1.Status` with `code`, `reason`, `message` and `details`.
 //!
@@ -153,6 +155,27 @@ struct Event {
 struct Account {
     user: String,
     namespaces: HashSet<String>,
+    /// RBAC rules for Leases, as a Role's `rules` say them; `None`: every verb.
+    rules: Option<Vec<Rule>>,
+}
+
+/// One RBAC rule on `leases.coordination.k8s.io`.
+struct Rule {
+    verbs: HashSet<String>,
+    /// Empty: any name. Otherwise only these: a list or watch names one with a field selector
+    /// `metadata.name=X`, as RBAC requires, and a create can never be limited by name.
+    names: HashSet<String>,
+}
+
+impl Rule {
+    fn allows(&self, verb: &str, name: Option<&str>) -> bool {
+        let named = match name {
+            _ if self.names.is_empty() => true,
+            Some(name) => self.names.contains(name),
+            None => false,
+        };
+        (self.verbs.contains(verb) || self.verbs.contains("*")) && named
+    }
 }
 
 #[derive(Default)]
@@ -425,6 +448,7 @@ impl ApiServer {
             Account {
                 user: user.to_owned(),
                 namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+                rules: None,
             },
         );
     }
@@ -438,6 +462,35 @@ impl ApiServer {
             namespaces,
         );
         token
+    }
+
+    /// Limit `token` to the Lease rules of an RBAC Role (its `rules`, as JSON): only rules for
+    /// `leases` in `coordination.k8s.io` count.
+    pub fn apply_role(&self, token: &str, rules: &Value) {
+        let strings = |rule: &Value, key: &str| -> HashSet<String> {
+            rule[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        let rules = rules
+            .as_array()
+            .expect("rules is a list")
+            .iter()
+            .filter(|rule| {
+                strings(rule, "apiGroups").contains(GROUP)
+                    && strings(rule, "resources").contains("leases")
+            })
+            .map(|rule| Rule {
+                verbs: strings(rule, "verbs"),
+                names: strings(rule, "resourceNames"),
+            })
+            .collect();
+        if let Some(account) = self.shared.lock().accounts.get_mut(token) {
+            account.rules = Some(rules);
+        }
     }
 
     /// Grant `token` the namespace.
@@ -743,7 +796,12 @@ fn authorise(
             json!({}),
         ));
     };
-    if !account.namespaces.contains(namespace) {
+    let allowed = account.namespaces.contains(namespace)
+        && account
+            .rules
+            .as_ref()
+            .is_none_or(|rules| rules.iter().any(|r| r.allows(verb, name)));
+    if !allowed {
         let message = format!(
             "{} is forbidden: User {:?} cannot {verb} resource \"leases\" in API group {GROUP:?} in the namespace {namespace:?}",
             resource(name),
@@ -823,12 +881,13 @@ async fn collection(
     }
     let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     let verb = if watching { "watch" } else { "list" };
-    let token = match authorise(&shared, &headers, verb, &namespace, None) {
-        Ok(token) => token,
-        Err(response) => return response,
-    };
     let name = match parse_field_selector(query.get("fieldSelector")) {
         Ok(name) => name,
+        Err(response) => return response,
+    };
+    // RBAC authorises a list or watch limited to `metadata.name=X` as a request for X.
+    let token = match authorise(&shared, &headers, verb, &namespace, name.as_deref()) {
+        Ok(token) => token,
         Err(response) => return response,
     };
     if watching {
