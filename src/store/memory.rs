@@ -54,6 +54,9 @@ struct Shared {
 struct State {
     records: HashMap<String, Record>,
     partitioned: HashSet<String>,
+    /// Test hook: joining the key election panics once the value election is held.
+    #[cfg(test)]
+    panics: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -121,6 +124,14 @@ impl MemoryStore {
             .map(str::to_owned)
     }
 
+    /// Make joining `election` panic once `held` has a holder: a bug in one election's task.
+    #[cfg(test)]
+    pub(crate) fn panic_once_held(&self, election: &str, held: &str) {
+        self.lock()
+            .panics
+            .insert(election.to_owned(), held.to_owned());
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock can only come from a bug in this file; the state is
         // plain data and stays consistent, so keep going with it.
@@ -139,6 +150,16 @@ impl Store for MemoryStore {
         identity: &str,
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
+        #[cfg(test)]
+        let panics = self.lock().panics.get(election).cloned();
+        #[cfg(test)]
+        if let Some(held) = panics {
+            let mut changes = self.shared.changed.subscribe();
+            while self.holder(&held).is_none() {
+                let _ = changes.changed().await;
+            }
+            panic!("test hook: election {election} panics once {held} is held");
+        }
         let candidate = MemoryCandidate {
             store: self.clone(),
             election: election.to_owned(),
