@@ -22,6 +22,11 @@ fn bad_arguments_exit_2_naming_the_flag() {
         (&["run", "--election", "Orders!"], "--election"),
         (&["run", "--election", "a,a"], "--election"),
         (&["run", "--lease-duration", "fifteen"], "--lease-duration"),
+        // Parses, but would overflow the clock when the daemon adds it.
+        (
+            &["run", "--lease-duration", "300000000000years"],
+            "--lease-duration",
+        ),
         (&["run", "--renew-deadline", "15s"], "--renew-deadline"),
         (
             &["run", "--lease-duration", "5s", "--renew-deadline", "6s"],
@@ -266,6 +271,15 @@ async fn resign_to_a_named_successor() {
     let c = Daemon::start("c", &["--lock-dir", lock]);
     b.wait_role("default", Role::Follower).await;
     c.wait_role("default", Role::Follower).await;
+    // A name that would print differently from what it is (a right-to-left override).
+    let error = a
+        .client()
+        .await
+        .resign("default", Some("c\u{202E}"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
+    assert!(error.to_string().contains("successor"), "{error}");
     let term = a.client().await.resign("default", Some("c")).await.unwrap();
     let now = c.wait_role("default", Role::Leader).await;
     assert!(now.term > term);
