@@ -79,6 +79,28 @@ fn a_taken_port_exits_2_before_anything_starts() {
     assert!(!dir.path().join("default.lock").exists());
 }
 
+#[test]
+fn client_errors_say_their_cause() {
+    // A port nobody listens on (bound for a moment to find it).
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let dir = lock_dir();
+    let socket = format!("unix:{}", dir.path().join("none.sock").display());
+    // The operating system's words for each cause (strerror), not a library's.
+    for (addr, cause) in [
+        (free.as_str(), "Connection refused"),
+        (socket.as_str(), "No such file or directory"),
+    ] {
+        for command in ["status", "resign"] {
+            let (code, stderr) = run_fails(&[command, "--addr", addr]);
+            assert_eq!(code, 1, "{command} {addr}: {stderr}");
+            assert!(stderr.contains(cause), "{command} {addr}: {stderr}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_unknown_election_is_not_found_by_name() {
     let dir = lock_dir();
