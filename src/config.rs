@@ -338,10 +338,20 @@ pub enum ConfigError {
         name: String,
     },
     /// An identity that cannot be stored and shown.
-    #[error("--identity {identity:?}: must be 1-128 printable characters without whitespace")]
+    #[error(
+        "--identity {identity:?}: must be 1-128 printable characters without whitespace or format characters"
+    )]
     Identity {
         /// The rejected identity.
         identity: String,
+    },
+    /// A duration beyond [`MAX_DURATION`]: deadlines computed from it would overflow the clock.
+    #[error("{flag} ({value:?}) must be at most {max:?}", max = MAX_DURATION)]
+    TooLong {
+        /// The flag.
+        flag: &'static str,
+        /// The rejected duration.
+        value: Duration,
     },
     /// Durations in the wrong order.
     #[error(
@@ -492,6 +502,49 @@ fn valid_dns_name(name: &str, dots: bool) -> bool {
         && bytes
             .iter()
             .all(|b| edge(b) || *b == b'-' || (dots && *b == b'.'))
+}
+
+/// The longest value any duration flag takes. Every deadline is `now + duration`; far longer
+/// values parse but overflow the monotonic clock when the daemon adds them.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Whether `identity` can be stored and shown as it is: 1-128 characters, no whitespace, no
+/// control characters and no format characters (Unicode category Cf: bidirectional overrides,
+/// zero-width spaces), which would make a log line read other than it is.
+pub fn valid_identity(identity: &str) -> bool {
+    !identity.is_empty()
+        && identity.chars().count() <= 128
+        && !identity
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || is_format_char(c))
+}
+
+/// Unicode general category Cf (format), as of Unicode 15.1: a short, stable list, so kept here
+/// rather than as a dependency.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// The default identity: `POD_NAME`, else the host name and process id.
@@ -654,13 +707,19 @@ impl RunArgs {
             elections.push(name);
         }
         let identity = self.identity.clone().unwrap_or_else(default_identity);
-        if identity.is_empty()
-            || identity.chars().count() > 128
-            || identity
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-        {
+        if !valid_identity(&identity) {
             return Err(ConfigError::Identity { identity });
+        }
+        for (flag, value) in [
+            ("--lease-duration", self.lease_duration),
+            ("--renew-deadline", self.renew_deadline),
+            ("--retry-period", self.retry_period),
+            ("--drain-timeout", self.drain_timeout),
+            ("--crash-grace", self.crash_grace),
+        ] {
+            if value > MAX_DURATION {
+                return Err(ConfigError::TooLong { flag, value });
+            }
         }
         if self.renew_deadline >= self.lease_duration {
             return Err(ConfigError::RenewDeadline {
@@ -833,9 +892,17 @@ mod tests {
             (&["--election", "Bad_Name"], "--election"),
             (&["--election", "a,a"], "--election"),
             (&["--identity", "has space"], "--identity"),
+            (&["--identity", "a\u{202E}b"], "--identity"),
+            (&["--identity", "a\u{200B}b"], "--identity"),
             (&["--renew-deadline", "15s"], "--renew-deadline"),
             (&["--retry-period", "10s"], "--retry-period"),
             (&["--lease-duration", "soon"], "--lease-duration"),
+            (
+                &["--lease-duration", "300000000000years"],
+                "--lease-duration",
+            ),
+            (&["--drain-timeout", "300000000000years"], "--drain-timeout"),
+            (&["--crash-grace", "300000000000years"], "--crash-grace"),
             (&["--listen", "localhost"], "--listen"),
             (&["--listen", "unix:"], "--listen"),
             (&["--tls-cert-file", "c.pem"], "--tls-key-file"),

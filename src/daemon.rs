@@ -325,9 +325,15 @@ pub async fn run_with_store(
         (outcome, index, _) = select_all(tasks.iter_mut()), if !tasks.is_empty() => {
             let election = config.elections[index].clone();
             tracing::error!(%election, outcome = ?outcome, "an election task ended unexpectedly; stopping");
-            Some(election)
+            Some((index, election))
         }
     };
+    // The ended task is done: polling its handle again would panic, and the others must still
+    // step down.
+    let failed = failed.map(|(index, election)| {
+        drop(tasks.remove(index));
+        election
+    });
     tracing::info!("stopping: stepping down in every election");
     // The servers keep serving while the elections step down, so that workers hear of the loss
     // and can confirm their stop, and a scrape sees the step-down. Bounded: drain, then a
@@ -448,5 +454,43 @@ async fn report_health(
         reporter
             .set_service_status(service, ServingStatus::NotServing)
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::{
+        config::{Cli, Command},
+        store::memory::MemoryStore,
+    };
+
+    #[tokio::test]
+    async fn a_panicking_election_does_not_stop_the_others_stepping_down() {
+        let cli =
+            Cli::try_parse_from(["baton", "run", "--election", "ok,boom", "--identity", "me"])
+                .unwrap();
+        let Command::Run(args) = cli.command else {
+            unreachable!("parsed `run`");
+        };
+        let store = MemoryStore::new();
+        store.panic_once_held("boom", "ok");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outcome = tokio::spawn(run_with_store(
+            args.validate().unwrap(),
+            Arc::new(store.clone()),
+            listener,
+            std::future::pending::<()>(),
+        ))
+        .await
+        .expect("the daemon returns instead of panicking");
+        assert!(
+            matches!(&outcome, Err(DaemonError::ElectionFailed { election }) if election == "boom"),
+            "{outcome:?}"
+        );
+        // `ok` led until the panic; its 15 s lease has not run out, so only a release frees it.
+        assert_eq!(store.holder("ok"), None, "ok released its holding");
     }
 }

@@ -52,10 +52,28 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("baton: {e}");
+            eprintln!("baton: {}", with_causes(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and every cause under it (`Error::source`), e.g. "transport error: ...: Permission
+/// denied", skipping a cause whose text the line already ends with, and a gRPC status (whose
+/// message the client's error already says).
+fn with_causes(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) || cause.is::<tonic::Status>() {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// `baton run`: validate, bind, serve until SIGTERM/SIGINT; a second signal exits at once.

@@ -291,6 +291,17 @@ impl proto::leadership_server::Leadership for LeadershipService {
         let request = request.into_inner();
         let election = self.find(&request.election)?;
         let successor = Some(request.successor).filter(|s| !s.is_empty());
+        if successor
+            .as_deref()
+            .is_some_and(|s| !crate::config::valid_identity(s))
+        {
+            return Err(ApiError::InvalidArgument {
+                field: "successor",
+                problem: "must be 1-128 printable characters without whitespace or format \
+                          characters",
+            }
+            .into());
+        }
         if successor.as_deref() == Some(&*election.current().identity) {
             return Err(ApiError::InvalidArgument {
                 field: "successor",

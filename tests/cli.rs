@@ -22,6 +22,11 @@ fn bad_arguments_exit_2_naming_the_flag() {
         (&["run", "--election", "Orders!"], "--election"),
         (&["run", "--election", "a,a"], "--election"),
         (&["run", "--lease-duration", "fifteen"], "--lease-duration"),
+        // Parses, but would overflow the clock when the daemon adds it.
+        (
+            &["run", "--lease-duration", "300000000000years"],
+            "--lease-duration",
+        ),
         (&["run", "--renew-deadline", "15s"], "--renew-deadline"),
         (
             &["run", "--lease-duration", "5s", "--renew-deadline", "6s"],
@@ -72,6 +77,103 @@ fn a_taken_port_exits_2_before_anything_starts() {
     );
     // Nothing campaigned: the lock directory holds no election.
     assert!(!dir.path().join("default.lock").exists());
+}
+
+#[test]
+fn a_refused_start_creates_no_lock_dir() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let scratch = lock_dir();
+    let missing = scratch.path().join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let socket = format!("unix:{}", scratch.path().join("no/dir/b.sock").display());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--listen", &taken], "--listen"),
+        (
+            &["--tls-cert-file", missing, "--tls-key-file", missing],
+            "--tls-cert-file",
+        ),
+        (&["--listen", &socket], "--listen"),
+        (&["--metrics-listen", &taken], "--metrics-listen"),
+        (&["--health-listen", &taken], "--health-listen"),
+    ];
+    for (args, flag) in cases {
+        let locks = scratch.path().join("locks");
+        let mut argv = vec!["run", "--lock-dir", locks.to_str().unwrap()];
+        if !args.contains(&"--listen") {
+            argv.extend(["--listen", "127.0.0.1:0"]);
+        }
+        argv.extend_from_slice(args);
+        let (code, stderr) = run_fails(&argv);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!locks.exists(), "{args:?} left {} behind", locks.display());
+    }
+}
+
+#[test]
+fn a_lock_dir_others_may_write_exits_2() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = lock_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut command = baton();
+    command.args(["run", "--listen", "127.0.0.1:0", "--lock-dir"]);
+    command.arg(dir.path());
+    // Waited on with a bound: a daemon that accepted the directory would serve forever.
+    let mut daemon = Proc::spawn(command, "baton: ");
+    let code = daemon.wait().code();
+    let stderr = daemon.stderr.all().join("\n");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--lock-dir") && stderr.contains("writable by group or others"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn client_errors_say_their_cause() {
+    // A port nobody listens on (bound for a moment to find it).
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let dir = lock_dir();
+    let socket = format!("unix:{}", dir.path().join("none.sock").display());
+    // The operating system's words for each cause (strerror), not a library's.
+    for (addr, cause) in [
+        (free.as_str(), "Connection refused"),
+        (socket.as_str(), "No such file or directory"),
+    ] {
+        for command in ["status", "resign"] {
+            let (code, stderr) = run_fails(&[command, "--addr", addr]);
+            assert_eq!(code, 1, "{command} {addr}: {stderr}");
+            assert!(stderr.contains(cause), "{command} {addr}: {stderr}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lock_file_at_the_largest_term_is_reported_not_wrapped() {
+    let dir = lock_dir();
+    std::fs::write(
+        dir.path().join("default.lock"),
+        format!("baton file lock v1\nterm {}\n", u64::MAX),
+    )
+    .unwrap();
+    let d = Daemon::start("a", &["--lock-dir", dir.path().to_str().unwrap()]);
+    let state = d
+        .wait_for("default", "reporting the largest term", |s| {
+            s.reason.contains("largest possible")
+        })
+        .await;
+    assert_eq!(state.role, Role::Unknown, "{state:?}");
+    assert_eq!(state.leader, None);
+    // Fixed by a person, the election proceeds without a restart.
+    std::fs::remove_file(dir.path().join("default.lock")).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("default.state"));
+    let state = d.wait_role("default", Role::Leader).await;
+    assert!(state.term > 0, "{state:?}");
+    assert!(!d.proc.stderr.all().iter().any(|l| l.contains("panicked")));
 }
 
 #[tokio::test]
@@ -266,6 +368,15 @@ async fn resign_to_a_named_successor() {
     let c = Daemon::start("c", &["--lock-dir", lock]);
     b.wait_role("default", Role::Follower).await;
     c.wait_role("default", Role::Follower).await;
+    // A name that would print differently from what it is (a right-to-left override).
+    let error = a
+        .client()
+        .await
+        .resign("default", Some("c\u{202E}"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
+    assert!(error.to_string().contains("successor"), "{error}");
     let term = a.client().await.resign("default", Some("c")).await.unwrap();
     let now = c.wait_role("default", Role::Leader).await;
     assert!(now.term > term);

@@ -264,4 +264,26 @@ impl Suite {
         assert!(next.term > first.term);
         b.release(None).await.expect("release");
     }
+
+    /// With the election's last term at the largest the store can record (`max_out` forges it,
+    /// as only the store's own tests know how), a candidate is refused as invalid data instead
+    /// of being handed a term that is not greater. Not in [`Suite::test_all`] for that reason.
+    pub async fn refuses_a_term_past_the_maximum(&self, max_out: impl FnOnce(&str)) {
+        let e = self.election("term-max");
+        let mut a = self.join(&e, "a").await;
+        max_out(&e);
+        let mut seen = Observation::default();
+        let refused = timeout(PROMPTLY, async {
+            loop {
+                match a.acquire(&seen).await {
+                    Ok(Acquired::Held(h)) => panic!("acquired term {} past the maximum", h.term),
+                    Ok(Acquired::Observed(now)) => seen = now,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("a campaign on an exhausted term is refused promptly");
+        assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
+    }
 }

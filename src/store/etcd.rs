@@ -1223,6 +1223,9 @@ impl Candidate for EtcdCandidate {
                 self.clear_reservation(mine).await?;
             }
             self.held = true;
+            // No overflow check: the term is our key's create revision, which etcd makes
+            // greater than every earlier revision (and a key is created only after the
+            // previous leader's), so it exceeds every earlier term; an i64 never reaches u64::MAX.
             let term = mine.revision.max(0) as u64;
             self.last_term = self.last_term.max(term);
             return Ok(Acquired::Held(Holding {

@@ -30,9 +30,9 @@
 //! other hosts' changes. Use etcd or Kubernetes across hosts.
 
 use std::{
-    fs::{File, OpenOptions, TryLockError},
-    io::{self, Write},
-    os::unix::fs::{FileExt, MetadataExt},
+    fs::{DirBuilder, File, OpenOptions, Permissions, TryLockError},
+    io::{self, Read, Write},
+    os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -54,6 +54,11 @@ pub const DEFAULT_CRASH_GRACE: Duration = Duration::from_millis(25);
 
 /// Width of the term record after the header: `term ` + 20 digits + newline.
 const TERM_RECORD: usize = 26;
+/// The largest state file Baton reads; a real record is a few hundred bytes.
+const STATE_MAX_BYTES: u64 = 64 * 1024;
+/// Lock and state files are private to the daemon's user: `flock` needs only read access, so a
+/// readable lock file would let any local user hold the election hostage.
+const FILE_MODE: u32 = 0o600;
 
 /// Errors of the file store, each naming the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +71,22 @@ pub enum FileError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// The lock directory belongs to another user, or others may write in it: they could
+    /// replace the lock files or hold the election.
+    #[error(
+        "lock directory {path} is owned by uid {owner} (we are uid {uid}) or writable by \
+         group or others (mode {mode:o}): use a directory of this user, mode 0700 or 0755"
+    )]
+    UnsafeLockDir {
+        /// The lock directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective user.
+        uid: u32,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The lock file could not be opened, created or locked.
     #[error("cannot use lock file {path}: {source}")]
@@ -97,6 +118,25 @@ pub enum FileError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// The recorded term is the largest a term can be: no later holding can have a greater one.
+    #[error(
+        "{path} records term {term}, the largest possible: no greater term exists; remove \
+         {path} and the state file to start the term over (and reset what fences on it)"
+    )]
+    TermAtMaximum {
+        /// The lock or state file.
+        path: PathBuf,
+        /// The recorded term.
+        term: u64,
+    },
+    /// The state file is larger than any record Baton writes.
+    #[error("state file {path} is larger than {max} bytes: not Baton's record; remove it")]
+    StateTooLarge {
+        /// The state file.
+        path: PathBuf,
+        /// The limit.
+        max: u64,
     },
     /// The term record in the lock file is damaged.
     #[error("lock file {path} has a damaged term record; remove it to start the term over")]
@@ -131,6 +171,8 @@ impl FileError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FileError::ForeignLock { .. }
+            | FileError::TermAtMaximum { .. }
+            | FileError::StateTooLarge { .. }
             | FileError::CorruptTerm { .. }
             | FileError::CorruptState { .. } => ErrorKind::Invalid,
             _ => ErrorKind::Unavailable,
@@ -160,6 +202,10 @@ struct StateRecord {
     /// jumps with the wall clock nor stops while the machine sleeps.
     #[serde(default)]
     successor_until_ms: u64,
+    /// The boot (kernel boot id) on which `successor_until_ms` was measured: CLOCK_BOOTTIME
+    /// restarts at boot, so a reservation from an earlier boot means nothing.
+    #[serde(default)]
+    successor_boot: Option<String>,
 }
 
 /// CLOCK_BOOTTIME now, as a duration since boot.
@@ -167,11 +213,21 @@ fn boot_time() -> Duration {
     clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(Duration::ZERO, Duration::from)
 }
 
+/// The kernel's id of this boot, `None` if it cannot be read.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+}
+
 impl StateRecord {
-    /// How long the election stays reserved for a successor other than `me`.
-    fn reserved_against(&self, me: &str) -> Option<Duration> {
+    /// How long the election stays reserved for a successor other than `me`, by the record's
+    /// clock: only a reservation made on this boot (`boot`) counts.
+    fn reserved_against(&self, me: &str, boot: Option<&str>) -> Option<Duration> {
         let successor = self.successor.as_deref()?;
-        if successor == me {
+        let other_boot =
+            matches!((boot, &self.successor_boot), (Some(now), Some(then)) if now != then);
+        if successor == me || other_boot {
             return None;
         }
         Duration::from_millis(self.successor_until_ms)
@@ -188,23 +244,46 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Use `dir` as the lock directory, creating it if needed.
+    /// Use `dir` as the lock directory. Creates nothing: a missing directory is created (mode
+    /// 0700) when the first election joins, so that a start refused later leaves nothing behind.
     ///
     /// # Errors
-    /// [`FileError::LockDir`] if it cannot be created or written.
+    /// [`FileError::LockDir`] if it cannot be created or written; [`FileError::UnsafeLockDir`]
+    /// if another user owns it or may write in it.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self, FileError> {
         let dir = dir.into();
         let fail = |source| FileError::LockDir {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(fail)?;
-        // Prove that we may create files here before any election needs to.
-        tempfile::NamedTempFile::with_prefix_in(".baton-probe-", &dir).map_err(fail)?;
+        // Prove that we may create files in the directory, or in the nearest ancestor it would
+        // be created in, before any election needs to (the probe removes itself).
+        let existing = dir
+            .ancestors()
+            .find(|d| d.exists())
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        tempfile::NamedTempFile::with_prefix_in(".baton-probe-", existing).map_err(fail)?;
+        if existing == dir {
+            check_owner(&dir)?;
+        }
         Ok(FileStore {
             dir,
             crash_grace: DEFAULT_CRASH_GRACE,
         })
+    }
+
+    /// Create the lock directory (0700) if it is missing, and check whose it is.
+    fn create_dir(&self) -> Result<(), FileError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|source| FileError::LockDir {
+                path: self.dir.clone(),
+                source,
+            })?;
+        check_owner(&self.dir)
     }
 
     /// Replace [`DEFAULT_CRASH_GRACE`].
@@ -219,6 +298,50 @@ impl FileStore {
     }
 }
 
+/// Refuse a lock directory that another user owns or that group or others may write in. A
+/// symlink in its place must be ours too, or whoever made it chooses where our files go.
+fn check_owner(dir: &Path) -> Result<(), FileError> {
+    let fail = |source| FileError::LockDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let link = std::fs::symlink_metadata(dir).map_err(fail)?;
+    let meta = std::fs::metadata(dir).map_err(fail)?;
+    let uid = nix::unistd::geteuid().as_raw();
+    let owner = if link.uid() != uid {
+        link.uid()
+    } else {
+        meta.uid()
+    };
+    if owner != uid || meta.mode() & 0o022 != 0 {
+        return Err(FileError::UnsafeLockDir {
+            path: dir.to_owned(),
+            owner,
+            uid,
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// Open a file of the lock directory without following a symlink, private to this user.
+fn open_private(path: &Path, write: bool) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create(write)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    // A file made by an older Baton, or under a wider umask: narrow it.
+    let meta = file.metadata()?;
+    if write && meta.mode() & 0o777 != FILE_MODE {
+        file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    }
+    Ok(file)
+}
+
 #[async_trait]
 impl Store for FileStore {
     async fn join(
@@ -227,6 +350,7 @@ impl Store for FileStore {
         identity: &str,
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
+        self.create_dir()?;
         let inotify = Inotify::init().map_err(|source| FileError::Watch {
             path: self.dir.clone(),
             source,
@@ -253,10 +377,12 @@ impl Store for FileStore {
             held: None,
             announce_at: None,
             created_lock: false,
+            boot: boot_id(),
+            reservation: None,
             events,
         };
         candidate.open_lock()?;
-        candidate.read_state()?;
+        candidate.read_state().await?;
         Ok(Box::new(candidate))
     }
 
@@ -281,6 +407,11 @@ struct FileCandidate {
     announce_at: Option<Instant>,
     /// Whether we created the lock file we have open (it did not exist before).
     created_lock: bool,
+    /// This boot's id, which binds a successor reservation to the boot it was made on.
+    boot: Option<String>,
+    /// The successor reservation last seen (successor, until) and when we first saw it: it
+    /// holds us back for at most one lease from then, whatever its recorded end.
+    reservation: Option<((String, u64), Instant)>,
     events: EventStream<Vec<u8>>,
 }
 
@@ -295,13 +426,7 @@ impl FileCandidate {
     /// Open (creating if needed) the lock file and check that it is Baton's. Also says whether
     /// this call created it (a new inode: a previous holder may still hold a removed one).
     fn open_lock(&self) -> Result<(File, bool), FileError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.lock_path)
-            .map_err(|e| self.lock_error(e))?;
+        let file = open_private(&self.lock_path, true).map_err(|e| self.lock_error(e))?;
         let mut head = vec![0u8; LOCK_HEADER.len()];
         let n = file.read_at(&mut head, 0).map_err(|e| self.lock_error(e))?;
         let created = n == 0;
@@ -320,18 +445,35 @@ impl FileCandidate {
         Ok((file, created))
     }
 
-    fn read_state(&self) -> Result<StateRecord, FileError> {
-        match std::fs::read(&self.state_path) {
+    /// Read the state file, at most [`STATE_MAX_BYTES`], on a blocking thread: a huge or slow
+    /// file must not stall the runtime that serves every RPC.
+    async fn read_state(&self) -> Result<StateRecord, FileError> {
+        let path = self.state_path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut bytes = Vec::new();
+            open_private(&path, false)?
+                .take(STATE_MAX_BYTES + 1)
+                .read_to_end(&mut bytes)?;
+            Ok::<_, io::Error>(bytes)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let fail = |source| FileError::State {
+            op: "read",
+            path: self.state_path.clone(),
+            source,
+        };
+        match read {
+            Ok(bytes) if bytes.len() as u64 > STATE_MAX_BYTES => Err(FileError::StateTooLarge {
+                path: self.state_path.clone(),
+                max: STATE_MAX_BYTES,
+            }),
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| FileError::CorruptState {
                 path: self.state_path.clone(),
                 source,
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StateRecord::default()),
-            Err(source) => Err(FileError::State {
-                op: "read",
-                path: self.state_path.clone(),
-                source,
-            }),
+            Err(source) => Err(fail(source)),
         }
     }
 
@@ -377,7 +519,17 @@ impl FileCandidate {
             path: self.lock_path.clone(),
             source: io::Error::other("lock file closed while held"),
         })?;
-        let term = self.read_term(file)?.max(state_term) + 1;
+        let (last, path) = match self.read_term(file)? {
+            recorded if recorded >= state_term => (recorded, &self.lock_path),
+            _ => (state_term, &self.state_path),
+        };
+        // A term must exceed every earlier one; at the maximum none does (and `+ 1` would wrap).
+        let term = last
+            .checked_add(1)
+            .ok_or_else(|| FileError::TermAtMaximum {
+                path: path.clone(),
+                term: last,
+            })?;
         self.write_term(file, term)?;
         self.write_state(&StateRecord {
             holder: Some(self.identity.clone()),
@@ -479,28 +631,59 @@ impl FileCandidate {
         }
     }
 
+    /// How long `state` still reserves the election for a successor other than us: at most one
+    /// lease (what a release grants) from when we first saw the reservation, which we log.
+    fn reserved(&mut self, state: &StateRecord) -> Option<Duration> {
+        let Some(left) = state.reserved_against(&self.identity, self.boot.as_deref()) else {
+            self.reservation = None;
+            return None;
+        };
+        let key = (
+            state.successor.clone().unwrap_or_default(),
+            state.successor_until_ms,
+        );
+        let now = Instant::now();
+        let since = match &self.reservation {
+            Some((seen, since)) if *seen == key => *since,
+            _ => {
+                let cap = self.timing.lease_duration;
+                tracing::info!(
+                    state_file = %self.state_path.display(),
+                    successor = ?key.0,
+                    left = ?left.min(cap),
+                    "the election is reserved for a named successor; other candidates wait \
+                     until it takes over or the reservation ends"
+                );
+                self.reservation = Some((key, now));
+                now
+            }
+        };
+        let capped = (since + self.timing.lease_duration).saturating_duration_since(now);
+        Some(left.min(capped)).filter(|left| !left.is_zero())
+    }
+
     async fn campaign_or_observe(
         &mut self,
         last_seen: &Observation,
         campaign: bool,
     ) -> Result<Acquired, FileError> {
         loop {
-            let state = self.read_state()?;
-            let reserved = state.reserved_against(&self.identity);
+            let state = self.read_state().await?;
+            let reserved = self.reserved(&state);
             // Not campaigning, we still take the lock for an instant when the record names a
             // holder, to learn whether that holder is alive: a dead holder's name is cleared.
             let probe = campaign && reserved.is_none() || !campaign && state.holder.is_some();
             if probe && self.try_lock()? {
                 // Decide on the record as it is now that we hold the lock: it may have changed
                 // since the look above.
-                let state = match self.read_state() {
+                let state = match self.read_state().await {
                     Ok(state) => state,
                     Err(e) => {
                         self.close_lock();
                         return Err(e);
                     }
                 };
-                if campaign && state.reserved_against(&self.identity).is_some() {
+                if campaign && self.reserved(&state).is_some() {
                     self.close_lock();
                     continue;
                 }
@@ -573,7 +756,7 @@ impl Candidate for FileCandidate {
                 reason: format!("{} was removed or replaced", self.lock_path.display()),
             });
         }
-        let state = self.read_state()?;
+        let state = self.read_state().await?;
         if state.holder.as_deref() != Some(self.identity.as_str()) || state.term != term {
             self.close_lock();
             return Err(StoreError::Lost {
@@ -600,6 +783,7 @@ impl Candidate for FileCandidate {
             released: true,
             successor: successor.map(str::to_owned),
             successor_until_ms: until.as_millis() as u64,
+            successor_boot: self.boot.clone(),
         });
         // Unlock whatever happened to the record: the next holder rewrites it anyway.
         self.close_lock();
@@ -754,6 +938,119 @@ mod tests {
         std::fs::remove_file(dir.path().join("e.lock")).unwrap();
         let error = a.keep().await.unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Lost, "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_term_at_its_maximum_is_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let store = Arc::new(FileStore::new(dir.path()).unwrap());
+        Suite::new(store.clone(), timing(), "lock-")
+            .refuses_a_term_past_the_maximum(|e| {
+                let mut forged = LOCK_HEADER.to_vec();
+                forged.extend_from_slice(format!("term {}\n", u64::MAX).as_bytes());
+                std::fs::write(path.join(format!("{e}.lock")), forged).unwrap();
+            })
+            .await;
+        Suite::new(store, timing(), "state-")
+            .refuses_a_term_past_the_maximum(|e| {
+                let forged = format!(r#"{{"holder":null,"term":{}}}"#, u64::MAX);
+                std::fs::write(path.join(format!("{e}.state")), forged).unwrap();
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn a_reservation_holds_for_at_most_a_lease_and_only_on_its_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let reserve = |boot: Option<String>, until: u64| {
+            let record = StateRecord {
+                term: 1,
+                released: true,
+                successor: Some("c".to_owned()),
+                successor_until_ms: until,
+                successor_boot: boot,
+                ..StateRecord::default()
+            };
+            std::fs::write(
+                dir.path().join("e.state"),
+                serde_json::to_vec(&record).unwrap(),
+            )
+            .unwrap();
+        };
+        let store = &store;
+        let win = |within: Duration| async move {
+            let mut b = store.join("e", "b", timing()).await.unwrap();
+            let mut seen = Observation::default();
+            let held = tokio::time::timeout(within, async {
+                loop {
+                    match b.acquire(&seen).await.unwrap() {
+                        Acquired::Held(held) => return held,
+                        Acquired::Observed(now) => seen = now,
+                    }
+                }
+            })
+            .await;
+            b.release(None).await.unwrap();
+            held
+        };
+        let hour_ms = (boot_time() + Duration::from_secs(3600)).as_millis() as u64;
+        // Made before a reboot: the old boot's clock says nothing about this one.
+        reserve(Some("an-earlier-boot".to_owned()), hour_ms);
+        win(Duration::from_secs(10))
+            .await
+            .expect("a reservation of another boot does not block");
+        // On this boot but far beyond what a release grants: it ends a lease from now.
+        reserve(boot_id(), u64::MAX);
+        win(timing().lease_duration + Duration::from_secs(10))
+            .await
+            .expect("a reservation lasts at most one lease");
+    }
+
+    #[tokio::test]
+    async fn files_are_private_and_symlinks_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = dir.path().join("locks");
+        let store = FileStore::new(&locks).unwrap();
+        assert!(
+            !locks.exists(),
+            "nothing is created before an election joins"
+        );
+        let mut a = store.join("e", "a", timing()).await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&locks), 0o700);
+        assert!(matches!(
+            a.acquire(&Observation::default()).await.unwrap(),
+            Acquired::Held(_)
+        ));
+        assert_eq!(mode(&locks.join("e.lock")), FILE_MODE);
+        assert_eq!(mode(&locks.join("e.state")), FILE_MODE);
+
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, locks.join("s.lock")).unwrap();
+        let error = store.join("s", "a", timing()).await.err().unwrap();
+        assert!(!elsewhere.exists(), "followed the symlink; {error}");
+    }
+
+    #[test]
+    fn a_lock_dir_others_may_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), Permissions::from_mode(0o777)).unwrap();
+        let error = FileStore::new(dir.path()).unwrap_err();
+        assert!(matches!(error, FileError::UnsafeLockDir { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_state_file_is_invalid_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut padded = br#"{"holder":null,"term":1}"#.to_vec();
+        padded.resize(STATE_MAX_BYTES as usize + 1, b' ');
+        std::fs::write(dir.path().join("e.state"), padded).unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        let error = store.join("e", "a", timing()).await.err().unwrap();
+        assert_eq!(error.kind(), ErrorKind::Invalid);
+        assert!(error.to_string().contains("e.state"), "{error}");
     }
 
     #[test]

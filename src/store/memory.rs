@@ -28,12 +28,21 @@ pub enum MemoryError {
         /// The partitioned identity.
         identity: String,
     },
+    /// The election's last term is `u64::MAX`: no greater term exists.
+    #[error("election {election} is at the largest term: no greater term exists")]
+    TermAtMaximum {
+        /// The election.
+        election: String,
+    },
 }
 
 impl MemoryError {
-    /// Every in-memory failure is a reachability failure.
+    /// A partition is a reachability failure; an exhausted term needs a person.
     pub fn kind(&self) -> ErrorKind {
-        ErrorKind::Unavailable
+        match self {
+            MemoryError::Partitioned { .. } => ErrorKind::Unavailable,
+            MemoryError::TermAtMaximum { .. } => ErrorKind::Invalid,
+        }
     }
 }
 
@@ -54,6 +63,9 @@ struct Shared {
 struct State {
     records: HashMap<String, Record>,
     partitioned: HashSet<String>,
+    /// Test hook: joining the key election panics once the value election is held.
+    #[cfg(test)]
+    panics: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -121,6 +133,24 @@ impl MemoryStore {
             .map(str::to_owned)
     }
 
+    /// Make joining `election` panic once `held` has a holder: a bug in one election's task.
+    #[cfg(test)]
+    pub(crate) fn panic_once_held(&self, election: &str, held: &str) {
+        self.lock()
+            .panics
+            .insert(election.to_owned(), held.to_owned());
+    }
+
+    /// Set the last term of `election`, as a person editing the store could.
+    #[cfg(test)]
+    pub(crate) fn set_term(&self, election: &str, term: u64) {
+        self.lock()
+            .records
+            .entry(election.to_owned())
+            .or_default()
+            .term = term;
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock can only come from a bug in this file; the state is
         // plain data and stays consistent, so keep going with it.
@@ -139,6 +169,16 @@ impl Store for MemoryStore {
         identity: &str,
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
+        #[cfg(test)]
+        let panics = self.lock().panics.get(election).cloned();
+        #[cfg(test)]
+        if let Some(held) = panics {
+            let mut changes = self.shared.changed.subscribe();
+            while self.holder(&held).is_none() {
+                let _ = changes.changed().await;
+            }
+            panic!("test hook: election {election} panics once {held} is held");
+        }
         let candidate = MemoryCandidate {
             store: self.clone(),
             election: election.to_owned(),
@@ -188,8 +228,13 @@ impl MemoryCandidate {
             .as_ref()
             .is_some_and(|(s, until)| *s != self.identity && *until > now);
         if campaign && record.live_holder(now).is_none() && !reserved_for_other {
+            record.term = record
+                .term
+                .checked_add(1)
+                .ok_or_else(|| MemoryError::TermAtMaximum {
+                    election: self.election.clone(),
+                })?;
             record.holder = Some(self.identity.clone());
-            record.term += 1;
             record.successor = None;
             let valid_until = now + self.timing.lease_duration;
             record.expires = Some(valid_until);
@@ -296,8 +341,11 @@ mod tests {
             renew_deadline: Duration::from_secs(2),
             retry_period: Duration::from_millis(500),
         };
-        Suite::new(Arc::new(MemoryStore::new()), timing, "mem-")
-            .test_all()
+        let store = MemoryStore::new();
+        let suite = Suite::new(Arc::new(store.clone()), timing, "mem-");
+        suite.test_all().await;
+        suite
+            .refuses_a_term_past_the_maximum(|e| store.set_term(e, u64::MAX))
             .await;
     }
 

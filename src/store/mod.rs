@@ -201,7 +201,7 @@ impl StoreError {
             StoreError::Lost { .. } => ErrorKind::Lost,
             StoreError::Timeout { .. } => ErrorKind::Unavailable,
             StoreError::File(e) => e.kind(),
-            StoreError::Memory(_) => ErrorKind::Unavailable,
+            StoreError::Memory(e) => e.kind(),
             #[cfg(feature = "etcd")]
             StoreError::Etcd(e) => e.kind(),
             #[cfg(feature = "kubernetes")]
