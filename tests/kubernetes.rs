@@ -143,8 +143,20 @@ async fn passes_the_conformance_suite() {
         .await
         .expect("store");
     assert_eq!(store.namespace(), NS, "the kubeconfig context's namespace");
-    Suite::new(Arc::new(store), timing(), "k8s-")
-        .test_all()
+    let suite = Suite::new(Arc::new(store), timing(), "k8s-");
+    suite.test_all().await;
+    // A free Lease whose leaseTransitions (an int32) cannot grow.
+    suite
+        .refuses_a_term_past_the_maximum(|e| {
+            cluster.api.put(
+                NS,
+                json!({
+                    "metadata": {"name": e},
+                    "spec": {"holderIdentity": "", "leaseDurationSeconds": 3,
+                             "leaseTransitions": i32::MAX},
+                }),
+            );
+        })
         .await;
 }
 
