@@ -804,7 +804,10 @@ fn the_image_features_exist_and_the_lock_file_is_current() {
     // this platform's packages, which the test build has already fetched: a plain `metadata
     // --offline` would need every platform's (Windows crates too) in the local cache.
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
-    let version = Command::new(rustc).arg("-vV").output().expect("run rustc -vV");
+    let version = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .expect("run rustc -vV");
     let version = String::from_utf8_lossy(&version.stdout);
     let host = version
         .lines()
