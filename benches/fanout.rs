@@ -1,72 +1,47 @@
-//! Fan-out: how long one leadership change takes to reach 1,000 and 10,000 WatchLeadership
-//! subscribers of one daemon, and the daemon's RSS at 0, 1,000 and 10,000 subscribers.
+//! Fan-out, Baton beside etcd: how long one change takes to reach 1,000 and 10,000 streams,
+//! and each server's RSS with them.
 //!
 //! ```text
-//! cargo bench --bench fanout                      # file store; 10 changes of each kind per N
-//! cargo bench --features etcd --bench fanout      # also on a real etcd
-//! BATON_BENCH_RUNS=20 BATON_BENCH_STREAMS_PER_CONN=500 cargo bench --bench fanout
-//! BATON_BENCH_STORES=etcd cargo bench --features etcd --bench fanout   # file,kubernetes,etcd
-//! BATON_BENCH_SUBSCRIBERS=lean cargo bench --bench fanout                # tonic,lean
+//! cargo bench --features etcd --bench fanout           # 10 changes of each kind per N
+//! BATON_BENCH_RUNS=20 BATON_BENCH_STREAMS_PER_CONN=500 cargo bench --features etcd --bench fanout
 //! ```
 //!
-//! Stores: the file store; the Kubernetes store against the Lease API test double
-//! (`tests/k8s_api`) with the `kubernetes` feature (on by default); a real etcd with `etcd`.
+//! Both servers get subscribers of the same shape: N server streams over N /
+//! `BATON_BENCH_STREAMS_PER_CONN` HTTP/2 connections (default 100 streams each; it must divide
+//! 1,000), opened with standard clients, one task per connection reading all its streams and
+//! stamping each event with the monotonic clock as it is decoded.
 //!
-//! Two release `baton run` daemons, A and B, campaign in one election; A leads. This process
-//! opens N plain (observer) WatchLeadership streams on A, spread over HTTP/2 connections of
-//! `BATON_BENCH_STREAMS_PER_CONN` streams each (default 100; it must divide 1,000; the server
-//! sets no stream limit).
-//! One task per connection reads all its streams and stamps every event with the monotonic
-//! clock as it is decoded (one stamp for the events decoded at one wake-up): what an
-//! aggregator watching many elections would do, and it keeps the subscribers' share of the two
-//! cores down. Each store runs twice, with fresh daemons, once per kind of subscriber
-//! (`BATON_BENCH_SUBSCRIBERS`, default both):
+//! - **Baton**: two release `baton run` daemons, A and B, on the file store, in one election;
+//!   A leads. N WatchLeadership streams (tonic clients, observers) on A. Changes alternate:
+//!   *loss*, `Resign(A, successor B)`, reached when a subscriber receives a state that is not
+//!   LEADER (A announces the loss before it touches the store: the daemon's path alone,
+//!   RPC -> election task -> watch channel -> N streams); *gain*, `Resign(B, successor A)`,
+//!   reached at LEADER in A's new term (the hand-off through the store, then the fan-out).
+//! - **etcd**: a real etcd (`tests/etcd_server`); N Watch streams of one key (the `etcd-client`
+//!   crate, one watch per stream); a change is one Put of the key, reached when a watcher
+//!   receives its event.
 //!
-//! - **tonic**: the streams are tonic clients, as the worker client embeds them. On this
-//!   machine they share the daemon's cores and use about as much CPU as the daemon does.
-//! - **lean**: the streams are read by [`lean`], HTTP/2 by hand, one pass over each read; the
-//!   subscribers then use about a third of the daemon's CPU, and the figure is mostly the
-//!   daemon's own, as when the subscribers run elsewhere.
-//!
-//! Two kinds of change, alternating:
-//!
-//! - **loss**: `Resign(A, successor B)` is sent; a subscriber has the change when it receives
-//!   a state that is not LEADER. A announces the loss before it touches the store, so this is
-//!   the daemon's fan-out path alone (RPC -> election task -> watch channel -> N streams),
-//!   the same for every store.
-//! - **gain**: `Resign(B, successor A)` is sent; a subscriber has the change when it receives
-//!   LEADER in A's new term. This adds the hand-off through the store (B releases, A's store
-//!   notification, A acquires) to the fan-out.
-//!
-//! The clock starts just before the Resign RPC is sent. Figures per kind and N:
-//! `per subscriber` pools every subscriber's latency over every change (n = N x changes);
-//! `all reached` is, per change, the latency of the last subscriber (n = changes); `spread` is,
-//! per change, last minus first subscriber. Timings are printed, never asserted. Asserted
-//! exactly, per change: every subscriber ends in the state the daemons report (role, leader and
-//! the term the new leader reports itself), and no subscriber ever sees a term go down.
+//! The clock starts just before the triggering RPC is sent. Per N: `per subscriber` pools every
+//! subscriber's latency over every change; `all reached` is, per change, the last subscriber's.
+//! Asserted exactly, per change: every Baton subscriber ends in the state the daemons report
+//! and never sees a term go down; every etcd watcher receives the Put's revision.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs 1 change of each kind at
-//! N = 1,000 only, with both kinds of subscriber, as a smoke test of the benchmark itself.
+//! N = 1,000 only, as a smoke test of the benchmark itself.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[cfg(feature = "etcd")]
 #[path = "../tests/etcd_server/mod.rs"]
 mod etcd_server;
-#[cfg(feature = "kubernetes")]
-#[path = "../tests/k8s_api/mod.rs"]
-mod k8s_api;
-#[path = "fanout/lean.rs"]
-mod lean;
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt::Debug, sync::Arc, time::Duration};
 
 use baton::{
     client::Role,
     proto::{LeadershipEvent, WatchLeadershipRequest, leadership_client::LeadershipClient},
 };
-use common::{Daemon, SOON, proc_number, status_kib, summary};
-use futures::{FutureExt, StreamExt};
+use common::{Daemon, SOON, percentile, status_kib, summary};
+use futures::{FutureExt, StreamExt, stream::BoxStream};
 use tokio::{
     sync::mpsc,
     task::JoinSet,
@@ -75,81 +50,89 @@ use tokio::{
 use tonic::transport::Endpoint;
 
 const ELECTION: &str = "fanout";
+const KEY: &str = "fanout";
 
-/// One event as a subscriber received it.
-struct Received {
-    subscriber: usize,
-    at: Instant,
+/// What a subscriber holds: for Baton (role, leader, term), for etcd the key's revision.
+trait State: Clone + PartialEq + Debug + Send + 'static {
+    /// What never goes down along one stream.
+    fn order(&self) -> u64;
+}
+
+#[derive(Clone, PartialEq, Debug)]
+struct Leadership {
     role: Role,
     leader: Arc<str>,
     term: u64,
 }
 
-/// The last state a subscriber holds, and what it saw since the current change began.
-#[derive(Clone, Default)]
-struct Seen {
-    role: Option<Role>,
-    leader: Arc<str>,
-    term: u64,
+impl State for Leadership {
+    fn order(&self) -> u64 {
+        self.term
+    }
+}
+
+/// The revision of the key's last Put seen by a watcher; 0 for "watch created".
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Revision(i64);
+
+impl State for Revision {
+    fn order(&self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// One event as a subscriber received it.
+struct Received<S> {
+    subscriber: usize,
+    at: Instant,
+    state: S,
+}
+
+/// A subscriber's state, and what it saw since the current change began.
+#[derive(Clone)]
+struct Seen<S> {
+    last: Option<S>,
     /// When this subscriber first received the change being measured.
     reached: Option<Instant>,
-    /// Events received since the trigger.
-    events: u64,
-    /// The distinct states (role, leader, term) received since the trigger, in order.
-    history: Vec<(Role, Arc<str>, u64)>,
+    /// The distinct states received since the trigger, in order.
+    history: Vec<S>,
 }
 
-/// How the subscribers read their streams.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
-    /// tonic's client, as the worker client embeds it.
-    Tonic,
-    /// HTTP/2 by hand, one pass over each read ([`lean`]).
-    Lean,
-}
-
-impl Kind {
-    const ALL: [Kind; 2] = [Kind::Tonic, Kind::Lean];
-
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Tonic => "tonic",
-            Kind::Lean => "lean",
+impl<S> Default for Seen<S> {
+    fn default() -> Self {
+        Seen {
+            last: None,
+            reached: None,
+            history: Vec::new(),
         }
     }
 }
 
-/// N subscribers on one daemon.
-struct Subscribers {
-    addr: String,
-    kind: Kind,
-    per_conn: usize,
+/// A subscriber's events, tagged with its index; ends when the stream does.
+type Events<S> = BoxStream<'static, (usize, S)>;
+
+/// N subscribers of one server.
+struct Subscribers<S> {
     tasks: JoinSet<()>,
-    events: mpsc::UnboundedReceiver<Vec<Received>>,
-    sender: mpsc::UnboundedSender<Vec<Received>>,
+    events: mpsc::UnboundedReceiver<Vec<Received<S>>>,
+    sender: mpsc::UnboundedSender<Vec<Received<S>>>,
     /// Events taken from the last batch and not yet recorded.
-    backlog: std::vec::IntoIter<Received>,
-    seen: Vec<Seen>,
-    /// Events received by all subscribers so far (changes and heartbeats).
+    backlog: std::vec::IntoIter<Received<S>>,
+    seen: Vec<Seen<S>>,
+    /// Events received by all subscribers so far.
     received: u64,
-    /// When the change being measured was triggered.
-    trigger: Instant,
 }
 
-impl Subscribers {
-    fn new(addr: &str, kind: Kind, per_conn: usize) -> Subscribers {
+impl<S: State> Subscribers<S> {
+    fn new() -> Subscribers<S> {
         let (sender, events) = mpsc::unbounded_channel();
         Subscribers {
-            addr: addr.to_owned(),
-            kind,
-            per_conn,
             tasks: JoinSet::new(),
             events,
             sender,
             backlog: Vec::new().into_iter(),
             seen: Vec::new(),
             received: 0,
-            trigger: Instant::now(),
         }
     }
 
@@ -157,159 +140,90 @@ impl Subscribers {
         self.seen.len()
     }
 
-    /// Open streams until there are `n`, and wait until each has its first event. `n` is a
-    /// multiple of the streams per connection: each connection's streams are read by one task.
-    async fn grow_to(&mut self, n: usize) {
-        assert_eq!(
-            n % self.per_conn,
-            0,
-            "N must be a multiple of the streams per connection"
-        );
-        while self.seen.len() < n {
-            let first = self.seen.len();
-            let indexes = first..first + self.per_conn;
-            self.seen
-                .extend((0..self.per_conn).map(|_| Seen::default()));
-            // Every event decoded at one wake-up is stamped and sent to the main task in one
-            // batch, so the main task's work stays off the stream-reading path.
-            let sender = self.sender.clone();
-            let mut leaders = Vec::new();
-            let mut send = move |batch: Vec<(usize, LeadershipEvent)>| {
+    /// Read one connection's streams (indexed from [`Subscribers::len`] on) from one task.
+    /// Every event decoded at one wake-up is stamped and sent to the main task in one batch.
+    fn add_connection(&mut self, streams: Vec<Events<S>>) {
+        self.seen
+            .extend(std::iter::repeat_with(Seen::default).take(streams.len()));
+        let sender = self.sender.clone();
+        self.tasks.spawn(async move {
+            let mut streams = futures::stream::select_all(streams);
+            while let Some(first) = streams.next().await {
+                let mut batch = vec![first];
+                while let Some(Some(more)) = streams.next().now_or_never() {
+                    batch.push(more);
+                }
                 let at = Instant::now();
                 let batch = batch
                     .into_iter()
-                    .map(|(subscriber, event)| Received {
+                    .map(|(subscriber, state)| Received {
                         subscriber,
                         at,
-                        role: Role::try_from(event.role).unwrap_or(Role::Unknown),
-                        leader: intern(&mut leaders, event.leader),
-                        term: event.term,
+                        state,
                     })
                     .collect();
-                sender.send(batch).is_ok()
-            };
-            match self.kind {
-                Kind::Tonic => {
-                    let streams = watch_streams(&self.addr, indexes).await;
-                    self.tasks.spawn(async move {
-                        let mut streams = futures::stream::select_all(streams);
-                        while let Some(first) = streams.next().await {
-                            let mut batch = vec![first];
-                            while let Some(Some(more)) = streams.next().now_or_never() {
-                                batch.push(more);
-                            }
-                            if !send(batch) {
-                                return;
-                            }
-                        }
-                    });
-                }
-                Kind::Lean => {
-                    let host_port = self.addr.strip_prefix("http://").expect("a TCP daemon");
-                    let mut connection =
-                        lean::Connection::open(host_port, &watch_request(), indexes).await;
-                    self.tasks
-                        .spawn(async move { while send(connection.next_events().await) {} });
+                if sender.send(batch).is_err() {
+                    return;
                 }
             }
-        }
-        self.settle(|s| s.role.is_some()).await;
+        });
     }
 
-    /// Record one event; a term that goes down is a failure.
-    fn record(&mut self, event: Received, since: Instant, reached: &impl Fn(&Received) -> bool) {
+    /// Record one event; an order that goes down is a failure.
+    fn record(&mut self, event: Received<S>, since: Instant, reached: &impl Fn(&S) -> bool) {
         self.received += 1;
         let seen = &mut self.seen[event.subscriber];
-        assert!(
-            event.term >= seen.term,
-            "subscriber {}: term went down from {} to {}",
-            event.subscriber,
-            seen.term,
-            event.term
-        );
-        if event.at >= since {
-            seen.events += 1;
-            if seen.reached.is_none() && reached(&event) {
-                seen.reached = Some(event.at);
-            }
-            let state = (event.role, event.leader.clone(), event.term);
-            if seen.history.last() != Some(&state) {
-                seen.history.push(state);
-            }
-        }
-        seen.role = Some(event.role);
-        seen.leader = event.leader;
-        seen.term = event.term;
-    }
-
-    /// Take events until every subscriber ends in exactly (role, leader, term), the state the
-    /// daemons report; panics with what the subscribers saw if they do not. Returns how many
-    /// passed through another state naming a leader in a term other than the last one before
-    /// the change and the final one (printed: an observer's transient view).
-    async fn expect_final(&mut self, role: Role, leader: &str, term: u64, before: u64) -> usize {
-        let is_final = |s: &Seen| s.role == Some(role) && *s.leader == *leader && s.term == term;
-        let settled = timeout(SOON, async {
-            let never = |_: &Received| false;
-            self.wait(self.trigger, &never, &is_final).await;
-        })
-        .await;
-        if settled.is_err() {
-            let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-            for s in self.seen.iter().filter(|s| !is_final(s)) {
-                *kinds.entry(format!("{:?}", s.history)).or_default() += 1;
-            }
-            panic!(
-                "subscribers did not all end in {role:?} leader={leader} term={term}; \
-                 histories of those that did not (count: states since the trigger): {kinds:#?}"
+        if let Some(last) = &seen.last {
+            assert!(
+                event.state.order() >= last.order(),
+                "subscriber {}: went back from {last:?} to {:?}",
+                event.subscriber,
+                event.state
             );
         }
-        self.seen
-            .iter()
-            .filter(|s| {
-                s.history
-                    .iter()
-                    .any(|(_, l, t)| !l.is_empty() && *t != term && *t != before)
-            })
-            .count()
+        if event.at >= since {
+            if seen.reached.is_none() && reached(&event.state) {
+                seen.reached = Some(event.at);
+            }
+            if seen.history.last() != Some(&event.state) {
+                seen.history.push(event.state.clone());
+            }
+        }
+        seen.last = Some(event.state);
     }
 
-    /// Take events until every subscriber's last state satisfies `done`.
-    async fn settle(&mut self, done: impl Fn(&Seen) -> bool) {
-        let never = |_: &Received| false;
-        let since = Instant::now();
-        self.wait(since, &never, &done).await;
-    }
-
+    /// Take events until every subscriber's last state satisfies `done`; panics with what the
+    /// subscribers that are not done saw.
     async fn wait(
         &mut self,
         since: Instant,
-        reached: &impl Fn(&Received) -> bool,
-        done: &impl Fn(&Seen) -> bool,
+        reached: &impl Fn(&S) -> bool,
+        done: &impl Fn(&Seen<S>) -> bool,
     ) {
         let mut pending = self.seen.iter().filter(|s| !done(s)).count();
         while pending > 0 {
-            let event = match self.backlog.next() {
-                Some(event) => event,
-                None => {
-                    let Ok(batch) = timeout(SOON, self.events.recv()).await else {
-                        // A reader that failed says why (its stream failed), not only that
-                        // its subscribers fell silent.
-                        while let Some(ended) = self.tasks.try_join_next() {
-                            if let Err(e) = ended
-                                && e.is_panic()
-                            {
-                                std::panic::resume_unwind(e.into_panic());
-                            }
+            let Some(event) = self.backlog.next() else {
+                let Ok(batch) = timeout(SOON, self.events.recv()).await else {
+                    // A reader that failed says why (its stream failed).
+                    while let Some(ended) = self.tasks.try_join_next() {
+                        if let Err(e) = ended
+                            && e.is_panic()
+                        {
+                            std::panic::resume_unwind(e.into_panic());
                         }
-                        panic!(
-                            "{pending} of {} subscribers not done within {SOON:?}",
-                            self.len()
-                        );
-                    };
-                    let batch = batch.expect("this holds a sender");
-                    self.backlog = batch.into_iter();
-                    continue;
-                }
+                    }
+                    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+                    for s in self.seen.iter().filter(|s| !done(s)) {
+                        *kinds.entry(format!("{:?}", s.history)).or_default() += 1;
+                    }
+                    panic!(
+                        "{pending} of {} subscribers not done within {SOON:?}; their states \
+                         since the trigger (count): {kinds:#?}",
+                        self.len()
+                    );
+                };
+                self.backlog = batch.expect("this holds a sender").into_iter();
+                continue;
             };
             let index = event.subscriber;
             let before = done(&self.seen[index]);
@@ -322,21 +236,25 @@ impl Subscribers {
         }
     }
 
-    /// Send `trigger`, then take events until every subscriber's state satisfies `done`;
-    /// returns each subscriber's latency to its first event satisfying `reached`.
+    /// Wait until every subscriber holds a state.
+    async fn settle(&mut self) {
+        self.wait(Instant::now(), &|_| false, &|s| s.last.is_some())
+            .await;
+    }
+
+    /// Send `trigger`, then take events until every subscriber satisfies `done`; returns each
+    /// subscriber's latency to its first event satisfying `reached`.
     async fn measure(
         &mut self,
         trigger: impl Future<Output = ()>,
-        reached: impl Fn(&Received) -> bool,
-        done: impl Fn(&Seen) -> bool,
+        reached: impl Fn(&S) -> bool,
+        done: impl Fn(&Seen<S>) -> bool,
     ) -> Vec<Duration> {
         for seen in &mut self.seen {
             seen.reached = None;
-            seen.events = 0;
             seen.history.clear();
         }
         let sent = Instant::now();
-        self.trigger = sent;
         trigger.await;
         self.wait(sent, &reached, &done).await;
         self.seen
@@ -351,39 +269,44 @@ impl Subscribers {
     }
 }
 
-/// The same `Arc` for the same name: there are few leaders, and the main task then clones a
-/// pointer per event, not a string.
-fn intern(known: &mut Vec<Arc<str>>, name: String) -> Arc<str> {
-    if let Some(same) = known.iter().find(|k| k.as_ref() == name) {
-        return same.clone();
+impl Subscribers<Leadership> {
+    /// Wait until every subscriber holds exactly the state the daemons report.
+    async fn expect(&mut self, role: Role, leader: &str, term: u64) {
+        let expected = Leadership {
+            role,
+            leader: leader.into(),
+            term,
+        };
+        self.wait(Instant::now(), &|_| false, &|s| {
+            s.last.as_ref() == Some(&expected)
+        })
+        .await;
     }
-    let name = Arc::<str>::from(name);
-    known.push(name.clone());
-    name
 }
 
-/// A subscriber's events, tagged with its index; ends when the stream does.
-type Events = futures::stream::BoxStream<'static, (usize, LeadershipEvent)>;
-
-/// One HTTP/2 connection with a WatchLeadership stream per index.
-async fn watch_streams(addr: &str, indexes: std::ops::Range<usize>) -> Vec<Events> {
+/// One HTTP/2 connection to a Baton daemon, with a WatchLeadership stream per index.
+async fn baton_streams(addr: &str, indexes: std::ops::Range<usize>) -> Vec<Events<Leadership>> {
     let channel = Endpoint::from_shared(addr.to_owned())
         .expect("daemon address")
         .tcp_nodelay(true)
         .connect()
         .await
         .expect("connect to the daemon");
+    let request = WatchLeadershipRequest {
+        election: ELECTION.to_owned(),
+        ..Default::default()
+    };
     let mut streams = Vec::with_capacity(indexes.len());
     for index in indexes {
         let stream = LeadershipClient::new(channel.clone())
-            .watch_leadership(watch_request())
+            .watch_leadership(request.clone())
             .await
             .expect("WatchLeadership")
             .into_inner();
         streams.push(
             stream
                 .map(move |event| match event {
-                    Ok(event) => (index, event),
+                    Ok(event) => (index, leadership(event)),
                     Err(status) => panic!("a WatchLeadership stream failed: {status}"),
                 })
                 .boxed(),
@@ -392,26 +315,46 @@ async fn watch_streams(addr: &str, indexes: std::ops::Range<usize>) -> Vec<Event
     streams
 }
 
-fn watch_request() -> WatchLeadershipRequest {
-    WatchLeadershipRequest {
-        election: ELECTION.to_owned(),
-        ..Default::default()
+fn leadership(event: LeadershipEvent) -> Leadership {
+    Leadership {
+        role: Role::try_from(event.role).unwrap_or(Role::Unknown),
+        leader: event.leader.into(),
+        term: event.term,
     }
 }
 
-/// VmRSS and VmHWM of a process, in KiB.
-fn rss_kib(daemon: &Daemon) -> (u64, u64) {
-    let pid = daemon.proc.pid();
-    (status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM"))
+/// One etcd client (one HTTP/2 connection), with a Watch stream of [`KEY`] per index.
+async fn etcd_streams(endpoint: &str, indexes: std::ops::Range<usize>) -> Vec<Events<Revision>> {
+    let client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .expect("connect to etcd");
+    let mut streams = Vec::with_capacity(indexes.len());
+    for index in indexes {
+        let stream = client.watch_client().watch(KEY, None).await.expect("Watch");
+        streams.push(
+            stream
+                .flat_map(move |response| {
+                    let response = response.unwrap_or_else(|e| panic!("an etcd watch failed: {e}"));
+                    let states: Vec<(usize, Revision)> = if response.created() {
+                        vec![(index, Revision(0))]
+                    } else {
+                        response
+                            .events()
+                            .iter()
+                            .filter_map(|e| e.kv().map(|kv| (index, Revision(kv.mod_revision()))))
+                            .collect()
+                    };
+                    futures::stream::iter(states)
+                })
+                .boxed(),
+        );
+    }
+    streams
 }
 
-/// CPU time (user + system) a process has used so far; `None` for this process.
-fn cpu_time(daemon: Option<&Daemon>) -> Duration {
-    let path = daemon.map_or_else(
-        || "/proc/self/stat".to_owned(),
-        |d| format!("/proc/{}/stat", d.proc.pid()),
-    );
-    let stat = std::fs::read_to_string(path).expect("/proc/PID/stat");
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: impl std::fmt::Display) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
     // After the command name (which may hold spaces): utime and stime, the 12th and 13th.
     let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -421,205 +364,209 @@ fn cpu_time(daemon: Option<&Daemon>) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// Write-family system calls a daemon has made so far (`syscw` of `/proc/PID/io`): socket
-/// writes, and the few others (the runtime's eventfd wake-ups, logs, the store's writes).
-fn write_calls(daemon: &Daemon) -> u64 {
-    proc_number(daemon.proc.pid(), "io", "syscw")
+/// "VmRSS=.. KiB VmHWM=.. KiB" of a process.
+fn rss(pid: impl std::fmt::Display + Copy) -> String {
+    format!(
+        "VmRSS={} KiB VmHWM={} KiB",
+        status_kib(pid, "VmRSS"),
+        status_kib(pid, "VmHWM")
+    )
 }
 
-/// Latencies of one kind of change over the changes made.
+/// Latencies of one kind of change at one N.
 #[derive(Default)]
 struct Figures {
     per_subscriber: Vec<Duration>,
     all_reached: Vec<Duration>,
-    spread: Vec<Duration>,
 }
 
 impl Figures {
     fn add(&mut self, latencies: Vec<Duration>) {
-        let first = *latencies.iter().min().expect("subscribers");
-        let last = *latencies.iter().max().expect("subscribers");
-        self.all_reached.push(last);
-        self.spread.push(last - first);
+        self.all_reached
+            .push(*latencies.iter().max().expect("subscribers"));
         self.per_subscriber.extend(latencies);
     }
 
-    fn print(self, store: &str, kind: &str, n: usize) {
+    fn print(&self, what: &str, n: usize) {
         let changes = self.all_reached.len();
         println!(
-            "{store} fan-out {kind} N={n}: per subscriber (pooled over {changes} changes) {}",
-            summary(self.per_subscriber)
+            "{what} N={n}: per subscriber (pooled over {changes} changes) {}",
+            summary(self.per_subscriber.clone())
         );
         println!(
-            "{store} fan-out {kind} N={n}: all reached (per change) {}",
-            summary(self.all_reached)
+            "{what} N={n}: all reached (per change) {}",
+            summary(self.all_reached.clone())
         );
-        println!(
-            "{store} fan-out {kind} N={n}: spread first->last subscriber (per change) {}",
-            summary(self.spread)
-        );
+    }
+
+    fn p99(&self) -> Duration {
+        let mut sorted = self.per_subscriber.clone();
+        sorted.sort();
+        percentile(&sorted, 99.0)
     }
 }
 
-/// What to run for each store.
+/// What to run.
 struct Plan {
     sizes: &'static [usize],
-    /// Loss/gain pairs at each N.
+    /// Changes of each kind at each N.
     changes: usize,
     per_conn: usize,
-    kinds: Vec<Kind>,
 }
 
-/// For each kind of subscriber: A leads, B follows; subscribers on A. Runs `changes`
-/// loss/gain pairs at each N.
-async fn bench_store(store: &str, start: impl Fn(&str) -> Daemon, plan: &Plan) {
-    for &kind in &plan.kinds {
-        let label = format!("{store} ({} subscribers)", kind.name());
-        bench_kind(&label, &start, plan, kind).await;
+impl Plan {
+    /// The connections to open to grow from `from` to `to` subscribers.
+    fn connections(&self, from: usize, to: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        assert_eq!(
+            to % self.per_conn,
+            0,
+            "N must be a multiple of the streams per connection"
+        );
+        let per_conn = self.per_conn;
+        (from..to).step_by(per_conn).map(move |i| i..i + per_conn)
     }
 }
 
-/// One kind of subscriber; `store` labels the figures.
-async fn bench_kind(store: &str, start: &impl Fn(&str) -> Daemon, plan: &Plan, kind: Kind) {
-    let &Plan {
-        sizes,
-        changes,
-        per_conn,
-        ..
-    } = plan;
+/// Per N: Baton's loss and gain, and etcd's Put.
+#[derive(Default)]
+struct Results {
+    loss: Vec<Figures>,
+    gain: Vec<Figures>,
+    put: Vec<Figures>,
+}
+
+/// Baton on the file store: A leads, B follows; subscribers on A.
+async fn bench_baton(plan: &Plan, results: &mut Results) {
+    let dir = common::lock_dir();
+    let lock = dir.path().to_str().expect("utf-8 path");
+    let start = |id| Daemon::start(id, &["--lock-dir", lock, "--election", ELECTION]);
     let a = start("a");
-    let a_state = a.wait_role(ELECTION, Role::Leader).await;
+    let mut term = a.wait_role(ELECTION, Role::Leader).await.term;
     let b = start("b");
     b.wait_for(ELECTION, "following a", |s| {
         s.role == Role::Follower && s.leader.as_deref() == Some("a")
     })
     .await;
     let (ca, cb) = (a.client().await, b.client().await);
-    let mut term = a_state.term;
-    // Let the start-up settle before the first reading.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rss, hwm) = rss_kib(&a);
-    println!("{store} daemon RSS with 0 subscribers: VmRSS={rss} KiB VmHWM={hwm} KiB");
-
-    let mut subscribers = Subscribers::new(&a.addr, kind, per_conn);
-    for &n in sizes {
-        let opened = Instant::now();
-        subscribers.grow_to(n).await;
-        let opening = opened.elapsed();
+    let pid = a.proc.pid();
+    let mut subscribers = Subscribers::new();
+    for &n in plan.sizes {
+        for indexes in plan.connections(subscribers.len(), n) {
+            subscribers.add_connection(baton_streams(&a.addr, indexes).await);
+        }
+        subscribers.settle().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (rss, hwm) = rss_kib(&a);
-        println!(
-            "{store} daemon RSS with {n} subscribers ({} connections): VmRSS={rss} KiB \
-             VmHWM={hwm} KiB (opening them took {:.0} ms)",
-            n / per_conn,
-            opening.as_secs_f64() * 1e3
-        );
+        println!("Baton daemon RSS with {n} subscribers: {}", rss(pid));
         let (mut loss, mut gain) = (Figures::default(), Figures::default());
-        let cpu_before = (cpu_time(Some(&a)), cpu_time(None));
-        let writes_before = write_calls(&a);
-        let received_before = subscribers.received;
-        let mut transient = 0;
-        for _ in 0..changes {
-            // Loss: A steps down for B.
+        let (cpu, received) = (cpu_time(pid), subscribers.received);
+        for _ in 0..plan.changes {
             let latencies = subscribers
                 .measure(
                     async {
                         ca.resign(ELECTION, Some("b")).await.expect("resign a");
                     },
-                    |e| e.role != Role::Leader,
-                    |s| s.role == Some(Role::Follower) && &*s.leader == "b" && s.term > term,
+                    |s| s.role != Role::Leader,
+                    |s| {
+                        s.last
+                            .as_ref()
+                            .is_some_and(|l| l.term > term && &*l.leader == "b")
+                    },
                 )
                 .await;
             let b_term = b.wait_role(ELECTION, Role::Leader).await.term;
             assert!(b_term > term, "b's term {b_term} is not above {term}");
-            transient += subscribers
-                .expect_final(Role::Follower, "b", b_term, term)
-                .await;
             term = b_term;
+            subscribers.expect(Role::Follower, "b", term).await;
             loss.add(latencies);
-            // Gain: B steps down for A.
             let latencies = subscribers
                 .measure(
                     async {
                         cb.resign(ELECTION, Some("a")).await.expect("resign b");
                     },
-                    |e| e.role == Role::Leader && e.term > term,
-                    |s| s.role == Some(Role::Leader) && &*s.leader == "a" && s.term > term,
+                    |s| s.role == Role::Leader && s.term > term,
+                    |s| {
+                        s.last
+                            .as_ref()
+                            .is_some_and(|l| l.role == Role::Leader && l.term > term)
+                    },
                 )
                 .await;
             let a_term = a.wait_role(ELECTION, Role::Leader).await.term;
             assert!(a_term > term, "a's term {a_term} is not above {term}");
-            transient += subscribers
-                .expect_final(Role::Leader, "a", a_term, term)
-                .await;
             term = a_term;
+            subscribers.expect(Role::Leader, "a", term).await;
             gain.add(latencies);
         }
-        let cpu = (
-            cpu_time(Some(&a)) - cpu_before.0,
-            cpu_time(None) - cpu_before.1,
-        );
-        let events = subscribers.received - received_before;
-        let writes = write_calls(&a) - writes_before;
         println!(
-            "{store} CPU per change at N={n}: daemon A {:.1} ms, this process (subscribers) \
-             {:.1} ms; {:.2} events per subscriber per change (intermediate states and \
-             heartbeats included); daemon CPU {:.1} us per event sent; daemon write-family \
-             system calls {:.0} per change, {:.1} events per call (over {} changes)",
-            cpu.0.as_secs_f64() * 1e3 / (2 * changes) as f64,
-            cpu.1.as_secs_f64() * 1e3 / (2 * changes) as f64,
-            events as f64 / (n * 2 * changes) as f64,
-            cpu.0.as_secs_f64() * 1e6 / events as f64,
-            writes as f64 / (2 * changes) as f64,
-            events as f64 / writes.max(1) as f64,
-            2 * changes
+            "Baton daemon CPU per change at N={n}: {:.1} ms; {:.2} events per subscriber per \
+             change (heartbeats included)",
+            (cpu_time(pid) - cpu).as_secs_f64() * 1e3 / (2 * plan.changes) as f64,
+            (subscribers.received - received) as f64 / (n * 2 * plan.changes) as f64
         );
-        let (rss, hwm) = rss_kib(&a);
         println!(
-            "{store} daemon RSS with {n} subscribers after {} changes: VmRSS={rss} KiB VmHWM={hwm} KiB",
-            2 * changes
+            "Baton daemon RSS with {n} subscribers after the changes: {}",
+            rss(pid)
         );
-        if transient > 0 {
-            println!(
-                "{store} N={n}: {transient} subscriber-changes passed through a state naming a \
-                 leader in a term that is neither the old nor the new one (all ended in the \
-                 daemons' final state)"
-            );
-        }
-        loss.print(store, "loss (Resign -> not LEADER)", n);
-        gain.print(store, "gain via store (Resign of B -> A LEADER)", n);
+        loss.print("Baton loss (Resign -> not LEADER)", n);
+        gain.print("Baton gain via the file store (Resign of B -> A LEADER)", n);
+        results.loss.push(loss);
+        results.gain.push(gain);
     }
-    drop(subscribers);
-    drop(b);
-    drop(a);
+}
+
+/// etcd: N watchers of one key; a change is a Put.
+async fn bench_etcd(plan: &Plan, results: &mut Results) {
+    let etcd = etcd_server::Etcd::start();
+    let endpoint = etcd.endpoint();
+    let pid = etcd.pid().expect("etcd runs");
+    let mut kv = etcd_client::Client::connect([&endpoint], None)
+        .await
+        .expect("connect to etcd");
+    let mut subscribers = Subscribers::new();
+    for &n in plan.sizes {
+        for indexes in plan.connections(subscribers.len(), n) {
+            subscribers.add_connection(etcd_streams(&endpoint, indexes).await);
+        }
+        subscribers.settle().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("etcd RSS with {n} watchers: {}", rss(pid));
+        let mut put = Figures::default();
+        let cpu = cpu_time(pid);
+        for change in 0..2 * plan.changes {
+            let mut revision = 0;
+            let latencies = subscribers
+                .measure(
+                    async {
+                        let response = kv.put(KEY, change.to_string(), None).await.expect("put");
+                        revision = response.header().expect("a header").revision();
+                    },
+                    |s| s.0 > 0,
+                    |s| s.reached.is_some(),
+                )
+                .await;
+            for (i, s) in subscribers.seen.iter().enumerate() {
+                assert_eq!(s.history, [Revision(revision)], "watcher {i}");
+            }
+            put.add(latencies);
+        }
+        println!(
+            "etcd CPU per change at N={n}: {:.1} ms",
+            (cpu_time(pid) - cpu).as_secs_f64() * 1e3 / (2 * plan.changes) as f64
+        );
+        println!("etcd RSS with {n} watchers after the changes: {}", rss(pid));
+        put.print("etcd Put -> watch event", n);
+        results.put.push(put);
+    }
 }
 
 #[tokio::main]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    let changes = env("BATON_BENCH_RUNS").unwrap_or(if full { 10 } else { 1 });
-    let per_conn = env("BATON_BENCH_STREAMS_PER_CONN").unwrap_or(100);
-    let sizes: &[usize] = if full { &[1_000, 10_000] } else { &[1_000] };
-    let kinds = std::env::var("BATON_BENCH_SUBSCRIBERS").unwrap_or_default();
-    let kinds = Some(kinds.as_str())
-        .filter(|k| !k.is_empty())
-        .unwrap_or("tonic,lean")
-        .split(',')
-        .map(|name| {
-            Kind::ALL
-                .into_iter()
-                .find(|k| k.name() == name)
-                .unwrap_or_else(|| {
-                    panic!("BATON_BENCH_SUBSCRIBERS: {name:?} is neither tonic nor lean")
-                })
-        })
-        .collect();
     let plan = Plan {
-        sizes,
-        changes,
-        per_conn,
-        kinds,
+        sizes: if full { &[1_000, 10_000] } else { &[1_000] },
+        changes: env("BATON_BENCH_RUNS").unwrap_or(if full { 10 } else { 1 }),
+        per_conn: env("BATON_BENCH_STREAMS_PER_CONN").unwrap_or(100),
     };
     let profile = if cfg!(debug_assertions) {
         "debug"
@@ -627,70 +574,25 @@ async fn main() {
         "release"
     };
     println!(
-        "fan-out benchmark: {changes} changes of each kind per N, {per_conn} streams per \
-         connection read by one task, {profile} build, {} cores (daemons and subscribers share \
-         them)",
+        "fan-out benchmark: {} changes of each kind per N, {} streams per connection read by \
+         one task, {profile} build, {} cores (servers and subscribers share them)",
+        plan.changes,
+        plan.per_conn,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-
-    let stores = std::env::var("BATON_BENCH_STORES").unwrap_or_default();
-    let wanted = |store: &str| stores.is_empty() || stores.split(',').any(|s| s == store);
-
-    let dir = common::lock_dir();
-    let lock = dir.path().to_str().expect("utf-8 path").to_owned();
-    if wanted("file") {
-        bench_store(
-            "file",
-            |id| Daemon::start(id, &["--lock-dir", &lock, "--election", ELECTION]),
-            &plan,
-        )
-        .await;
-    }
-
-    #[cfg(feature = "kubernetes")]
-    if wanted("kubernetes") {
-        let api = k8s_api::ApiServer::start();
-        let dir = common::lock_dir();
-        bench_store(
-            "kubernetes",
-            |id| {
-                let token = api.service_account("bench", id, &["bench"]);
-                let kubeconfig =
-                    api.write_kubeconfig(dir.path(), &format!("{id}.kubeconfig"), &token, "bench");
-                let mut command = common::baton();
-                command.env("KUBECONFIG", kubeconfig);
-                Daemon::start_command(
-                    id,
-                    command,
-                    &["--store", "kubernetes", "--election", ELECTION],
-                )
-            },
-            &plan,
-        )
-        .await;
-    }
-
-    #[cfg(feature = "etcd")]
-    if wanted("etcd") {
-        let etcd = etcd_server::Etcd::start();
-        let endpoint = etcd.endpoint();
-        bench_store(
-            "etcd",
-            |id| {
-                Daemon::start(
-                    id,
-                    &[
-                        "--store",
-                        "etcd",
-                        "--etcd-endpoints",
-                        &endpoint,
-                        "--election",
-                        ELECTION,
-                    ],
-                )
-            },
-            &plan,
-        )
-        .await;
+    let mut results = Results::default();
+    bench_baton(&plan, &mut results).await;
+    bench_etcd(&plan, &mut results).await;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for (i, &n) in plan.sizes.iter().enumerate() {
+        let etcd = results.put[i].p99();
+        for (kind, baton) in [("loss", &results.loss[i]), ("gain", &results.gain[i])] {
+            println!(
+                "N={n}: p99 Baton {kind} {:.2} ms / etcd Put {:.2} ms = {:.2}",
+                ms(baton.p99()),
+                ms(etcd),
+                baton.p99().as_secs_f64() / etcd.as_secs_f64()
+            );
+        }
     }
 }

@@ -13,7 +13,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{
-    StreamExt, TryStreamExt,
+    StreamExt,
     future::{join_all, select_all},
     stream,
 };
@@ -24,7 +24,6 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    coalesce::Coalesced,
     config::{Config, StoreConfig},
     election::{Election, ElectionConfig, Role},
     listen::{Listener, Socket},
@@ -32,7 +31,6 @@ use crate::{
     proto,
     server::LeadershipService,
     store::{Store, file::FileStore},
-    watch::WatchLayer,
 };
 
 /// Health service (grpc.health.v1 `service` name) that is SERVING while every election has a
@@ -259,7 +257,6 @@ pub async fn run_with_store(
     let stop_server = CancellationToken::new();
     let leadership = LeadershipService::new(elections.clone());
     let router = builder
-        .layer(WatchLayer::new(leadership.clone()))
         .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -270,21 +267,18 @@ pub async fn run_with_store(
     let server: JoinHandle<Result<(), tonic::transport::Error>> = match socket {
         Socket::Tcp(listener) => tokio::spawn(
             router.serve_with_incoming_shutdown(
-                // No Nagle: with delayed ACKs it would hold a small frame ~40 ms. Batching is
-                // `Coalesced`'s, which waits only for the tasks already queued.
+                // No Nagle: with delayed ACKs it would hold a small frame ~40 ms.
                 TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(30)))
-                    .map_ok(Coalesced::new),
+                    .with_keepalive(Some(Duration::from_secs(30))),
                 stopped(),
             ),
         ),
         Socket::Unix(listener, file) => {
             socket_file = Some(file);
-            tokio::spawn(router.serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener).map_ok(Coalesced::new),
-                stopped(),
-            ))
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
+            )
         }
     };
     let mut health_addr = None;

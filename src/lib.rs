@@ -28,10 +28,6 @@
 
 mod backoff;
 pub mod client;
-#[cfg(feature = "daemon")]
-mod coalesce;
-#[cfg(feature = "daemon")]
-mod fanout;
 pub mod proto;
 
 #[cfg(feature = "daemon")]
@@ -48,5 +44,3 @@ pub mod metrics;
 pub mod server;
 #[cfg(feature = "daemon")]
 pub mod store;
-#[cfg(feature = "daemon")]
-pub mod watch;

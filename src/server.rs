@@ -3,25 +3,19 @@
 //! that `grpcurl` works with no proto file.
 //!
 //! Errors become a `tonic::Status` in exactly one place: `impl From<ApiError> for Status`.
-//! (`crate::watch` also refuses a malformed request as tonic's own handler would, with tonic's
-//! statuses.)
+//!
+//! WatchLeadership serves an election's `watch` channel as a stream, as `tonic-health` does:
+//! the state at once, then the state as it is each time the stream is polled after a change
+//! (a state replaced before that is skipped), and the last state before the stream ends.
 
-use std::{
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{fmt, net::SocketAddr, pin::Pin, sync::Arc};
 
-use futures::{Stream, StreamExt};
-use tokio::time::Instant;
-use tokio_util::task::AbortOnDropHandle;
-use tonic::{Request, Response, Status, transport::server::TlsConnectInfo};
+use futures::Stream;
+use tokio::{net::unix::UCred, time::Instant};
+use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use crate::{
-    coalesce::ConnectionNumber,
-    election::{Election, ElectionError, Leadership, Role, Subscription},
-    fanout::{Fanout, Watch},
+    election::{Election, ElectionError, Leadership, Role},
     proto::{self, leadership_server::LeadershipServer},
 };
 
@@ -67,51 +61,23 @@ impl From<ApiError> for Status {
 /// The `baton.v1.Leadership` service over a fixed set of elections.
 #[derive(Clone)]
 pub struct LeadershipService {
-    elections: Arc<[Served]>,
-}
-
-/// An election, and the wake-ups of its WatchLeadership streams.
-struct Served {
-    election: Election,
-    fanout: Fanout,
-    /// The fan-out's relay: it stops when the last clone of the service goes, if the election
-    /// has not stopped first.
-    _relay: AbortOnDropHandle<()>,
+    elections: Arc<[Election]>,
 }
 
 impl LeadershipService {
-    /// Serve these elections, with one [`Fanout`] relay task per election.
-    ///
-    /// # Panics
-    ///
-    /// Outside a tokio runtime.
+    /// Serve these elections.
     pub fn new(elections: Vec<Election>) -> Self {
-        let elections = elections
-            .into_iter()
-            .map(|election| {
-                let (fanout, relay) = Fanout::spawn(election.changes());
-                Served {
-                    election,
-                    fanout,
-                    _relay: relay,
-                }
-            })
-            .collect();
-        LeadershipService { elections }
+        LeadershipService {
+            elections: elections.into(),
+        }
     }
 
-    /// The tonic server for this service. The daemon also puts a
-    /// [`WatchLayer`](crate::watch::WatchLayer) over this service in front of its router, which
-    /// answers WatchLeadership with less work per event; without it, this server answers it.
+    /// The tonic server for this service.
     pub fn into_server(self) -> LeadershipServer<Self> {
         LeadershipServer::new(self)
     }
 
     fn find(&self, name: &str) -> Result<&Election, ApiError> {
-        self.served(name).map(|s| &s.election)
-    }
-
-    fn served(&self, name: &str) -> Result<&Served, ApiError> {
         if name.is_empty() {
             return Err(ApiError::InvalidArgument {
                 field: "election",
@@ -120,64 +86,49 @@ impl LeadershipService {
         }
         self.elections
             .iter()
-            .find(|s| s.election.name() == name)
+            .find(|e| e.name() == name)
             .ok_or_else(|| ApiError::UnknownElection {
                 name: name.to_owned(),
                 known: self
                     .elections
                     .iter()
-                    .map(|s| s.election.name())
+                    .map(Election::name)
                     .collect::<Vec<_>>()
                     .join(", "),
             })
     }
 }
 
-/// An open WatchLeadership stream: the fan-out's "changed", and what to tell the subscriber.
-pub(crate) struct Watching {
-    changes: Watch,
-    subscription: Subscription,
+/// Who opened a call, as the transport tells tonic: a TCP peer's address (with or without
+/// TLS), or a Unix socket peer's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// A TCP client.
+    Tcp(SocketAddr),
+    /// A client on a Unix socket.
+    Unix(UCred),
 }
 
-impl Watching {
-    /// Ready after each change: then send [`Watching::event`]. `None` once the election has
-    /// stopped.
-    pub(crate) fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        self.changes.poll_next_unpin(cx)
-    }
-
-    /// The event to send now. Each state is read by `Subscription::deliver`, which records a
-    /// worker being told LEADER atomically with reading it. When the client goes away the
-    /// stream is dropped, and with it the subscription.
-    pub(crate) fn event(&self) -> proto::LeadershipEvent {
-        to_event(&self.subscription.deliver())
-    }
-
-    /// For a stream that no worker opened (an observer), `f` of the state now, read in place.
-    /// `None` for a worker's stream, whose event must be the state its [`Watching::event`]
-    /// reads (and records).
-    pub(crate) fn observe<R>(&self, f: impl FnOnce(&Leadership) -> R) -> Option<R> {
-        self.subscription.observe(f)
+impl Peer {
+    /// The peer of `request`; `None` for a call that came through no transport (a test's).
+    pub fn of<T>(request: &Request<T>) -> Option<Peer> {
+        if let Some(addr) = request.remote_addr() {
+            return Some(Peer::Tcp(addr));
+        }
+        let uds = request.extensions().get::<UdsConnectInfo>()?;
+        uds.peer_cred.map(Peer::Unix)
     }
 }
 
-impl LeadershipService {
-    /// Open a WatchLeadership stream for a client on connection number `connection`, from
-    /// `route` (for the log: `watch` for [`crate::watch`]'s, `tonic` for the generated one).
-    pub(crate) fn open_watch(
-        &self,
-        request: &proto::WatchLeadershipRequest,
-        connection: Option<u64>,
-        route: &'static str,
-    ) -> Result<Watching, ApiError> {
-        let served = self.served(&request.election)?;
-        let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
-        tracing::debug!(election = %request.election, ?worker, ?connection, %route,
-            "watch opened");
-        Ok(Watching {
-            changes: served.fanout.watch(connection),
-            subscription: served.election.subscribe(worker, request.ready),
-        })
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "tcp:{addr}"),
+            Peer::Unix(cred) => {
+                let pid = cred.pid().map_or_else(|| "?".to_owned(), |p| p.to_string());
+                write!(f, "unix:pid={pid},uid={}", cred.uid())
+            }
+        }
     }
 }
 
@@ -194,12 +145,6 @@ fn require_worker(worker: &str) -> Result<&str, ApiError> {
 
 /// Encode a state as the wire event, with `valid_for` counted from now.
 pub fn to_event(state: &Leadership) -> proto::LeadershipEvent {
-    to_event_within(state, Duration::ZERO)
-}
-
-/// Encode a state as the wire event, for sending within `age` from now: `valid_for` counted
-/// from now, less `age`, so that it never says more than is left when the event is sent.
-pub(crate) fn to_event_within(state: &Leadership, age: Duration) -> proto::LeadershipEvent {
     let view = &state.view;
     let role = match view.role {
         Role::Unknown => proto::Role::Unknown,
@@ -207,9 +152,7 @@ pub(crate) fn to_event_within(state: &Leadership, age: Duration) -> proto::Leade
         Role::Leader => proto::Role::Leader,
     };
     let valid_for = view.valid_until.map(|until| {
-        let left = until
-            .saturating_duration_since(Instant::now())
-            .saturating_sub(age);
+        let left = until.saturating_duration_since(Instant::now());
         prost_types::Duration {
             seconds: left.as_secs() as i64,
             nanos: left.subsec_nanos() as i32,
@@ -228,19 +171,6 @@ pub(crate) fn to_event_within(state: &Leadership, age: Duration) -> proto::Leade
     }
 }
 
-/// The number [`Coalesced`](crate::coalesce::Coalesced) gave the request's connection: tonic
-/// puts the connect info in the request's extensions, under TLS inside its own.
-pub(crate) fn connection_number(extensions: &tonic::Extensions) -> Option<u64> {
-    extensions
-        .get::<ConnectionNumber>()
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<ConnectionNumber>>()
-                .map(TlsConnectInfo::get_ref)
-        })
-        .map(|n| n.0)
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::LeadershipEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -251,16 +181,26 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::WatchLeadershipRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        // The daemon answers this method before tonic's router does ([`crate::watch`]). This
-        // is the same stream for a server built from `into_server` alone; it sends the same
-        // events, each encoded for its stream.
-        let connection = connection_number(request.extensions());
-        let mut watching = self.open_watch(request.get_ref(), connection, "tonic")?;
-        let events = futures::stream::poll_fn(move |cx| {
-            watching
-                .poll_change(cx)
-                .map(|changed| changed.map(|()| Ok(watching.event())))
-        });
+        let peer = Peer::of(&request).map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let request = request.into_inner();
+        let election = self.find(&request.election)?;
+        let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
+        tracing::debug!(election = %request.election, ?worker, %peer,
+            "watch opened");
+        let subscription = election.subscribe(worker, request.ready);
+        // Each event is read by `Subscription::deliver`, which records a worker being told
+        // LEADER atomically with reading it. The client gone, the stream and the subscription
+        // are dropped.
+        let events = futures::stream::unfold(
+            (subscription, true),
+            |(mut subscription, first)| async move {
+                if !first && !subscription.changed().await {
+                    return None;
+                }
+                let event = to_event(&subscription.deliver());
+                Some((Ok(event), (subscription, false)))
+            },
+        );
         Ok(Response::new(Box::pin(events)))
     }
 
@@ -279,7 +219,7 @@ impl proto::leadership_server::Leadership for LeadershipService {
         let elections = self
             .elections
             .iter()
-            .map(|s| to_event(&s.election.current()))
+            .map(|e| to_event(&e.current()))
             .collect();
         Ok(Response::new(proto::ListLeadershipResponse { elections }))
     }
@@ -335,5 +275,147 @@ impl proto::leadership_server::Leadership for LeadershipService {
             .acknowledge_stop(require_worker(&request.worker)?, request.term)
             .map_err(ApiError::from)?;
         Ok(Response::new(proto::AcknowledgeStopResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{
+        election::{CampaignMode, ElectionConfig},
+        proto::leadership_server::Leadership as _,
+        store::{Timing, memory::MemoryStore},
+    };
+
+    /// The service over election "e", in which this replica ("a") leads.
+    async fn setup() -> (LeadershipService, Election, CancellationToken) {
+        let cancel = CancellationToken::new();
+        let (election, _task) = Election::spawn(
+            Arc::new(MemoryStore::new()),
+            ElectionConfig {
+                name: "e".into(),
+                identity: "a".into(),
+                timing: Timing {
+                    lease_duration: Duration::from_secs(15),
+                    renew_deadline: Duration::from_secs(10),
+                    retry_period: Duration::from_secs(2),
+                },
+                drain_timeout: Duration::from_secs(5),
+                campaign: CampaignMode::Always,
+            },
+            cancel.child_token(),
+        );
+        election
+            .changes()
+            .wait_for(|s| s.view.role == Role::Leader)
+            .await
+            .expect("running");
+        let service = LeadershipService::new(vec![election.clone()]);
+        (service, election, cancel)
+    }
+
+    async fn watch(service: &LeadershipService, election: &str, worker: &str) -> EventStream {
+        try_watch(service, election, worker)
+            .await
+            .expect("a stream")
+    }
+
+    async fn try_watch(
+        service: &LeadershipService,
+        election: &str,
+        worker: &str,
+    ) -> Result<EventStream, Status> {
+        let request = proto::WatchLeadershipRequest {
+            election: election.into(),
+            worker: worker.into(),
+            ready: false,
+        };
+        let response = service.watch_leadership(Request::new(request)).await?;
+        Ok(response.into_inner())
+    }
+
+    async fn next(stream: &mut EventStream) -> proto::LeadershipEvent {
+        stream
+            .next()
+            .await
+            .expect("an event")
+            .expect("not an error")
+    }
+
+    fn valid_for(event: &proto::LeadershipEvent) -> Duration {
+        let d = event.valid_for.expect("valid_for");
+        Duration::new(d.seconds as u64, d.nanos as u32)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_streams_the_state_then_each_change_then_the_last_state_and_ends() {
+        let (service, election, cancel) = setup().await;
+        let mut stream = watch(&service, "e", "").await;
+        let first = next(&mut stream).await;
+        assert_eq!(first, to_event(&election.current()), "the state at once");
+        assert_eq!(
+            (first.role(), first.leader.as_str()),
+            (proto::Role::Leader, "a")
+        );
+
+        election.resign(None).await.unwrap();
+        let changed = next(&mut stream).await;
+        assert_ne!(changed.role(), proto::Role::Leader);
+        assert_eq!(changed, to_event(&election.current()), "the state it left");
+
+        // The election stops: the last state, then the end.
+        cancel.cancel();
+        let mut last = None;
+        while let Some(event) = stream.next().await {
+            last = Some(event.unwrap());
+        }
+        assert_eq!(last.expect("the last state"), to_event(&election.current()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bad_watch_is_refused_with_its_status() {
+        let (service, ..) = setup().await;
+        let code = |r: Result<EventStream, Status>| r.err().map(|s| s.code());
+        assert_eq!(
+            code(try_watch(&service, "nope", "").await),
+            Some(tonic::Code::NotFound)
+        );
+        assert_eq!(
+            code(try_watch(&service, "", "").await),
+            Some(tonic::Code::InvalidArgument)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_workers_stream_records_that_it_was_told_it_leads() {
+        let (service, election, _cancel) = setup().await;
+        let term = election.current().view.term;
+        let workers = election.workers();
+        let drained = || workers.borrow().drained(term, Instant::now());
+
+        let mut observer = watch(&service, "e", "").await;
+        next(&mut observer).await;
+        assert_eq!(workers.borrow().subscribed(), 0, "an observer is no worker");
+        assert!(drained(), "nobody was told it leads");
+
+        let mut worker = watch(&service, "e", "w").await;
+        assert_eq!(workers.borrow().subscribed(), 1, "a worker");
+        assert!(drained(), "subscribed, not yet told");
+        let told = next(&mut worker).await;
+        assert_eq!(told.role(), proto::Role::Leader);
+        assert!(!drained(), "told it leads: a release waits for it");
+
+        // Its stream gone, it counts until the validity it was sent runs out, and not longer.
+        drop(worker);
+        assert_eq!(workers.borrow().subscribed(), 0, "no stream left");
+        tokio::time::advance(valid_for(&told) - Duration::from_nanos(1)).await;
+        assert!(!drained(), "not before the validity it was sent ran out");
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert!(drained(), "once it ran out");
     }
 }

@@ -273,13 +273,14 @@ async fn grpcurl_works_without_a_proto_file() {
     assert!(events.contains(r#""role": "ROLE_LEADER""#), "{events}");
     assert!(events.contains(r#""leader": "a""#), "{events}");
     assert!(events.contains(r#""validFor""#), "{events}");
-    // The test's client and grpcurl watched on two TCP connections, numbered apart.
-    let connections = d.watch_connections(2);
+    // The test's client and grpcurl watched from two TCP connections: the service saw each
+    // peer's address.
+    let peers = d.watch_peers(2);
     assert!(
-        connections.iter().all(|c| c.starts_with("Some(")),
-        "{connections:?}"
+        peers.iter().all(|p| p.starts_with("tcp:127.0.0.1:")),
+        "{peers:?}"
     );
-    assert_ne!(connections[0], connections[1]);
+    assert_ne!(peers[0], peers[1]);
 
     let health = grpcurl(&["-plaintext", &host, "grpc.health.v1.Health/Check"]);
     assert!(String::from_utf8_lossy(&health.stdout).contains("SERVING"));

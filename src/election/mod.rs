@@ -374,23 +374,18 @@ impl Drop for WorkerGuard {
 }
 
 impl Subscription {
-    /// For an observer's subscription (no worker), `f` of the state now, read in place (a
-    /// worker's reads go through [`Subscription::deliver`], which records them).
-    pub fn observe<R>(&self, f: impl FnOnce(&Leadership) -> R) -> Option<R> {
-        self.worker.is_none().then(|| f(&self.state.borrow()))
-    }
-
-    /// The state to send to the subscriber now. For a worker, being told LEADER is recorded
-    /// atomically with reading the state: the elector checks the same record, under the same
-    /// lock, before it releases, so a worker can never be told it leads after the release
-    /// decision.
-    pub fn deliver(&self) -> Leadership {
+    /// The state to send to the subscriber now; it counts as seen for [`Subscription::changed`].
+    /// For a worker, being told LEADER is recorded atomically with reading the state: the
+    /// elector checks the same record, under the same lock, before it releases, so a worker can
+    /// never be told it leads after the release decision.
+    pub fn deliver(&mut self) -> Leadership {
         let Some(guard) = &self.worker else {
-            return self.state.borrow().clone();
+            return self.state.borrow_and_update().clone();
         };
+        let state = &mut self.state;
         let mut current = None;
         guard.workers.send_if_modified(|w| {
-            let state = self.state.borrow().clone();
+            let state = state.borrow_and_update().clone();
             let mut changed = false;
             if state.view.role == Role::Leader
                 && let Some(entry) = w.entries.get_mut(&guard.name)
@@ -405,7 +400,13 @@ impl Subscription {
             current = Some(state);
             changed
         });
-        current.unwrap_or_else(|| self.state.borrow().clone())
+        current.unwrap_or_else(|| self.state.borrow_and_update().clone())
+    }
+
+    /// Wait until the state changes after the one last delivered. `false` once the election
+    /// has stopped and its last state has been delivered.
+    pub async fn changed(&mut self) -> bool {
+        self.state.changed().await.is_ok()
     }
 }
 

@@ -164,7 +164,7 @@ async fn shutdown_waits_for_the_worker_then_releases() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
     let (a, a_task) = spawn(&store, "a", &cancel);
-    let sub = a.subscribe(Some("worker-1"), true);
+    let mut sub = a.subscribe(Some("worker-1"), true);
     let led = until(&a, leads).await;
     // The worker is told it leads.
     assert!(leads(&sub.deliver()));
@@ -192,7 +192,7 @@ async fn drain_gives_up_after_the_drain_timeout() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
     let (a, a_task) = spawn(&store, "a", &cancel);
-    let sub = a.subscribe(Some("silent-worker"), true);
+    let mut sub = a.subscribe(Some("silent-worker"), true);
     until(&a, leads).await;
     assert!(leads(&sub.deliver()));
     let started = Instant::now();
@@ -211,7 +211,7 @@ async fn a_worker_that_disconnects_is_waited_for_until_its_validity_ran_out() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
     let (a, a_task) = spawn(&store, "a", &cancel);
-    let sub = a.subscribe(Some("w"), true);
+    let mut sub = a.subscribe(Some("w"), true);
     until(&a, leads).await;
     let told = sub.deliver();
     assert!(leads(&told));

@@ -223,19 +223,17 @@ impl Daemon {
     }
 
     /// Like [`Daemon::start_on`], logging also each WatchLeadership stream it opens (`watch
-    /// opened`, with the number of the connection it came on: see [`Daemon::watch_connections`]).
+    /// opened`, with the peer tonic saw: see [`Daemon::watch_peers`]).
     pub fn start_logging_watches(identity: &str, listen: &str, args: &[&str]) -> Daemon {
         let mut command = baton();
         command.env("RUST_LOG", "info,baton::server=debug");
         Self::start_command_on(identity, command, listen, args)
     }
 
-    /// The `connection=` of the first `n` `watch opened` lines, once there are `n`. The
-    /// fan-out groups streams by the connection's number, so every transport must give one:
-    /// each should be `Some(N)`. Only streams opened by the daemon's own WatchLeadership route
-    /// (`route=watch`, `src/watch.rs`) count: it must be the one that answers.
-    pub fn watch_connections(&self, n: usize) -> Vec<String> {
-        let opened = |l: &str| l.contains("watch opened") && field(l, "route") == Some("watch");
+    /// The `peer=` of the first `n` `watch opened` lines, once there are `n`: `tcp:ADDR` for
+    /// a TCP client (with or without TLS), `unix:pid=PID,uid=UID` on a Unix socket.
+    pub fn watch_peers(&self, n: usize) -> Vec<String> {
+        let opened = |l: &str| l.contains("watch opened");
         self.proc
             .stderr
             .wait_count("'watch opened' lines", n, opened);
@@ -245,7 +243,7 @@ impl Daemon {
             .iter()
             .filter(|l| opened(l))
             .take(n)
-            .map(|l| field(l, "connection").unwrap_or("(none)").to_owned())
+            .map(|l| field(l, "peer").unwrap_or("(none)").to_owned())
             .collect()
     }
 

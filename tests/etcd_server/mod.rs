@@ -135,6 +135,11 @@ impl Etcd {
         format!("{}://{}:{}", self.scheme(), self.host, self.client_port)
     }
 
+    /// The etcd process's id, while it runs.
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// The scratch directory (data and anything a test wants to put beside it).
     pub fn dir(&self) -> &Path {
         self.dir.path()
