@@ -7,7 +7,8 @@
 //! - **baton handoff**: SIGTERM to the leading `baton run` -> the standby's worker has started.
 //!   End to end: the old daemon announces the loss, its worker stops and confirms, the daemon
 //!   deletes its key, the standby's watch fires, it proves its lease, publishes LEADER, and the
-//!   standby's worker (the timer worker's loop, in this process) starts.
+//!   standby's worker (the timer worker's loop, in this process) starts. The SIGTERM is sent
+//!   only once etcd's gauges show the standby's watch on the leader's key, synced.
 //! - **etcdctl handoff**: SIGINT to a leading `etcdctl elect` -> the waiting `etcdctl elect`
 //!   prints that it is elected (stamped when its line is read here): the store-only figure. The
 //!   SIGINT is sent only once etcd's gauges show the waiter's watch on its predecessor and no
@@ -170,8 +171,11 @@ async fn baton_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
     leader.worker_started().await;
     let mut samples = Vec::new();
     for i in 1..=runs {
+        // The leader holds no watch: so the one below is the standby's, on its predecessor.
+        wait_watchers(etcd, 0, "no watch").await;
         let mut standby = Replica::start(&format!("r{i}"), etcd, election).await;
         standby.ready(election).await;
+        wait_watchers(etcd, 1, "the standby's watch, synced").await;
         let sent = Instant::now();
         leader.daemon.proc.signal(Signal::SIGTERM);
         let started = standby.worker_started().await;
@@ -189,7 +193,7 @@ async fn baton_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
 }
 
 /// SIGINT to a leading `etcdctl elect` -> the waiter prints that it is elected.
-fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
+async fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
     let name = "bench-etcdctl";
     let queued = Proc::spawn(
         etcd.etcdctl(&["watch", "--prefix", &format!("{name}/")]),
@@ -202,11 +206,11 @@ fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
     for i in 1..=runs {
         // Only the queued watch (the new leader has dropped its watch on its predecessor): so
         // a second watch below is the waiter's.
-        wait_watchers(etcd, 1, "only the queued watch");
+        wait_watchers(etcd, 1, "only the queued watch").await;
         let who = format!("e{i}");
         let waiter = campaign(&who);
         queued.stdout.wait_for("the waiter's key", |l| l == who);
-        wait_watchers(etcd, 2, "the waiter's watch, synced");
+        wait_watchers(etcd, 2, "the waiter's watch, synced").await;
         let sent = Instant::now();
         leader.signal(Signal::SIGINT);
         waiter.stdout.wait_for("the waiter elected", |l| l == who);
@@ -258,7 +262,7 @@ fn gauge(page: &str, name: &str) -> f64 {
 
 /// Wait until etcd has exactly `watchers` watchers, none of them unsynced (still catching up
 /// from an old revision, so told of a change only by the next 100 ms pass of the catch-up loop).
-fn wait_watchers(etcd: &Etcd, watchers: u32, what: &str) {
+async fn wait_watchers(etcd: &Etcd, watchers: u32, what: &str) {
     let deadline = Instant::now() + common::SOON;
     loop {
         let page = metrics(etcd);
@@ -272,7 +276,7 @@ fn wait_watchers(etcd: &Etcd, watchers: u32, what: &str) {
             "etcd: no {what} within {:?} ({total} watchers, {unsynced} unsynced)",
             common::SOON
         );
-        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -390,7 +394,7 @@ fn main() {
         .unwrap_or(if full { 20 } else { 3 });
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let etcd = Etcd::start();
-    let ctl = etcdctl_handoff(&etcd, runs);
+    let ctl = runtime.block_on(etcdctl_handoff(&etcd, runs));
     let local = tokio::task::LocalSet::new();
     let window = Duration::from_secs(if full { 30 } else { 3 });
     let (baton, crash) = runtime.block_on(local.run_until(async {
