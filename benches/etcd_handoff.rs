@@ -7,9 +7,14 @@
 //! - **baton handoff**: SIGTERM to the leading `baton run` -> the standby's worker has started.
 //!   End to end: the old daemon announces the loss, its worker stops and confirms, the daemon
 //!   deletes its key, the standby's watch fires, it proves its lease, publishes LEADER, and the
-//!   standby's worker (the timer worker's loop, in this process) starts.
+//!   standby's worker (the timer worker's loop, in this process) starts. The SIGTERM is sent
+//!   only once etcd's gauges show the standby's watch on the leader's key, synced.
 //! - **etcdctl handoff**: SIGINT to a leading `etcdctl elect` -> the waiting `etcdctl elect`
-//!   prints that it is elected (stamped when its line is read here): the store-only figure.
+//!   prints that it is elected (stamped when its line is read here): the store-only figure. The
+//!   SIGINT is sent only once etcd's gauges show the waiter's watch on its predecessor and no
+//!   unsynced watcher: etcd's concurrency package watches from the revision of its read, which
+//!   etcd serves from a catch-up loop (every 100 ms) until the watch is synced, so a hand-off in
+//!   the waiter's first ~100 ms waits for that loop.
 //! - **baton failover minus TTL**: kill -9 of the leading daemon -> the standby's worker has
 //!   started, minus the session TTL. The server expires the lease one TTL after the last
 //!   keep-alive it received (which the leader sends every retry period) and checks expiries
@@ -166,8 +171,11 @@ async fn baton_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
     leader.worker_started().await;
     let mut samples = Vec::new();
     for i in 1..=runs {
+        // The leader holds no watch: so the one below is the standby's, on its predecessor.
+        wait_watchers(etcd, 0, "no watch").await;
         let mut standby = Replica::start(&format!("r{i}"), etcd, election).await;
         standby.ready(election).await;
+        wait_watchers(etcd, 1, "the standby's watch, synced").await;
         let sent = Instant::now();
         leader.daemon.proc.signal(Signal::SIGTERM);
         let started = standby.worker_started().await;
@@ -185,7 +193,7 @@ async fn baton_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
 }
 
 /// SIGINT to a leading `etcdctl elect` -> the waiter prints that it is elected.
-fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
+async fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
     let name = "bench-etcdctl";
     let queued = Proc::spawn(
         etcd.etcdctl(&["watch", "--prefix", &format!("{name}/")]),
@@ -196,9 +204,13 @@ fn etcdctl_handoff(etcd: &Etcd, runs: usize) -> Vec<Duration> {
     leader.stdout.wait_for("e0 elected", |l| l == "e0");
     let mut samples = Vec::new();
     for i in 1..=runs {
+        // Only the queued watch (the new leader has dropped its watch on its predecessor): so
+        // a second watch below is the waiter's.
+        wait_watchers(etcd, 1, "only the queued watch").await;
         let who = format!("e{i}");
         let waiter = campaign(&who);
         queued.stdout.wait_for("the waiter's key", |l| l == who);
+        wait_watchers(etcd, 2, "the waiter's watch, synced").await;
         let sent = Instant::now();
         leader.signal(Signal::SIGINT);
         waiter.stdout.wait_for("the waiter elected", |l| l == who);
@@ -229,8 +241,8 @@ async fn crash_failover(etcd: &Etcd, runs: usize) -> Vec<f64> {
     samples
 }
 
-/// etcd's `grpc_server_msg_received_total`, summed per `service/method`.
-fn received_messages(etcd: &Etcd) -> BTreeMap<String, f64> {
+/// etcd's Prometheus page.
+fn metrics(etcd: &Etcd) -> String {
     let address = etcd.endpoint().trim_start_matches("http://").to_owned();
     let mut connection = std::net::TcpStream::connect(&address).expect("connect to etcd");
     connection
@@ -238,6 +250,39 @@ fn received_messages(etcd: &Etcd) -> BTreeMap<String, f64> {
         .expect("ask for /metrics");
     let mut page = String::new();
     connection.read_to_string(&mut page).expect("read /metrics");
+    page
+}
+
+/// The value of the unlabelled metric `name` on `page`.
+fn gauge(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("etcd's /metrics has no {name}"))
+}
+
+/// Wait until etcd has exactly `watchers` watchers, none of them unsynced (still catching up
+/// from an old revision, so told of a change only by the next 100 ms pass of the catch-up loop).
+async fn wait_watchers(etcd: &Etcd, watchers: u32, what: &str) {
+    let deadline = Instant::now() + common::SOON;
+    loop {
+        let page = metrics(etcd);
+        let total = gauge(&page, "etcd_debugging_mvcc_watcher_total");
+        let unsynced = gauge(&page, "etcd_debugging_mvcc_slow_watcher_total");
+        if total == f64::from(watchers) && unsynced == 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd: no {what} within {:?} ({total} watchers, {unsynced} unsynced)",
+            common::SOON
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// etcd's `grpc_server_msg_received_total`, summed per `service/method`.
+fn received_messages(etcd: &Etcd) -> BTreeMap<String, f64> {
+    let page = metrics(etcd);
     let label = |line: &str, name: &str| {
         let start = line.find(&format!("{name}=\""))? + name.len() + 2;
         let end = start + line[start..].find('"')?;
@@ -349,7 +394,7 @@ fn main() {
         .unwrap_or(if full { 20 } else { 3 });
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let etcd = Etcd::start();
-    let ctl = etcdctl_handoff(&etcd, runs);
+    let ctl = runtime.block_on(etcdctl_handoff(&etcd, runs));
     let local = tokio::task::LocalSet::new();
     let window = Duration::from_secs(if full { 30 } else { 3 });
     let (baton, crash) = runtime.block_on(local.run_until(async {
