@@ -58,6 +58,9 @@ pub struct Etcd {
     host: String,
     /// Extra etcdctl flags (TLS files, user) used by [`Etcd::etcdctl`].
     ctl_flags: Vec<String>,
+    /// This member's name and `--initial-cluster` (every member's `name=peer URL`).
+    name: String,
+    initial_cluster: Option<String>,
 }
 
 impl Etcd {
@@ -83,6 +86,8 @@ impl Etcd {
             netns: None,
             host: "127.0.0.1".to_owned(),
             ctl_flags: Vec::new(),
+            name: "baton-test".to_owned(),
+            initial_cluster: None,
         };
         if let Some(tls) = &etcd.tls {
             etcd.ctl_flags = vec![
@@ -109,9 +114,47 @@ impl Etcd {
             netns: Some(netns.to_owned()),
             host: host.to_owned(),
             ctl_flags: Vec::new(),
+            name: "baton-test".to_owned(),
+            initial_cluster: None,
         };
         etcd.run();
         etcd
+    }
+
+    /// Start a plain-text etcd cluster, member `i` inside network namespace `members[i].0`
+    /// serving clients on `members[i].1:2379` and peers on port 2380 of the same address, and
+    /// wait until every member serves (which needs a quorum: all are started first).
+    pub fn start_cluster_in_netns(members: &[(&str, &str)]) -> Vec<Etcd> {
+        require_binaries();
+        let initial_cluster = members
+            .iter()
+            .enumerate()
+            .map(|(i, (_, host))| format!("m{i}=http://{host}:2380"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster: Vec<Etcd> = members
+            .iter()
+            .enumerate()
+            .map(|(i, (netns, host))| Etcd {
+                dir: tempfile::tempdir().expect("scratch dir"),
+                client_port: 2379,
+                peer_port: 2380,
+                tls: None,
+                proc: None,
+                netns: Some((*netns).to_owned()),
+                host: (*host).to_owned(),
+                ctl_flags: Vec::new(),
+                name: format!("m{i}"),
+                initial_cluster: Some(initial_cluster.clone()),
+            })
+            .collect();
+        for member in &mut cluster {
+            member.spawn();
+        }
+        for member in &cluster {
+            member.wait_ready();
+        }
+        cluster
     }
 
     /// `program`, run in this etcd's network namespace if it has one.
@@ -146,11 +189,26 @@ impl Etcd {
     }
 
     fn run(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Start the etcd process, without waiting for it to serve.
+    fn spawn(&mut self) {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer_host = if self.initial_cluster.is_some() {
+            self.host.as_str()
+        } else {
+            "127.0.0.1"
+        };
+        let peer = format!("http://{peer_host}:{}", self.peer_port);
+        let initial_cluster = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={peer}", self.name));
         let mut command = self.command("etcd");
         command
-            .arg("--name=baton-test")
+            .arg(format!("--name={}", self.name))
             .arg(format!(
                 "--data-dir={}",
                 self.dir.path().join("data").display()
@@ -159,7 +217,7 @@ impl Etcd {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=baton-test={peer}"))
+            .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--log-level=warn")
             .arg("--logger=zap");
         if let Some(tls) = &self.tls {
@@ -173,7 +231,6 @@ impl Etcd {
         }
         let proc = Proc::spawn(command, "etcd: ");
         self.proc = Some(proc);
-        self.wait_ready();
     }
 
     /// Wait until `etcdctl endpoint health` answers.
@@ -234,6 +291,27 @@ impl Etcd {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether this member is its cluster's raft leader now (`etcdctl endpoint status`);
+    /// `None` if it does not answer.
+    pub fn is_leader(&self) -> Option<bool> {
+        let out = self
+            .etcdctl(&["endpoint", "status", "-w", "json", "--command-timeout=1s"])
+            .output()
+            .expect("run etcdctl");
+        if !out.status.success() {
+            return None;
+        }
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let status = &status.get(0)?["Status"];
+        let member = status["header"]["member_id"].as_u64()?;
+        Some(status["leader"].as_u64()? == member)
+    }
+
+    /// Whether the process runs.
+    pub fn running(&self) -> bool {
+        self.proc.is_some()
     }
 
     /// Use these flags for every later etcdctl call (e.g. `--user=root:pw` once auth is on).
