@@ -661,7 +661,8 @@ mod etcd_server;
 /// and returns, so its replica resigns and the standby's bridge takes over the feed. Read back,
 /// the topic holds no feed record twice and its terms never decrease.
 ///
-/// On librdkafka's mock cluster (the `kafka_mock_broker` example), file store. The refusal is
+/// On librdkafka's mock cluster (the `kafka_mock_broker` example), on the file store, then on
+/// etcd (one after the other, as in the fault sequence above). The refusal is
 /// injected (the mock's SIGUSR1): the mock does not fence by itself, since it gives each new
 /// producer of a transactional id a new producer id instead of bumping the epoch, and it does not
 /// hide aborted records from `read_committed` consumers. So this proves the bridge's and the
@@ -671,14 +672,23 @@ mod etcd_server;
 async fn fenced_bridge_stops_and_standby_takes_over() {
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap().to_owned();
+    println!("== file store");
+    fenced_commit(&["--store", "file", "--lock-dir", &lock]).await;
+    #[cfg(feature = "etcd")]
+    {
+        etcd_server::require_binaries();
+        let etcd = etcd_server::Etcd::start();
+        let endpoint = etcd.endpoint();
+        println!("== etcd");
+        fenced_commit(&["--store", "etcd", "--etcd-endpoints", &endpoint]).await;
+    }
+}
+
+/// One run of the fenced-commit test against replicas started with `store_args`.
+async fn fenced_commit(store_args: &[&str]) {
     let broker = Broker::mock();
     let feed = Feed::start(Duration::from_millis(2)).await;
-    let mut cluster = Cluster::new(
-        &["--store", "file", "--lock-dir", &lock],
-        Duration::from_secs(2),
-        &feed,
-        &broker,
-    );
+    let mut cluster = Cluster::new(store_args, Duration::from_secs(2), &feed, &broker);
     cluster.bridge_args = ["--transactional-id", "feed-bridge"]
         .map(str::to_owned)
         .into();
