@@ -12,6 +12,9 @@
 //! Kafka transactions, so the bridges run without `--transactional-id`: the proof rests on
 //! Baton's own guarantees (stop before release, `valid_for` self-demotion, the file store's crash
 //! grace).
+//!
+//! `fenced_bridge_stops_and_standby_takes_over` runs the bridges with `--transactional-id` on
+//! librdkafka's mock cluster instead, to check what a bridge does when the broker fences it.
 
 mod common;
 
