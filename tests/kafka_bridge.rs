@@ -627,10 +627,14 @@ async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
     }
 }
 
+/// The tests of this file run one at a time (the test harness would run them side by side).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Both stores in one test, one after the other: two runs side by side on two cores would
 /// measure the machine, not Baton.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_record_twice_under_faults() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap().to_owned();
     println!("== file store");
@@ -673,6 +677,7 @@ mod etcd_server;
 /// refused needs a broker with transactions (README, the Kafka bridge).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_bridge_stops_and_standby_takes_over() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = lock_dir();
     let lock = dir.path().to_str().unwrap().to_owned();
     println!("== file store");
