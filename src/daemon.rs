@@ -26,6 +26,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     config::{Config, StoreConfig},
     election::{Election, ElectionConfig, Role},
+    limits::{CappedListener, Caps, capped},
     listen::{Listener, Socket},
     metrics::{ElectionMetrics, Metrics, MetricsError},
     proto,
@@ -51,6 +52,28 @@ pub const HEALTH_LIVE: &str = "baton.live";
 
 /// How long the server waits for open calls to finish once the elections have stopped.
 const SERVER_GRACE: Duration = Duration::from_secs(2);
+/// Streams one connection may open on `--listen`: a worker process follows a few elections, a
+/// fan-out test puts 100 on a connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Streams one connection may open on `--health-listen` (a probe makes one call at a time).
+const MAX_STREAMS_PER_PROBE: u32 = 16;
+/// A health check answers at once; one that does not is cut off.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on idle connections: a peer that does not answer within the timeout is gone,
+/// and its connection (and its place under the cap) is freed.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keep-alive probes after this much silence find peers that vanished without a FIN.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The limits every gRPC server of the daemon keeps (see `crate::limits` for the connection
+/// caps).
+fn limited(builder: Server, streams: u32) -> Server {
+    builder
+        .max_concurrent_streams(streams)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+}
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +234,8 @@ pub async fn run_with_store(
         socket,
         tls: tls_config,
     } = listener;
-    let mut builder = Server::builder();
+    let caps = Caps::from_descriptor_limit();
+    let mut builder = limited(Server::builder(), MAX_STREAMS_PER_CONNECTION);
     if let Some(tls_config) = tls_config {
         builder = builder.tls_config(tls_config)?;
     }
@@ -268,26 +292,39 @@ pub async fn run_with_store(
         Socket::Tcp(listener) => tokio::spawn(
             router.serve_with_incoming_shutdown(
                 // No Nagle: with delayed ACKs it would hold a small frame ~40 ms.
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(30))),
+                capped(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(TCP_KEEPALIVE)),
+                    caps.api,
+                    "listen",
+                ),
                 stopped(),
             ),
         ),
         Socket::Unix(listener, file) => {
             socket_file = Some(file);
-            tokio::spawn(
-                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped()),
-            )
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                capped(UnixListenerStream::new(listener), caps.api, "listen"),
+                stopped(),
+            ))
         }
     };
     let mut health_addr = None;
     let health_server = health_listener.map(|listener| {
         health_addr = listener.local_addr().ok();
         tokio::spawn(
-            Server::builder()
+            limited(Server::builder(), MAX_STREAMS_PER_PROBE)
+                .timeout(PROBE_TIMEOUT)
                 .add_service(health_service)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), stopped()),
+                .serve_with_incoming_shutdown(
+                    capped(
+                        TcpIncoming::from(listener).with_keepalive(Some(TCP_KEEPALIVE)),
+                        caps.health,
+                        "health-listen",
+                    ),
+                    stopped(),
+                ),
         )
     });
     let stop_metrics = CancellationToken::new();
@@ -295,6 +332,7 @@ pub async fn run_with_store(
     let metrics_server = match (metrics, metrics_listener) {
         (Some(metrics), Some(listener)) => {
             metrics_addr = listener.local_addr().ok();
+            let listener = CappedListener::new(listener, caps.metrics, "metrics-listen");
             Some(tokio::spawn(metrics.serve(listener, stop_metrics.clone())))
         }
         _ => None,

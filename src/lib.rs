@@ -37,6 +37,8 @@ pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod election;
 #[cfg(feature = "daemon")]
+mod limits;
+#[cfg(feature = "daemon")]
 pub mod listen;
 #[cfg(feature = "daemon")]
 pub mod metrics;

@@ -203,7 +203,7 @@ impl Metrics {
     /// [`MetricsError::Serve`] if the HTTP server fails.
     pub async fn serve(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: crate::limits::CappedListener,
         stop: CancellationToken,
     ) -> Result<(), MetricsError> {
         let app = axum::Router::new().route(

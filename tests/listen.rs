@@ -8,6 +8,7 @@ mod common;
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::Duration,
 };
 
 use baton::{
@@ -192,6 +193,42 @@ async fn a_unix_socket_serves_grpcurl_the_client_and_the_cli() {
         .stdout
         .wait_for("the worker's stop", |l| l.starts_with("stopped"));
     assert!(!path.exists(), "the daemon removes its socket file on exit");
+}
+
+/// The socket's mode is the daemon's, not the umask's: 0600, or 0660 with
+/// --socket-group-access. Every Resign and readiness change is logged with its peer.
+#[tokio::test]
+async fn the_socket_is_private_whatever_the_umask_and_callers_are_logged() {
+    use std::os::unix::fs::PermissionsExt;
+    let locks = lock_dir();
+    let sockets = tempfile::tempdir().expect("tempdir");
+    for (extra, mode) in [(None, 0o600), (Some("--socket-group-access"), 0o660)] {
+        let path = sockets.path().join(format!("{mode:o}.sock"));
+        let listen = format!("unix:{}", path.display());
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            "umask 000; exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_baton"),
+        ]);
+        let mut args = vec!["--lock-dir", locks.path().to_str().unwrap()];
+        args.extend(extra);
+        let d = Daemon::start_command_on("a", command, &listen, &args);
+        let found = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(found, mode, "{listen} {extra:?}");
+        let client = d.client().await;
+        let mut worker = Box::pin(client.watch_as("default", Some("w1"), false));
+        futures::StreamExt::next(&mut worker).await;
+        d.wait_role("default", Role::Leader).await;
+        client.set_ready("default", "w1", true).await.unwrap();
+        client.resign("default", None).await.unwrap();
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+        let peer = format!("peer=unix:pid={},uid={uid}", std::process::id());
+        for what in ["worker readiness set", "resign requested"] {
+            let line = d.proc.stderr.wait_for(what, |l| l.contains(what));
+            assert!(line.contains(&peer), "{line}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -568,5 +605,79 @@ async fn the_health_listener_serves_the_probes_and_nothing_else() {
         "{}{}",
         text(&leadership.stdout),
         text(&leadership.stderr)
+    );
+}
+
+/// A flood of idle connections on every listener, under a low descriptor limit, meets the
+/// connection caps: the daemon keeps descriptors for its election, stays leader in the same
+/// term, and its memory stays bounded.
+#[tokio::test]
+async fn a_flood_of_idle_connections_starves_neither_the_election_nor_memory() {
+    const LIMIT: u64 = 256;
+    /// The bound on the daemon's resident memory during the flood.
+    const RSS_BOUND_KIB: u64 = 48 * 1024;
+    let locks = lock_dir();
+    let mut command = Command::new("prlimit");
+    command.args([
+        &format!("--nofile={LIMIT}:{LIMIT}"),
+        "--",
+        env!("CARGO_BIN_EXE_baton"),
+    ]);
+    let args = [
+        "--lock-dir",
+        locks.path().to_str().unwrap(),
+        "--health-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let d = Daemon::start_command("a", command, &args);
+    let led = d.wait_role("default", Role::Leader).await;
+    let serving = d.serving();
+    let addr = |key: &str| {
+        let value = field(&serving, key).unwrap_or_else(|| panic!("no {key}= in {serving}"));
+        value.trim_start_matches("http://").to_owned()
+    };
+    let targets = [addr("listen"), addr("health"), addr("metrics")];
+    let mut flood = Vec::new();
+    for target in &targets {
+        let target: std::net::SocketAddr = target.parse().expect("an address");
+        for _ in 0..LIMIT {
+            // Bounded: a daemon that stopped accepting fills its backlog, and connects hang.
+            match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(stream) => flood.push(stream),
+                Err(_) => break,
+            }
+        }
+    }
+    let pid = d.proc.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    assert!(
+        open <= LIMIT - 64,
+        "{open} descriptors open of {LIMIT}: the election's share was taken"
+    );
+    let rss = common::status_kib(pid, "VmRSS");
+    assert!(rss < RSS_BOUND_KIB, "RSS {rss} KiB during the flood");
+    eprintln!(
+        "flood of {} connections: {open} descriptors open, RSS {} KiB",
+        flood.len(),
+        rss
+    );
+    for listener in ["listen", "health-listen", "metrics-listen"] {
+        d.proc.stderr.wait_for("the cap reached", |l| {
+            l.contains("connection cap reached")
+                && field(l, "listener").map(|v| v.trim_matches('"')) == Some(listener)
+        });
+    }
+    drop(flood);
+    let after = d.wait_role("default", Role::Leader).await;
+    assert_eq!(after.term, led.term, "never stepped down");
+    let lines = d.proc.stderr.all();
+    assert!(
+        !lines.iter().any(|l| l.contains("Too many open files")
+            || l.contains("leadership changed election=default role=Follower")),
+        "{lines:#?}"
     );
 }
