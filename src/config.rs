@@ -108,6 +108,11 @@ pub struct RunArgs {
     #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
 
+    /// With a unix:PATH --listen: make the socket 0660 (the daemon's group may connect) instead
+    /// of 0600 (only the daemon's user).
+    #[arg(long, env = "BATON_SOCKET_GROUP_ACCESS")]
+    pub socket_group_access: bool,
+
     /// TLS for a TCP --listen: PEM certificate chain of the server (with --tls-key-file).
     #[arg(long, env = "BATON_TLS_CERT_FILE")]
     pub tls_cert_file: Option<PathBuf>,
@@ -305,6 +310,8 @@ pub struct Config {
     pub listen: ListenAddr,
     /// TLS of a TCP listener.
     pub tls: Option<TlsFiles>,
+    /// A Unix socket's file mode: 0o600, or 0o660 with `--socket-group-access`.
+    pub socket_mode: u32,
     /// Where to serve Prometheus metrics, if at all.
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve grpc.health.v1 alone, if at all.
@@ -822,6 +829,11 @@ impl RunArgs {
             identity,
             listen,
             tls,
+            socket_mode: if self.socket_group_access {
+                0o660
+            } else {
+                0o600
+            },
             metrics_listen,
             health_listen,
             timing: Timing {

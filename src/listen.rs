@@ -87,6 +87,9 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// How long a TLS client may take to complete its handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The TLS files of a TCP listener (`--tls-cert-file`, `--tls-key-file`,
 /// `--tls-client-ca-file`). Named here; read and checked by [`Listener::bind`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,7 +232,15 @@ impl Listener {
     /// # Errors
     /// A TLS file is unreadable or unusable, or the address cannot be bound; the error names
     /// the flag.
-    pub async fn bind(addr: &ListenAddr, tls: Option<&TlsFiles>) -> Result<Self, ListenError> {
+    ///
+    /// A Unix socket gets file mode `socket_mode` before any client can reach it: it is bound
+    /// under a temporary name beside `addr`, given the mode, then renamed into place, so the
+    /// umask never decides who may connect.
+    pub async fn bind(
+        addr: &ListenAddr,
+        tls: Option<&TlsFiles>,
+        socket_mode: u32,
+    ) -> Result<Self, ListenError> {
         let tls = tls.map(load_tls).transpose()?;
         let socket = match addr {
             ListenAddr::Tcp(addr) => {
@@ -242,11 +253,27 @@ impl Listener {
             }
             ListenAddr::Unix(path) => {
                 clear_stale_socket(path).await?;
-                let listener = UnixListener::bind(path).map_err(|source| ListenError::Unix {
-                    op: "bind",
-                    path: path.clone(),
-                    source,
-                })?;
+                let unix = |op| {
+                    move |source| ListenError::Unix {
+                        op,
+                        path: path.clone(),
+                        source,
+                    }
+                };
+                let mut hidden = path.clone().into_os_string();
+                hidden.push(format!(".{}.tmp", std::process::id()));
+                let hidden = PathBuf::from(hidden);
+                let listener = UnixListener::bind(&hidden).map_err(unix("bind"))?;
+                let placed = std::fs::set_permissions(
+                    &hidden,
+                    std::os::unix::fs::PermissionsExt::from_mode(socket_mode),
+                )
+                .map_err(unix("set the mode of"))
+                .and_then(|()| std::fs::rename(&hidden, path).map_err(unix("rename into")));
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_file(&hidden);
+                    return Err(e);
+                }
                 Socket::Unix(listener, SocketFile { path: path.clone() })
             }
         };
@@ -357,7 +384,10 @@ pub fn load_tls(files: &TlsFiles) -> Result<ServerTlsConfig, ListenError> {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(identity_error)?;
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    // A client that connects but does not finish the handshake is dropped, its place freed.
+    let mut config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca_file) = &files.client_ca_file {
         let ca_pem = read("--tls-client-ca-file", ca_file)?;
         let cas = certificates(&ca_pem).map_err(parse_error(

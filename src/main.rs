@@ -98,13 +98,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // TLS files are read and checked, then the address bound.
-    let listener = match Listener::bind(&config.listen, config.tls.as_ref()).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("baton: {e}");
-            return Ok(ExitCode::from(EXIT_USAGE as u8));
-        }
-    };
+    let listener =
+        match Listener::bind(&config.listen, config.tls.as_ref(), config.socket_mode).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("baton: {e}");
+                return Ok(ExitCode::from(EXIT_USAGE as u8));
+            }
+        };
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -72,9 +72,10 @@ impl LeadershipService {
         }
     }
 
-    /// The tonic server for this service.
+    /// The tonic server for this service. Requests are a few names: one over
+    /// [`MAX_REQUEST_BYTES`] is refused by tonic (RESOURCE_EXHAUSTED) before it is decoded.
     pub fn into_server(self) -> LeadershipServer<Self> {
-        LeadershipServer::new(self)
+        LeadershipServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     fn find(&self, name: &str) -> Result<&Election, ApiError> {
@@ -82,6 +83,14 @@ impl LeadershipService {
             return Err(ApiError::InvalidArgument {
                 field: "election",
                 problem: "must name an election",
+            });
+        }
+        // Checked before it is echoed in NOT_FOUND: at most 63 bytes.
+        if !crate::config::valid_election_name(name) {
+            return Err(ApiError::InvalidArgument {
+                field: "election",
+                problem: "not an election name (lowercase letters, digits, '-' and '.', at \
+                          most 63 characters)",
             });
         }
         self.elections
@@ -132,15 +141,35 @@ impl fmt::Display for Peer {
     }
 }
 
+/// The largest request message accepted (every request is an election and a worker name).
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
 fn require_worker(worker: &str) -> Result<&str, ApiError> {
     if worker.is_empty() {
-        Err(ApiError::InvalidArgument {
+        return Err(ApiError::InvalidArgument {
             field: "worker",
             problem: "must name the worker",
-        })
-    } else {
-        Ok(worker)
+        });
     }
+    check_worker(worker)
+}
+
+/// A worker name is shown in logs and kept per election: bounded and printable, as identities.
+fn check_worker(worker: &str) -> Result<&str, ApiError> {
+    if crate::config::valid_identity(worker) {
+        Ok(worker)
+    } else {
+        Err(ApiError::InvalidArgument {
+            field: "worker",
+            problem: "must be 1-128 printable characters without whitespace or format \
+                      characters",
+        })
+    }
+}
+
+/// The peer of `request` for a log line.
+fn peer<T>(request: &Request<T>) -> String {
+    Peer::of(request).map_or_else(|| "unknown".to_owned(), |p| p.to_string())
 }
 
 /// Encode a state as the wire event, with `valid_for` counted from now.
@@ -181,12 +210,20 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::WatchLeadershipRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let peer = Peer::of(&request).map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let peer = peer(&request);
         let request = request.into_inner();
         let election = self.find(&request.election)?;
-        let worker = Some(request.worker.as_str()).filter(|w| !w.is_empty());
+        let worker = Some(request.worker.as_str())
+            .filter(|w| !w.is_empty())
+            .map(check_worker)
+            .transpose()?;
         tracing::debug!(election = %request.election, ?worker, %peer,
             "watch opened");
+        if request.ready {
+            // Readiness decides whether a --campaign when-ready daemon campaigns.
+            tracing::info!(election = %request.election, ?worker, %peer,
+                "worker subscribed ready");
+        }
         let subscription = election.subscribe(worker, request.ready);
         // Each event is read by `Subscription::deliver`, which records a worker being told
         // LEADER atomically with reading it. The client gone, the stream and the subscription
@@ -228,9 +265,11 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::ResignRequest>,
     ) -> Result<Response<proto::ResignResponse>, Status> {
+        let peer = peer(&request);
         let request = request.into_inner();
         let election = self.find(&request.election)?;
         let successor = Some(request.successor).filter(|s| !s.is_empty());
+        tracing::info!(election = %request.election, ?successor, %peer, "resign requested");
         if successor
             .as_deref()
             .is_some_and(|s| !crate::config::valid_identity(s))
@@ -257,10 +296,14 @@ impl proto::leadership_server::Leadership for LeadershipService {
         &self,
         request: Request<proto::SetReadinessRequest>,
     ) -> Result<Response<proto::SetReadinessResponse>, Status> {
+        let peer = peer(&request);
         let request = request.get_ref();
         let election = self.find(&request.election)?;
+        let worker = require_worker(&request.worker)?;
+        tracing::info!(election = %request.election, worker, ready = request.ready, %peer,
+            "worker readiness set");
         election
-            .set_ready(require_worker(&request.worker)?, request.ready)
+            .set_ready(worker, request.ready)
             .map_err(ApiError::from)?;
         Ok(Response::new(proto::SetReadinessResponse {}))
     }

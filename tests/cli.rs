@@ -192,6 +192,35 @@ async fn an_unknown_election_is_not_found_by_name() {
     assert!(error.to_string().contains("election"), "{error}");
 }
 
+/// Names are bounded before they are stored or echoed: a long election name is refused as
+/// such (not echoed whole in NOT_FOUND), a long worker name too, and a request over the size
+/// cap is refused before it is decoded.
+#[tokio::test]
+async fn oversized_names_and_requests_are_refused_not_echoed() {
+    let dir = lock_dir();
+    let d = Daemon::start("a", &["--lock-dir", dir.path().to_str().unwrap()]);
+    let client = d.client().await;
+    let long = "e".repeat(64);
+    let error = client.get(&long).await.unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
+    assert!(!error.to_string().contains(&long), "not echoed: {error}");
+    let error = client
+        .set_ready("default", &"w".repeat(129), true)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::InvalidArgument), "{error}");
+    assert!(error.to_string().contains("worker"), "{error}");
+    let huge = "e".repeat(1 << 20);
+    let error = client.get(&huge).await.unwrap_err();
+    assert_eq!(error.code(), Some(tonic::Code::OutOfRange), "{error}");
+    assert!(
+        error.to_string().len() < 1000,
+        "bounded: {} bytes",
+        error.to_string().len()
+    );
+    assert_eq!(client.get("default").await.unwrap().election, "default");
+}
+
 #[tokio::test]
 async fn a_garbage_lock_file_is_reported_without_a_panic() {
     let dir = lock_dir();
