@@ -73,7 +73,7 @@ impl LeadershipService {
     }
 
     /// The tonic server for this service. Requests are a few names: one over
-    /// [`MAX_REQUEST_BYTES`] is refused by tonic (RESOURCE_EXHAUSTED) before it is decoded.
+    /// [`MAX_REQUEST_BYTES`] is refused by tonic (OUT_OF_RANGE) before it is decoded.
     pub fn into_server(self) -> LeadershipServer<Self> {
         LeadershipServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
@@ -269,7 +269,6 @@ impl proto::leadership_server::Leadership for LeadershipService {
         let request = request.into_inner();
         let election = self.find(&request.election)?;
         let successor = Some(request.successor).filter(|s| !s.is_empty());
-        tracing::info!(election = %request.election, ?successor, %peer, "resign requested");
         if successor
             .as_deref()
             .is_some_and(|s| !crate::config::valid_identity(s))
@@ -288,6 +287,7 @@ impl proto::leadership_server::Leadership for LeadershipService {
             }
             .into());
         }
+        tracing::info!(election = %request.election, ?successor, %peer, "resign requested");
         let term = election.resign(successor).await.map_err(ApiError::from)?;
         Ok(Response::new(proto::ResignResponse { term }))
     }

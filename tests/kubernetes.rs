@@ -368,6 +368,47 @@ async fn requests_in_flight_are_not_abandoned() {
     );
 }
 
+/// A take-over cut off in flight (the elector stopped waiting) while the candidate watched: the
+/// next campaign takes in that it landed and holds in that term, instead of writing a second
+/// take-over over a stale read and finding its own name in the Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_cut_off_in_flight_is_held_not_repeated() {
+    let cluster = Cluster::new();
+    let (token, kubeconfig) = cluster.account("store", true);
+    let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+        .await
+        .expect("store");
+    let mut a = store.join("cut", "a", timing()).await.unwrap();
+    let mut b = store.join("cut", "b", timing()).await.unwrap();
+    let Acquired::Held(first) = b.acquire(&Observation::default()).await.unwrap() else {
+        panic!("b takes the free lease");
+    };
+    let Acquired::Observed(seen) = a.acquire(&Observation::default()).await.unwrap() else {
+        panic!("a sees b");
+    };
+    cluster.api.set_latency(Duration::from_millis(300));
+    // a waits on its watch; b releases; a's take-over is sent, and cut off 100 ms later.
+    tokio::select! {
+        outcome = a.acquire(&seen) => panic!("a's take-over answered early: {outcome:?}"),
+        _ = async {
+            b.release(None).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        } => {}
+    }
+    let Acquired::Held(held) = a.acquire(&seen).await.unwrap() else {
+        panic!("a holds the lease its cut-off take-over won");
+    };
+    assert_eq!(held.term, first.term + 1, "one take-over, one term");
+    assert_eq!(
+        cluster.api.stats(&token).conflicts,
+        0,
+        "no second take-over"
+    );
+    a.release(None).await.unwrap();
+    let lease = cluster.api.lease(NS, "cut").expect("the lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "", "released");
+}
+
 /// During an outage each failed call is one line: Baton's warning, nothing from kube's own
 /// tracing layer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,12 +429,6 @@ async fn an_outage_is_one_line_per_failure() {
     assert!(
         errors.is_empty(),
         "lines beside Baton's warnings: {errors:#?}"
-    );
-    assert!(
-        lines
-            .iter()
-            .filter(|l| failed(l))
-            .all(|l| l.contains("WARN"))
     );
 }
 

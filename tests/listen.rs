@@ -650,6 +650,12 @@ async fn a_flood_of_idle_connections_starves_neither_the_election_nor_memory() {
             }
         }
     }
+    for listener in ["listen", "health-listen", "metrics-listen"] {
+        d.proc.stderr.wait_for("the cap reached", |l| {
+            l.contains("connection cap reached")
+                && field(l, "listener").map(|v| v.trim_matches('"')) == Some(listener)
+        });
+    }
     let pid = d.proc.pid();
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -665,12 +671,6 @@ async fn a_flood_of_idle_connections_starves_neither_the_election_nor_memory() {
         flood.len(),
         rss
     );
-    for listener in ["listen", "health-listen", "metrics-listen"] {
-        d.proc.stderr.wait_for("the cap reached", |l| {
-            l.contains("connection cap reached")
-                && field(l, "listener").map(|v| v.trim_matches('"')) == Some(listener)
-        });
-    }
     drop(flood);
     let after = d.wait_role("default", Role::Leader).await;
     assert_eq!(after.term, led.term, "never stepped down");

@@ -871,8 +871,16 @@ mod tests {
         );
 
         let mut m = leader_at(now, 4);
-        m.tick(now + timing().renew_deadline);
-        assert_eq!(m.view("me").term, 4, "renew deadline passed");
+        assert_eq!(
+            m.tick(now + timing().renew_deadline),
+            Some(Command::Abandon)
+        );
+        let v = m.view("me");
+        assert_eq!(
+            (v.role, v.term),
+            (Role::Unknown, 4),
+            "renew deadline passed"
+        );
         m.handle(
             now,
             Event::Observed(Observation {

@@ -306,11 +306,10 @@ pub const USER_AGENT: &str = concat!("baton/", env!("CARGO_PKG_VERSION"));
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// The API client: kube's own layers (base URL, credentials, extra headers) over a connector of
-/// our own. kube's default connector leaves Nagle's algorithm on, so a take-over's request on a
-/// fresh connection waited for the server's delayed ACK (about 40 ms); it also logs every
-/// failure, which the elector already reports. Here `TCP_NODELAY` is on and HTTP/2 is offered,
-/// as client-go does, so calls share the watch's warm connection instead of opening a new one.
-/// A kubeconfig with a proxy keeps kube's default stack (with `User-Agent`).
+/// our own, with `TCP_NODELAY` on (a small request is not held back for the server's delayed
+/// ACK) and HTTP/2 offered, as client-go does, so calls share the watch's warm connection. kube's
+/// tracing layer is left out: the elector reports every failure once. A kubeconfig with a proxy
+/// keeps kube's default stack (with `User-Agent`).
 fn http_client(mut config: kube::Config) -> Result<Client, kube::Error> {
     use http::{HeaderValue, header};
     use hyper_util::{
@@ -596,10 +595,11 @@ impl LeaseCandidate {
     /// If the caller stops waiting (the elector drops this future when a worker subscribes,
     /// at shutdown, or when a renewal outlives the retry period), the request still finishes
     /// on the wire: cut off, the API server would log it as a 5xx "context canceled", and
-    /// operators alert on those. Letting it finish is safe: a take-over that lands late is
-    /// found by `settle_attempt` and kept or given back as the elector asks, and a renewal or
-    /// release landing late changes nothing this replica claims. What it wrote is taken in
-    /// by the next call ([`LeaseCandidate::settle`]).
+    /// operators alert on those. Letting it finish is safe: every later call first waits for
+    /// it and takes in what it wrote ([`LeaseCandidate::settle`]), so a take-over that landed
+    /// makes this replica the holder (kept or given back as the elector asks) before anything
+    /// new is built on the record; a renewal landing late changes nothing this replica claims.
+    /// Only a release (after half the renew deadline) and a dropped seat cut one off.
     async fn request(
         &mut self,
         verb: &'static str,
@@ -630,11 +630,16 @@ impl LeaseCandidate {
     /// Wait for a request whose caller stopped waiting (bounded by its own timeout), and take in
     /// what it wrote. The record is listed again before it is trusted.
     async fn settle(&mut self) {
-        let Some(InFlight { verb, task }) = self.in_flight.take() else {
+        let Some(in_flight) = self.in_flight.as_mut() else {
             return;
         };
+        // Awaited in its slot: if this wait is itself cancelled, the next call waits again
+        // (the task is never left running unowned).
+        let outcome = (&mut in_flight.task).await;
+        let verb = in_flight.verb;
+        self.in_flight = None;
         self.stale = true;
-        match task.await {
+        match outcome {
             Ok(Ok(Ok(Answer::Written(lease)))) => {
                 tracing::debug!(lease = %self.name, verb, "a request left in flight applied");
                 self.apply(Some(*lease));
@@ -644,6 +649,20 @@ impl LeaseCandidate {
                 tracing::debug!(lease = %self.name, verb, %error, "a request left in flight failed");
             }
             Ok(Err(_)) | Err(_) => {}
+        }
+    }
+
+    /// [`LeaseCandidate::settle`] for at most `budget`, then abort what is still in flight: a
+    /// release must not wait behind a slow renewal, or the standby waits a whole lease. What was
+    /// aborted may still land; the release is a compare-and-swap on a fresh read either way.
+    async fn settle_within(&mut self, budget: Duration) {
+        if timeout(budget, self.settle()).await.is_err()
+            && let Some(in_flight) = self.in_flight.take()
+        {
+            tracing::debug!(lease = %self.name, verb = in_flight.verb,
+                "a request still in flight is cut off for the release");
+            in_flight.task.abort();
+            self.stale = true;
         }
     }
 
@@ -896,6 +915,10 @@ impl LeaseCandidate {
     /// last read; after a conflict, read again and retry while the record is still ours.
     async fn rewrite(&mut self, release: Option<Option<&str>>) -> Result<(), StoreError> {
         for _ in 0..CAS_ATTEMPTS {
+            self.settle().await;
+            if self.stale {
+                self.refresh().await?;
+            }
             if !self.still_ours() {
                 self.held = None;
                 return Err(self.lost());
@@ -1076,6 +1099,9 @@ impl LeaseCandidate {
             self.stale = true;
         }
         loop {
+            // First what a call left in flight wrote (a take-over that landed makes us the
+            // holder), so that no new take-over is built on an older read.
+            self.settle().await;
             if self.stale {
                 self.refresh().await?;
             }
@@ -1113,6 +1139,16 @@ impl LeaseCandidate {
     }
 }
 
+impl Drop for LeaseCandidate {
+    /// A seat dropped (the holding abandoned, the daemon stopping) sends nothing more: a renewal
+    /// landing after an abandoned holding would only delay the standby.
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.task.abort();
+        }
+    }
+}
+
 #[async_trait]
 impl Candidate for LeaseCandidate {
     async fn acquire(&mut self, last_seen: &Observation) -> Result<Acquired, StoreError> {
@@ -1134,6 +1170,7 @@ impl Candidate for LeaseCandidate {
     }
 
     async fn release(&mut self, successor: Option<&str>) -> Result<(), StoreError> {
+        self.settle_within(self.timing.renew_deadline / 2).await;
         if self.held.is_none() && self.attempt.is_some() {
             // A take-over cancelled in flight may have applied: find out before leaving.
             self.refresh().await?;
