@@ -253,27 +253,7 @@ impl Listener {
             }
             ListenAddr::Unix(path) => {
                 clear_stale_socket(path).await?;
-                let unix = |op| {
-                    move |source| ListenError::Unix {
-                        op,
-                        path: path.clone(),
-                        source,
-                    }
-                };
-                let mut hidden = path.clone().into_os_string();
-                hidden.push(format!(".{}.tmp", std::process::id()));
-                let hidden = PathBuf::from(hidden);
-                let listener = UnixListener::bind(&hidden).map_err(unix("bind"))?;
-                let placed = std::fs::set_permissions(
-                    &hidden,
-                    std::os::unix::fs::PermissionsExt::from_mode(socket_mode),
-                )
-                .map_err(unix("set the mode of"))
-                .and_then(|()| std::fs::rename(&hidden, path).map_err(unix("rename into")));
-                if let Err(e) = placed {
-                    let _ = std::fs::remove_file(&hidden);
-                    return Err(e);
-                }
+                let listener = bind_private(path, socket_mode)?;
                 Socket::Unix(listener, SocketFile { path: path.clone() })
             }
         };
@@ -307,6 +287,53 @@ impl Listener {
 
 /// Make `path` free for a new socket: nothing there, or a socket nobody listens on (left by a
 /// daemon that was killed).
+/// A Unix socket at `path` with file mode `mode`, whatever the umask. It is bound under a hidden
+/// name, given its mode and linked into place before it listens, so no client can connect
+/// before the mode is set; the link fails if `path` appeared meanwhile (another daemon won).
+fn bind_private(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+    use socket2::{Domain, SockAddr, Type};
+    use std::os::unix::fs::PermissionsExt as _;
+    let unix = |op| {
+        move |source| ListenError::Unix {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let mut hidden = path.as_os_str().to_owned();
+    hidden.push(format!(".{}.tmp", std::process::id()));
+    let hidden = PathBuf::from(hidden);
+    // A leftover of an earlier process that had this pid (a container's pid 1).
+    let _ = std::fs::remove_file(&hidden);
+    let socket = socket2::Socket::new(Domain::UNIX, Type::STREAM, None).map_err(unix("create"))?;
+    socket
+        .bind(&SockAddr::unix(&hidden).map_err(unix("bind"))?)
+        .map_err(unix("bind"))?;
+    let placed = std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(mode))
+        .map_err(unix("set the mode of"))
+        .and_then(|()| {
+            std::fs::hard_link(&hidden, path).map_err(|e| match e.kind() {
+                IoKind::AlreadyExists => ListenError::SocketInUse {
+                    path: path.to_owned(),
+                },
+                _ => unix("link into place")(e),
+            })
+        });
+    let _ = std::fs::remove_file(&hidden);
+    placed?;
+    let listening = socket
+        .listen(1024)
+        .and_then(|()| socket.set_nonblocking(true))
+        .and_then(|()| {
+            let std = std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(socket));
+            UnixListener::from_std(std)
+        });
+    listening.map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        unix("listen on")(e)
+    })
+}
+
 async fn clear_stale_socket(path: &Path) -> Result<(), ListenError> {
     let unix = |op, source| ListenError::Unix {
         op,
@@ -423,6 +450,26 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, rustls::pki_
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_socket_never_replaces_one_bound_meanwhile() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("baton.sock");
+        let _first = bind_private(&path, 0o600).expect("the first binds");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let second = bind_private(&path, 0o600).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(second, ListenError::SocketInUse { .. }),
+            "{second}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no hidden name left behind");
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("the first still serves");
+    }
 
     #[test]
     fn addresses() {
