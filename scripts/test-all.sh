@@ -18,6 +18,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A full run writes several GiB (target/, tansu's build); a full disk fails late, in a linker.
+need_gib=6
+free_gib=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+if [ "$free_gib" -lt "$need_gib" ]; then
+  echo "test-all: only $free_gib GiB free under $PWD; a full run needs about $need_gib GiB." >&2
+  echo "test-all: free some space (an old target/ directory, say) and run it again." >&2
+  exit 1
+fi
+
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 
