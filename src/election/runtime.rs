@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     CampaignMode, ElectionConfig, ElectionError, Leadership, Request, Workers,
-    machine::{Activity, Command, Event, Machine, Role},
+    machine::{Activity, Command, Event, Machine, Role, View},
 };
 use crate::backoff::Backoff;
 use crate::{
@@ -63,7 +63,7 @@ impl Runtime {
         let mut shutdown_seen = false;
         let ready = workers.borrow_and_update().any_ready();
         self.apply_readiness(ready);
-        self.metrics.published(&self.state.borrow().view);
+        record(&self.metrics, &self.state.borrow().view);
         tracing::info!(
             election = %self.config.name,
             identity = %self.config.identity,
@@ -314,7 +314,7 @@ impl Runtime {
             current.view = view.clone();
             current.observed_at = SystemTime::now();
             // Before the receivers are woken: whoever sees this state scrapes it too.
-            self.metrics.published(&view);
+            record(&self.metrics, &view);
             true
         });
         if let Some(previous) = previous
@@ -332,6 +332,11 @@ impl Runtime {
             );
         }
     }
+}
+
+/// Record a published view in the metrics, which take plain values.
+fn record(metrics: &ElectionMetrics, view: &View) {
+    metrics.published(view.role == Role::Leader, view.leader.is_some(), view.term);
 }
 
 /// One store call for the current activity, after waiting for `not_before`.
