@@ -15,9 +15,9 @@
 //! ```
 //!
 //! The safety rules live here and nowhere else: a leader's validity is `min(store valid_until,
-//! last proof + renew deadline)`, so it steps down before the lease could expire; the loss is
-//! announced before the release, which waits for the workers' acknowledgements, bounded by the
-//! drain timeout.
+//! last proof + renew deadline)`, so it steps down before the lease could expire; renewals are
+//! due a retry period after the last proof; the loss is announced before the release, which
+//! waits for the workers' acknowledgements, bounded by the drain timeout.
 
 use std::{fmt, time::Duration};
 
@@ -151,6 +151,11 @@ impl Lease {
     fn valid_until(&self, timing: &Timing) -> Instant {
         self.store_valid_until
             .min(self.renewed_at + timing.renew_deadline)
+    }
+
+    /// When the next renewal is due: a retry period after the last proof of the holding.
+    fn renew_at(&self, timing: &Timing) -> Instant {
+        self.renewed_at + timing.retry_period
     }
 }
 
@@ -322,6 +327,17 @@ impl Machine {
                     Activity::Observe
                 }
             }
+        }
+    }
+
+    /// When the runtime should next renew the holding (leading or stepping down). Renewals are
+    /// timed from the store's proof of the holding, not from our reading of the answer.
+    pub fn next_renewal(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Leader { lease } | Phase::SteppingDown { lease, .. } => {
+                Some(lease.renew_at(&self.timing))
+            }
+            _ => None,
         }
     }
 

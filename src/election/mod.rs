@@ -146,13 +146,15 @@ impl Election {
         let workers = Arc::new(watch::Sender::new(Workers::default()));
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let runtime = runtime::Runtime {
-            store,
+            calls: runtime::StoreCalls::new(store, config.timing),
             config,
             machine,
             state: state_tx,
+            worker_changes: workers.subscribe(),
             workers: workers.clone(),
             requests: requests_rx,
             cancel,
+            shutdown_seen: false,
             metrics: metrics.clone(),
         };
         let task = tokio::spawn(runtime.run());

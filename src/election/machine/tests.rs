@@ -363,3 +363,42 @@ fn stale_answers_do_not_change_a_leader() {
     let v = m.view("me");
     assert_eq!((v.role, v.term), (Role::Leader, 3));
 }
+
+#[test]
+fn renewals_are_due_a_retry_period_after_the_last_proof() {
+    let now = Instant::now();
+    let mut m = Machine::new(timing(), DRAIN, true);
+    assert_eq!(m.next_renewal(), None, "nothing held");
+    // The store proved the holding 3 s before its answer was read.
+    m.handle(
+        now,
+        Event::Acquired(Holding {
+            term: 1,
+            valid_until: now + timing().lease_duration - secs(3),
+        }),
+    );
+    assert_eq!(
+        m.next_renewal(),
+        Some(now - secs(3) + timing().retry_period)
+    );
+    m.handle(
+        now + secs(1),
+        Event::Renewed {
+            sent_at: now + secs(1),
+            valid_until: now + secs(16),
+        },
+    );
+    assert_eq!(
+        m.next_renewal(),
+        Some(now + secs(1) + timing().retry_period)
+    );
+    m.handle(now + secs(1), Event::Shutdown);
+    assert!(m.draining());
+    assert_eq!(
+        m.next_renewal(),
+        Some(now + secs(1) + timing().retry_period),
+        "still renewed while the workers drain"
+    );
+    m.handle(now + secs(1), Event::Drained);
+    assert_eq!(m.next_renewal(), None);
+}
