@@ -183,7 +183,7 @@ pub enum ListenError {
     },
 }
 
-/// A bound listener, with its TLS configuration: what [`crate::daemon::run`] serves on.
+/// A bound listener, with its TLS configuration: what the daemon (`daemon::run`) serves on.
 #[derive(Debug)]
 pub struct Listener {
     pub(crate) socket: Socket,
