@@ -12,6 +12,9 @@ fn timing() -> Timing {
 
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// A release with no successor named.
+const RELEASE: Option<Command> = Some(Command::Release { successor: None });
+
 fn leader_at(now: Instant, term: u64) -> Machine {
     let mut m = Machine::new(timing(), DRAIN, true);
     let holding = Holding {
@@ -178,10 +181,7 @@ fn shutdown_announces_then_releases_after_drain() {
         "still holding while draining"
     );
     assert!(m.draining());
-    assert_eq!(
-        m.handle(now + secs(1), Event::Drained),
-        Some(Command::Release { successor: None })
-    );
+    assert_eq!(m.handle(now + secs(1), Event::Drained), RELEASE);
     assert_eq!(m.activity(), Activity::Stop);
 }
 
@@ -192,10 +192,7 @@ fn drain_is_bounded_by_the_drain_timeout() {
     m.handle(now, Event::Shutdown);
     assert_eq!(m.next_deadline(), Some(now + DRAIN));
     assert_eq!(m.tick(now + DRAIN - secs(1)), None);
-    assert_eq!(
-        m.tick(now + DRAIN),
-        Some(Command::Release { successor: None })
-    );
+    assert_eq!(m.tick(now + DRAIN), RELEASE);
     assert_eq!(m.activity(), Activity::Stop);
 }
 
@@ -203,10 +200,7 @@ fn drain_is_bounded_by_the_drain_timeout() {
 fn shutdown_of_a_follower_leaves_at_once() {
     let now = Instant::now();
     let mut m = Machine::new(timing(), DRAIN, true);
-    assert_eq!(
-        m.handle(now, Event::Shutdown),
-        Some(Command::Release { successor: None })
-    );
+    assert_eq!(m.handle(now, Event::Shutdown), RELEASE);
     assert_eq!(m.activity(), Activity::Stop);
 }
 
