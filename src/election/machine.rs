@@ -1,6 +1,6 @@
 //! The role logic of one election as a pure state machine: events in, commands out, no I/O and
 //! no clock of its own (every call takes `now`), so that it is tested with plain `#[test]`s. The
-//! runtime in [`super::runtime`] does the store calls it asks for and feeds their outcomes back.
+//! runtime (`super::runtime`) does the store calls it asks for and feeds their outcomes back.
 //!
 //! ```text
 //!              Observed                    Acquired
