@@ -1,10 +1,8 @@
-//! Connection caps for the daemon's listeners.
-//!
-//! Every accepted connection holds a permit of its listener's semaphore until it closes; past
-//! the cap a new connection is closed at once. The caps are sized from the process's descriptor
-//! limit, so that a flood of connections (the probe port is reachable from any pod) cannot take
-//! the descriptors the elections need for their store connections and lock files, and bound the
-//! memory that idle connections hold.
+//! Connection caps for the daemon's listeners. Every accepted connection holds a permit of its
+//! listener's semaphore until it closes; past the cap a new connection is closed at once. The
+//! caps are sized from the descriptor limit, so that a flood of connections (the probe port is
+//! reachable from any pod) cannot take the descriptors the elections need for their store
+//! connections and lock files, and bound the memory that idle connections hold.
 
 use std::{
     io,

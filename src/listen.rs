@@ -1,6 +1,8 @@
 //! Where the daemon serves gRPC: a TCP address (loopback by default: a sidecar serves its own
 //! pod), optionally with TLS and mutual TLS, or a Unix socket that workers in other containers
-//! reach through a shared volume.
+//! reach through a shared volume. Everything is checked before anything is served (TLS files,
+//! key and certificate, socket path, port); each error names the flag at fault, and `main`
+//! exits with status 2.
 //!
 //! ```text
 //!  --listen 127.0.0.1:50051                      plain TCP, loopback (the default)
@@ -8,10 +10,6 @@
 //!           --tls-key-file K
 //!  --listen unix:/run/baton/baton.sock           a Unix socket (a stale socket file is replaced)
 //! ```
-//!
-//! Everything is checked before anything is served: a TLS file that cannot be read or parsed, a
-//! key that does not match its certificate, an unusable socket path, a taken port. Each error
-//! names the flag at fault, and `main` exits with status 2.
 
 use std::{
     fmt,
@@ -185,7 +183,7 @@ pub enum ListenError {
     },
 }
 
-/// A bound listener, with its TLS configuration: what [`crate::daemon::run`] serves on.
+/// A bound listener, with its TLS configuration: what the daemon (`daemon::run`) serves on.
 #[derive(Debug)]
 pub struct Listener {
     pub(crate) socket: Socket,

@@ -1,19 +1,8 @@
 //! Prometheus metrics of the daemon, served as text at `/metrics` on `--metrics-listen` (off by
-//! default). Every series carries the election's name:
-//!
-//! | metric | type | meaning |
-//! |---|---|---|
-//! | `baton_is_leader` | gauge | 1 while this replica leads, else 0 |
-//! | `baton_term` | gauge | term of the current holding (the last known one while unknown) |
-//! | `baton_leader_transitions_total` | counter | new leaderships seen by this replica (a leader with a term not seen before) |
-//! | `baton_renew_duration_seconds` | histogram | time of each successful renewal (`keep`) of the holding |
-//! | `baton_store_errors_total{kind}` | counter | failed store calls, by how the elector treats them: `lost`, `unavailable`, `invalid` |
-//! | `baton_subscribers` | gauge | workers subscribed to the election (open `WatchLeadership` streams with a worker name) |
-//!
-//! The election runtime records into an [`ElectionMetrics`] (a bundle of handles on the series
-//! of one election), and the election handle records subscriptions; the pure state machine
-//! knows nothing of it. Each value is recorded before the change it reflects is published, so a
-//! client that has seen a state and then scrapes sees that state's values.
+//! default); the series are listed on [`Metrics`]. The elector records into an
+//! [`ElectionMetrics`] with plain values (the pure machine knows nothing of it), each before the
+//! change it reflects is published, so a client that has seen a state and then scrapes sees
+//! that state's values.
 
 use std::{
     net::SocketAddr,
@@ -38,10 +27,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    election::{Role, View},
-    store::ErrorKind,
-};
+use crate::store::ErrorKind;
 
 /// The content type of the OpenMetrics text format that [`Metrics::render`] produces (Prometheus
 /// reads it).
@@ -83,7 +69,16 @@ fn renew_histogram() -> Histogram {
 
 type HistogramFamily = Family<ElectionLabel, Histogram, fn() -> Histogram>;
 
-/// The daemon's metric registry.
+/// The daemon's metric registry. Every series carries the election's name:
+///
+/// | metric | type | meaning |
+/// |---|---|---|
+/// | `baton_is_leader` | gauge | 1 while this replica leads, else 0 |
+/// | `baton_term` | gauge | term of the current holding (the last known one while unknown) |
+/// | `baton_leader_transitions_total` | counter | new leaderships seen by this replica (a leader with a term not seen before) |
+/// | `baton_renew_duration_seconds` | histogram | time of each successful renewal (`keep`) of the holding |
+/// | `baton_store_errors_total{kind}` | counter | failed store calls, by how the elector treats them: `lost`, `unavailable`, `invalid` |
+/// | `baton_subscribers` | gauge | workers subscribed to the election (open `WatchLeadership` streams with a worker name) |
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -264,16 +259,14 @@ impl Default for ElectionMetrics {
 }
 
 impl ElectionMetrics {
-    /// Record a published state.
-    pub fn published(&self, view: &View) {
-        self.is_leader.set(i64::from(view.role == Role::Leader));
-        if view.term > 0 {
-            self.term.set(view.term);
+    /// Record a published state: whether this replica leads, whether any leader is known, and
+    /// the term (0 while none is known).
+    pub fn published(&self, is_leader: bool, leader_known: bool, term: u64) {
+        self.is_leader.set(i64::from(is_leader));
+        if term > 0 {
+            self.term.set(term);
         }
-        if view.leader.is_some()
-            && view.term > 0
-            && self.counted_term.fetch_max(view.term, Ordering::Relaxed) < view.term
-        {
+        if leader_known && term > 0 && self.counted_term.fetch_max(term, Ordering::Relaxed) < term {
             self.transitions.inc();
         }
     }
@@ -303,18 +296,6 @@ impl ElectionMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::election::Reason;
-
-    fn view(role: Role, leader: Option<&str>, term: u64) -> View {
-        View {
-            role,
-            leader: leader.map(str::to_owned),
-            term,
-            valid_until: None,
-            reason: Reason::Starting,
-            campaigning: true,
-        }
-    }
 
     fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines()
@@ -342,12 +323,13 @@ mod tests {
         assert!(text.contains("baton_renew_duration_seconds_count{election=\"orders\"} 0"));
         assert!(text.ends_with("# EOF\n"));
 
-        e.published(&view(Role::Unknown, None, 0));
-        e.published(&view(Role::Follower, Some("a"), 3));
-        e.published(&view(Role::Unknown, None, 0)); // store trouble: not a new leadership
-        e.published(&view(Role::Follower, Some("a"), 3));
-        e.published(&view(Role::Follower, None, 3)); // released
-        e.published(&view(Role::Leader, Some("me"), 4));
+        // (is_leader, leader_known, term)
+        e.published(false, false, 0); // unknown
+        e.published(false, true, 3); // following "a"
+        e.published(false, false, 0); // store trouble: not a new leadership
+        e.published(false, true, 3); // following "a" again
+        e.published(false, false, 3); // released
+        e.published(true, true, 4); // leading
         e.renewed(Duration::from_millis(2));
         e.store_failed(ErrorKind::Unavailable);
         e.subscribers(2);

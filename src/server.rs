@@ -1,12 +1,8 @@
-//! The gRPC server: `baton.v1.Leadership` over the running elections, `grpc.health.v1.Health`
-//! (SERVING only while every election's store answers), and server reflection v1 and v1alpha so
-//! that `grpcurl` works with no proto file.
-//!
-//! Errors become a `tonic::Status` in exactly one place: `impl From<ApiError> for Status`.
-//!
-//! WatchLeadership serves an election's `watch` channel as a stream, as `tonic-health` does:
-//! the state at once, then the state as it is each time the stream is polled after a change
-//! (a state replaced before that is skipped), and the last state before the stream ends.
+//! The gRPC server: `baton.v1.Leadership` over the running elections. WatchLeadership serves an
+//! election's state channel as a stream, as `tonic-health` does: the state at once, then the
+//! state as it is each time the stream is polled after a change (a state replaced before that
+//! is skipped), and the last state before the stream ends. Errors become a `tonic::Status` in
+//! exactly one place: `impl From<ApiError> for Status`.
 
 use std::{fmt, net::SocketAddr, pin::Pin, sync::Arc};
 
@@ -151,16 +147,17 @@ fn require_worker(worker: &str) -> Result<&str, ApiError> {
             problem: "must name the worker",
         });
     }
-    check_worker(worker)
+    check_name("worker", worker)
 }
 
-/// A worker name is shown in logs and kept per election: bounded and printable, as identities.
-fn check_worker(worker: &str) -> Result<&str, ApiError> {
-    if crate::config::valid_identity(worker) {
-        Ok(worker)
+/// A worker or successor name is shown in logs (a worker's is kept per election): bounded and
+/// printable, as identities.
+fn check_name<'a>(field: &'static str, name: &'a str) -> Result<&'a str, ApiError> {
+    if crate::config::valid_identity(name) {
+        Ok(name)
     } else {
         Err(ApiError::InvalidArgument {
-            field: "worker",
+            field,
             problem: "must be 1-128 printable characters without whitespace or format \
                       characters",
         })
@@ -215,7 +212,7 @@ impl proto::leadership_server::Leadership for LeadershipService {
         let election = self.find(&request.election)?;
         let worker = Some(request.worker.as_str())
             .filter(|w| !w.is_empty())
-            .map(check_worker)
+            .map(|w| check_name("worker", w))
             .transpose()?;
         tracing::debug!(election = %request.election, ?worker, %peer,
             "watch opened");
@@ -269,16 +266,8 @@ impl proto::leadership_server::Leadership for LeadershipService {
         let request = request.into_inner();
         let election = self.find(&request.election)?;
         let successor = Some(request.successor).filter(|s| !s.is_empty());
-        if successor
-            .as_deref()
-            .is_some_and(|s| !crate::config::valid_identity(s))
-        {
-            return Err(ApiError::InvalidArgument {
-                field: "successor",
-                problem: "must be 1-128 printable characters without whitespace or format \
-                          characters",
-            }
-            .into());
+        if let Some(successor) = &successor {
+            check_name("successor", successor)?;
         }
         if successor.as_deref() == Some(&*election.current().identity) {
             return Err(ApiError::InvalidArgument {
@@ -362,13 +351,13 @@ mod tests {
         (service, election, cancel)
     }
 
-    async fn watch(service: &LeadershipService, election: &str, worker: &str) -> EventStream {
-        try_watch(service, election, worker)
+    async fn open_stream(service: &LeadershipService, election: &str, worker: &str) -> EventStream {
+        try_open_stream(service, election, worker)
             .await
             .expect("a stream")
     }
 
-    async fn try_watch(
+    async fn try_open_stream(
         service: &LeadershipService,
         election: &str,
         worker: &str,
@@ -398,7 +387,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_watch_streams_the_state_then_each_change_then_the_last_state_and_ends() {
         let (service, election, cancel) = setup().await;
-        let mut stream = watch(&service, "e", "").await;
+        let mut stream = open_stream(&service, "e", "").await;
         let first = next(&mut stream).await;
         assert_eq!(first, to_event(&election.current()), "the state at once");
         assert_eq!(
@@ -425,11 +414,11 @@ mod tests {
         let (service, ..) = setup().await;
         let code = |r: Result<EventStream, Status>| r.err().map(|s| s.code());
         assert_eq!(
-            code(try_watch(&service, "nope", "").await),
+            code(try_open_stream(&service, "nope", "").await),
             Some(tonic::Code::NotFound)
         );
         assert_eq!(
-            code(try_watch(&service, "", "").await),
+            code(try_open_stream(&service, "", "").await),
             Some(tonic::Code::InvalidArgument)
         );
     }
@@ -441,12 +430,12 @@ mod tests {
         let workers = election.workers();
         let drained = || workers.borrow().drained(term, Instant::now());
 
-        let mut observer = watch(&service, "e", "").await;
+        let mut observer = open_stream(&service, "e", "").await;
         next(&mut observer).await;
         assert_eq!(workers.borrow().subscribed(), 0, "an observer is no worker");
         assert!(drained(), "nobody was told it leads");
 
-        let mut worker = watch(&service, "e", "w").await;
+        let mut worker = open_stream(&service, "e", "w").await;
         assert_eq!(workers.borrow().subscribed(), 1, "a worker");
         assert!(drained(), "subscribed, not yet told");
         let told = next(&mut worker).await;

@@ -1,6 +1,6 @@
 //! The role logic of one election as a pure state machine: events in, commands out, no I/O and
-//! no clock of its own (every call takes `now`). The runtime in [`super::runtime`] does the store
-//! calls the machine asks for and feeds their outcomes back.
+//! no clock of its own (every call takes `now`), so that it is tested with plain `#[test]`s. The
+//! runtime (`super::runtime`) does the store calls it asks for and feeds their outcomes back.
 //!
 //! ```text
 //!              Observed                    Acquired
@@ -14,12 +14,10 @@
 //!                                                          still renewing)
 //! ```
 //!
-//! The safety rules live here and nowhere else:
-//! - a leader's validity is `min(store valid_until, last renewal + renew deadline)`, and the
-//!   renew deadline is shorter than the lease, so it steps down before the store could give the
-//!   election to another replica;
-//! - stepping down is announced (role no longer LEADER) before the release is asked for, and the
-//!   release waits for the workers' acknowledgements, bounded by the drain timeout.
+//! The safety rules live here and nowhere else: a leader's validity is `min(store valid_until,
+//! last proof + renew deadline)`, so it steps down before the lease could expire; renewals are
+//! due a retry period after the last proof; the loss is announced before the release, which
+//! waits for the workers' acknowledgements, bounded by the drain timeout.
 
 use std::{fmt, time::Duration};
 
@@ -153,6 +151,11 @@ impl Lease {
     fn valid_until(&self, timing: &Timing) -> Instant {
         self.store_valid_until
             .min(self.renewed_at + timing.renew_deadline)
+    }
+
+    /// When the next renewal is due: a retry period after the last proof of the holding.
+    fn renew_at(&self, timing: &Timing) -> Instant {
+        self.renewed_at + timing.retry_period
     }
 }
 
@@ -324,6 +327,17 @@ impl Machine {
                     Activity::Observe
                 }
             }
+        }
+    }
+
+    /// When the runtime should next renew the holding (leading or stepping down). Renewals are
+    /// timed from the store's proof of the holding, not from our reading of the answer.
+    pub fn next_renewal(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Leader { lease } | Phase::SteppingDown { lease, .. } => {
+                Some(lease.renew_at(&self.timing))
+            }
+            _ => None,
         }
     }
 
@@ -542,402 +556,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn timing() -> Timing {
-        Timing {
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        }
-    }
-
-    const DRAIN: Duration = Duration::from_secs(5);
-
-    fn leader_at(now: Instant, term: u64) -> Machine {
-        let mut m = Machine::new(timing(), DRAIN, true);
-        let holding = Holding {
-            term,
-            valid_until: now + timing().lease_duration,
-        };
-        assert_eq!(m.handle(now, Event::Acquired(holding)), None);
-        m
-    }
-
-    fn secs(n: u64) -> Duration {
-        Duration::from_secs(n)
-    }
-
-    #[test]
-    fn starts_unknown_and_campaigns() {
-        let m = Machine::new(timing(), DRAIN, true);
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Unknown);
-        assert_eq!(v.leader, None);
-        assert_eq!(v.reason, Reason::Starting);
-        assert_eq!(m.activity(), Activity::Campaign);
-    }
-
-    #[test]
-    fn observation_makes_a_follower_naming_the_leader() {
-        let now = Instant::now();
-        let mut m = Machine::new(timing(), DRAIN, true);
-        m.handle(
-            now,
-            Event::Observed(Observation {
-                holder: Some("other".into()),
-                term: 7,
-            }),
-        );
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Follower);
-        assert_eq!(v.leader.as_deref(), Some("other"));
-        assert_eq!(v.term, 7);
-        assert_eq!(v.valid_until, None);
-    }
-
-    #[test]
-    fn a_release_seen_clears_the_leader_name() {
-        let now = Instant::now();
-        let mut m = Machine::new(timing(), DRAIN, true);
-        m.handle(
-            now,
-            Event::Observed(Observation {
-                holder: Some("other".into()),
-                term: 7,
-            }),
-        );
-        m.handle(
-            now,
-            Event::Observed(Observation {
-                holder: None,
-                term: 7,
-            }),
-        );
-        let v = m.view("me");
-        assert_eq!(v.leader, None);
-        assert_eq!(v.reason, Reason::NobodyLeads);
-    }
-
-    #[test]
-    fn acquiring_leads_with_validity_cut_by_the_renew_deadline() {
-        let now = Instant::now();
-        let m = leader_at(now, 3);
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Leader);
-        assert_eq!(v.leader.as_deref(), Some("me"));
-        assert_eq!(v.term, 3);
-        assert_eq!(v.valid_until, Some(now + timing().renew_deadline));
-        assert_eq!(m.activity(), Activity::Renew);
-    }
-
-    #[test]
-    fn failed_renewals_keep_leading_until_the_renew_deadline_then_step_down() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 3);
-        let failed = Event::StoreFailed {
-            kind: ErrorKind::Unavailable,
-            reason: "connection refused".into(),
-        };
-        assert_eq!(m.handle(now + secs(2), failed.clone()), None);
-        assert_eq!(m.view("me").role, Role::Leader);
-        assert_eq!(m.handle(now + secs(9), failed), None);
-        assert_eq!(m.view("me").role, Role::Leader);
-        assert_eq!(m.next_deadline(), Some(now + secs(10)));
-        assert_eq!(m.tick(now + secs(10)), Some(Command::Abandon));
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Unknown);
-        assert_eq!(v.reason, Reason::RenewDeadlinePassed);
-        assert_eq!(v.valid_until, None);
-    }
-
-    #[test]
-    fn the_step_down_comes_before_the_lease_could_expire() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 1);
-        // Whatever the store says, validity never exceeds last renewal + renew deadline.
-        m.handle(
-            now + secs(1),
-            Event::Renewed {
-                sent_at: now + secs(1),
-                valid_until: now + secs(100),
-            },
-        );
-        let until = m.view("me").valid_until.unwrap();
-        assert_eq!(until, now + secs(11));
-        assert!(until < now + secs(1) + timing().lease_duration);
-        // And a store that grants less than the deadline wins.
-        m.handle(
-            now + secs(2),
-            Event::Renewed {
-                sent_at: now + secs(2),
-                valid_until: now + secs(5),
-            },
-        );
-        assert_eq!(m.view("me").valid_until, Some(now + secs(5)));
-    }
-
-    #[test]
-    fn renewals_extend_validity() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 1);
-        for i in 1..20 {
-            let t = now + secs(2 * i);
-            m.handle(
-                t,
-                Event::Renewed {
-                    sent_at: t,
-                    valid_until: t + timing().lease_duration,
-                },
-            );
-            assert_eq!(m.tick(t), None);
-            assert_eq!(m.view("me").role, Role::Leader);
-        }
-    }
-
-    #[test]
-    fn lost_holding_steps_down_at_once() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 4);
-        let cmd = m.handle(
-            now + secs(1),
-            Event::StoreFailed {
-                kind: ErrorKind::Lost,
-                reason: "key deleted".into(),
-            },
-        );
-        assert_eq!(cmd, Some(Command::Abandon));
-        assert_ne!(m.view("me").role, Role::Leader);
-        assert_eq!(m.activity(), Activity::Campaign);
-    }
-
-    #[test]
-    fn shutdown_announces_then_releases_after_drain() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 2);
-        assert_eq!(m.handle(now, Event::Shutdown), None);
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Follower, "the loss is announced first");
-        assert_eq!(v.reason, Reason::SteppingDown);
-        assert_eq!(
-            v.valid_until,
-            Some(now + secs(5)),
-            "the holding is kept for the workers until the drain timeout"
-        );
-        assert_eq!(
-            m.activity(),
-            Activity::Renew,
-            "still holding while draining"
-        );
-        assert!(m.draining());
-        assert_eq!(
-            m.handle(now + secs(1), Event::Drained),
-            Some(Command::Release { successor: None })
-        );
-        assert_eq!(m.activity(), Activity::Stop);
-    }
-
-    #[test]
-    fn drain_is_bounded_by_the_drain_timeout() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 2);
-        m.handle(now, Event::Shutdown);
-        assert_eq!(m.next_deadline(), Some(now + DRAIN));
-        assert_eq!(m.tick(now + DRAIN - secs(1)), None);
-        assert_eq!(
-            m.tick(now + DRAIN),
-            Some(Command::Release { successor: None })
-        );
-        assert_eq!(m.activity(), Activity::Stop);
-    }
-
-    #[test]
-    fn shutdown_of_a_follower_leaves_at_once() {
-        let now = Instant::now();
-        let mut m = Machine::new(timing(), DRAIN, true);
-        assert_eq!(
-            m.handle(now, Event::Shutdown),
-            Some(Command::Release { successor: None })
-        );
-        assert_eq!(m.activity(), Activity::Stop);
-    }
-
-    #[test]
-    fn resign_hands_over_and_holds_off() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 5);
-        m.handle(
-            now,
-            Event::Resign {
-                successor: Some("b".into()),
-            },
-        );
-        assert_eq!(
-            m.handle(now, Event::Drained),
-            Some(Command::Release {
-                successor: Some("b".into())
-            })
-        );
-        assert_eq!(m.view("me").role, Role::Follower);
-        assert_eq!(
-            m.activity(),
-            Activity::Observe,
-            "no campaign right after resigning"
-        );
-        // Another replica takes over: campaigning resumes (as a waiter).
-        m.handle(
-            now + secs(1),
-            Event::Observed(Observation {
-                holder: Some("b".into()),
-                term: 6,
-            }),
-        );
-        assert_eq!(m.activity(), Activity::Campaign);
-    }
-
-    #[test]
-    fn hold_off_ends_after_a_lease_duration_if_nobody_takes_over() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 5);
-        m.handle(now, Event::Resign { successor: None });
-        m.handle(now, Event::Drained);
-        assert_eq!(m.activity(), Activity::Observe);
-        assert_eq!(m.next_deadline(), Some(now + timing().lease_duration));
-        m.tick(now + timing().lease_duration);
-        assert_eq!(m.activity(), Activity::Campaign);
-    }
-
-    #[test]
-    fn losing_readiness_steps_down_and_stops_campaigning() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 1);
-        m.handle(now, Event::CampaignAllowed(false));
-        assert!(m.draining());
-        m.handle(now, Event::Drained);
-        assert_eq!(m.activity(), Activity::Observe);
-        assert_eq!(m.view("me").reason, Reason::WaitingForReadyWorker);
-        assert!(!m.view("me").campaigning);
-        m.handle(now, Event::CampaignAllowed(true));
-        assert_eq!(m.activity(), Activity::Campaign);
-    }
-
-    #[test]
-    fn a_holding_won_while_not_ready_is_given_back() {
-        let now = Instant::now();
-        let mut m = Machine::new(timing(), DRAIN, false);
-        m.handle(
-            now,
-            Event::Acquired(Holding {
-                term: 1,
-                valid_until: now + secs(15),
-            }),
-        );
-        assert_ne!(m.view("me").role, Role::Leader);
-        assert!(m.draining());
-    }
-
-    #[test]
-    fn store_failure_of_a_follower_is_unknown_with_the_reason() {
-        let now = Instant::now();
-        let mut m = Machine::new(timing(), DRAIN, true);
-        m.handle(
-            now,
-            Event::StoreFailed {
-                kind: ErrorKind::Unavailable,
-                reason: "etcd at 127.0.0.1:1: connection refused".into(),
-            },
-        );
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Unknown);
-        assert_eq!(v.leader, None);
-        assert!(v.reason.to_string().contains("connection refused"));
-    }
-
-    #[test]
-    fn a_known_term_is_kept_through_stepping_down_stopping_and_store_failures() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 6);
-        m.handle(now, Event::Shutdown);
-        let stepping = m.view("me");
-        assert_eq!((stepping.reason, stepping.term), (Reason::SteppingDown, 6));
-        m.handle(now, Event::Drained);
-        let stopped = m.view("me");
-        assert_eq!(stopped.reason, Reason::ShuttingDown);
-        assert_eq!(
-            (stopped.leader, stopped.term),
-            (None, 6),
-            "released, term kept"
-        );
-
-        let mut m = leader_at(now, 4);
-        assert_eq!(
-            m.tick(now + timing().renew_deadline),
-            Some(Command::Abandon)
-        );
-        let v = m.view("me");
-        assert_eq!(
-            (v.role, v.term),
-            (Role::Unknown, 4),
-            "renew deadline passed"
-        );
-        m.handle(
-            now,
-            Event::Observed(Observation {
-                holder: Some("other".into()),
-                term: 5,
-            }),
-        );
-        let failed = Event::StoreFailed {
-            kind: ErrorKind::Unavailable,
-            reason: "connection refused".into(),
-        };
-        m.handle(now, failed.clone());
-        assert_eq!((m.view("me").role, m.view("me").term), (Role::Unknown, 5));
-        // A record with no holder and no term (deleted, or not written yet) forgets nothing.
-        m.handle(now, Event::Observed(Observation::default()));
-        assert_eq!(m.view("me").term, 5);
-        m.handle(now, Event::Shutdown);
-        assert_eq!(m.view("me").term, 5, "a follower's stop");
-    }
-
-    #[test]
-    fn its_own_name_in_the_store_is_not_another_replica() {
-        let now = Instant::now();
-        let mut m = Machine::new(timing(), DRAIN, true);
-        m.handle(
-            now,
-            Event::Observed(Observation {
-                holder: Some("me".into()),
-                term: 3,
-            }),
-        );
-        let v = m.view("me");
-        assert_eq!(v.role, Role::Follower);
-        assert_eq!(v.reason, Reason::OwnHoldingExpiring);
-        assert!(v.reason.to_string().contains("earlier holding"));
-        assert_eq!(m.view("other").reason, Reason::OtherLeads);
-    }
-
-    #[test]
-    fn stale_answers_do_not_change_a_leader() {
-        let now = Instant::now();
-        let mut m = leader_at(now, 3);
-        m.handle(
-            now,
-            Event::Observed(Observation {
-                holder: Some("other".into()),
-                term: 2,
-            }),
-        );
-        m.handle(
-            now,
-            Event::Acquired(Holding {
-                term: 9,
-                valid_until: now + secs(15),
-            }),
-        );
-        let v = m.view("me");
-        assert_eq!((v.role, v.term), (Role::Leader, 3));
-    }
-}
+mod tests;

@@ -1,6 +1,6 @@
-//! The elector: one task per election, running the role [`machine`] over a store, publishing
-//! the current [`Leadership`] on a `tokio::sync::watch` channel, and keeping track of the
-//! workers subscribed to it (their readiness and their acknowledgements when it steps down).
+//! The elector: one task per election runs the role [`machine`] over a store, publishes the
+//! current [`Leadership`] on a `tokio::sync::watch` channel, and keeps track of the workers
+//! subscribed to it. [`Election`] is the cheap, cloneable handle the gRPC server uses.
 //!
 //! ```text
 //!  Store ──acquire/keep/release──► runtime ──events──► Machine ──commands──► runtime
@@ -8,11 +8,8 @@
 //!                                     ├─ watch<Leadership> ──► gRPC streams
 //!                                     └─ watch<Workers>    ◄── subscriptions, readiness, acks
 //! ```
-//!
-//! [`Election`] is the cheap, cloneable handle the gRPC server uses.
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -20,7 +17,6 @@ use std::{
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
-    time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -31,8 +27,10 @@ use crate::{
 
 pub mod machine;
 mod runtime;
+mod workers;
 
 pub use machine::{Reason, Role, View};
+pub use workers::{Subscription, Workers};
 
 /// When a replica campaigns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,79 +95,6 @@ pub enum ElectionError {
     },
 }
 
-/// Workers subscribed to one election, by name.
-#[derive(Debug, Clone, Default)]
-pub struct Workers {
-    entries: HashMap<String, Worker>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Worker {
-    /// Open WatchLeadership streams of this worker. Zero for a worker whose stream broke while
-    /// it may still be working: it is kept until its last validity ran out.
-    streams: usize,
-    /// Declared warm.
-    ready: bool,
-    /// The last term in which this worker was told that its replica leads.
-    told_term: u64,
-    /// The validity sent with the last LEADER event: the worker stops by then at the latest.
-    told_until: Option<Instant>,
-    /// The last term whose work this worker confirmed stopped.
-    stopped_term: u64,
-}
-
-impl Worker {
-    /// Whether this worker may still be working in `term` at `now`.
-    fn may_work(&self, term: u64, now: Instant) -> bool {
-        self.told_term == term
-            && self.stopped_term < term
-            && (self.streams > 0 || self.told_until.is_some_and(|t| t > now))
-    }
-}
-
-impl Workers {
-    /// Whether any subscribed worker has declared itself ready.
-    pub fn any_ready(&self) -> bool {
-        self.entries.values().any(|w| w.streams > 0 && w.ready)
-    }
-
-    /// Whether every worker told it leads in `term` has confirmed it stopped, or (its stream
-    /// gone) must have stopped because the validity it was sent ran out.
-    pub fn drained(&self, term: u64, now: Instant) -> bool {
-        !self.entries.values().any(|w| w.may_work(term, now))
-    }
-
-    /// When the next worker without a stream stops counting for `term`.
-    pub fn next_expiry(&self, term: u64, now: Instant) -> Option<Instant> {
-        self.entries
-            .values()
-            .filter(|w| w.streams == 0 && w.may_work(term, now))
-            .filter_map(|w| w.told_until)
-            .min()
-    }
-
-    /// Forget workers without a stream that can no longer be working.
-    fn prune(&mut self, now: Instant) {
-        self.entries
-            .retain(|_, w| w.streams > 0 || w.may_work(w.told_term, now));
-    }
-
-    /// The number of workers with an open stream.
-    pub fn subscribed(&self) -> usize {
-        self.entries.values().filter(|w| w.streams > 0).count()
-    }
-
-    /// The number of subscribed workers.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no worker is subscribed.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
 enum Request {
     Resign {
         successor: Option<String>,
@@ -221,13 +146,15 @@ impl Election {
         let workers = Arc::new(watch::Sender::new(Workers::default()));
         let (requests_tx, requests_rx) = mpsc::channel(16);
         let runtime = runtime::Runtime {
-            store,
+            calls: runtime::StoreCalls::new(store, config.timing),
             config,
             machine,
             state: state_tx,
+            worker_changes: workers.subscribe(),
             workers: workers.clone(),
             requests: requests_rx,
             cancel,
+            shutdown_seen: false,
             metrics: metrics.clone(),
         };
         let task = tokio::spawn(runtime.run());
@@ -264,25 +191,13 @@ impl Election {
     /// Subscribe to the state. With a `worker` name the subscription counts for readiness and
     /// drain until it is dropped.
     pub fn subscribe(&self, worker: Option<&str>, ready: bool) -> Subscription {
-        let worker = worker.map(|name| {
-            self.workers.send_modify(|w| {
-                w.prune(Instant::now());
-                let entry = w.entries.entry(name.to_owned()).or_default();
-                entry.streams += 1;
-                entry.ready |= ready;
-                // Under the same lock, so the gauge is right before anyone sees the change.
-                self.metrics.subscribers(w.subscribed());
-            });
-            WorkerGuard {
-                name: name.to_owned(),
-                workers: self.workers.clone(),
-                metrics: self.metrics.clone(),
-            }
-        });
-        Subscription {
-            state: self.state.clone(),
+        Subscription::new(
+            self.state.clone(),
+            &self.workers,
+            &self.metrics,
             worker,
-        }
+            ready,
+        )
     }
 
     /// Record whether `worker` is warm.
@@ -290,7 +205,7 @@ impl Election {
     /// # Errors
     /// [`ElectionError::UnknownWorker`] if it has no open subscription.
     pub fn set_ready(&self, worker: &str, ready: bool) -> Result<(), ElectionError> {
-        self.update_worker(worker, |w| w.ready = ready)
+        self.known(worker, workers::set_ready(&self.workers, worker, ready))
     }
 
     /// Record that `worker` stopped all work of `term`.
@@ -298,24 +213,13 @@ impl Election {
     /// # Errors
     /// [`ElectionError::UnknownWorker`] if it has no open subscription.
     pub fn acknowledge_stop(&self, worker: &str, term: u64) -> Result<(), ElectionError> {
-        self.update_worker(worker, |w| w.stopped_term = w.stopped_term.max(term))
+        self.known(
+            worker,
+            workers::acknowledge_stop(&self.workers, worker, term),
+        )
     }
 
-    fn update_worker(
-        &self,
-        worker: &str,
-        f: impl FnOnce(&mut Worker),
-    ) -> Result<(), ElectionError> {
-        let mut found = false;
-        self.workers
-            .send_if_modified(|w| match w.entries.get_mut(worker) {
-                Some(entry) => {
-                    f(entry);
-                    found = true;
-                    true
-                }
-                None => false,
-            });
+    fn known(&self, worker: &str, found: bool) -> Result<(), ElectionError> {
         if found {
             Ok(())
         } else {
@@ -342,71 +246,6 @@ impl Election {
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
-    }
-}
-
-/// One subscriber's view of an election; for a worker it also carries its registration.
-pub struct Subscription {
-    state: watch::Receiver<Leadership>,
-    worker: Option<WorkerGuard>,
-}
-
-struct WorkerGuard {
-    name: String,
-    workers: Arc<watch::Sender<Workers>>,
-    metrics: ElectionMetrics,
-}
-
-impl Drop for WorkerGuard {
-    fn drop(&mut self) {
-        self.workers.send_modify(|w| {
-            if let Some(entry) = w.entries.get_mut(&self.name) {
-                entry.streams -= 1;
-                if entry.streams == 0 {
-                    // Not ready any more; kept while it may still be working (see `prune`).
-                    entry.ready = false;
-                }
-            }
-            w.prune(Instant::now());
-            self.metrics.subscribers(w.subscribed());
-        });
-    }
-}
-
-impl Subscription {
-    /// The state to send to the subscriber now; it counts as seen for [`Subscription::changed`].
-    /// For a worker, being told LEADER is recorded atomically with reading the state: the
-    /// elector checks the same record, under the same lock, before it releases, so a worker can
-    /// never be told it leads after the release decision.
-    pub fn deliver(&mut self) -> Leadership {
-        let Some(guard) = &self.worker else {
-            return self.state.borrow_and_update().clone();
-        };
-        let state = &mut self.state;
-        let mut current = None;
-        guard.workers.send_if_modified(|w| {
-            let state = state.borrow_and_update().clone();
-            let mut changed = false;
-            if state.view.role == Role::Leader
-                && let Some(entry) = w.entries.get_mut(&guard.name)
-            {
-                // Extending the validity needs no wake-up; a new term does.
-                entry.told_until = state.view.valid_until;
-                if entry.told_term != state.view.term {
-                    entry.told_term = state.view.term;
-                    changed = true;
-                }
-            }
-            current = Some(state);
-            changed
-        });
-        current.unwrap_or_else(|| self.state.borrow_and_update().clone())
-    }
-
-    /// Wait until the state changes after the one last delivered. `false` once the election
-    /// has stopped and its last state has been delivered.
-    pub async fn changed(&mut self) -> bool {
-        self.state.changed().await.is_ok()
     }
 }
 

@@ -22,6 +22,15 @@ fn spawn(
     identity: &str,
     cancel: &CancellationToken,
 ) -> (Election, JoinHandle<()>) {
+    spawn_campaigning(store, identity, CampaignMode::Always, cancel)
+}
+
+fn spawn_campaigning(
+    store: &MemoryStore,
+    identity: &str,
+    campaign: CampaignMode,
+    cancel: &CancellationToken,
+) -> (Election, JoinHandle<()>) {
     Election::spawn(
         Arc::new(store.clone()),
         ElectionConfig {
@@ -29,10 +38,22 @@ fn spawn(
             identity: identity.into(),
             timing: timing(),
             drain_timeout: Duration::from_secs(5),
-            campaign: CampaignMode::Always,
+            campaign,
         },
         cancel.child_token(),
     )
+}
+
+/// Replica "a" leading and "b" following it; with a's first leading state.
+async fn leader_and_follower(
+    store: &MemoryStore,
+    cancel: &CancellationToken,
+) -> (Election, Election, Leadership) {
+    let (a, _) = spawn(store, "a", cancel);
+    let first = until(&a, leads).await;
+    let (b, _) = spawn(store, "b", cancel);
+    until(&b, follows).await;
+    (a, b, first)
 }
 
 /// Wait until `pred` holds for the election's state; returns it.
@@ -49,6 +70,10 @@ fn leads(state: &Leadership) -> bool {
     state.view.role == Role::Leader
 }
 
+fn follows(state: &Leadership) -> bool {
+    state.view.role == Role::Follower
+}
+
 #[tokio::test(start_paused = true)]
 async fn one_leader_and_a_follower_that_names_it() {
     let store = MemoryStore::new();
@@ -56,7 +81,7 @@ async fn one_leader_and_a_follower_that_names_it() {
     let (a, _) = spawn(&store, "a", &cancel);
     until(&a, leads).await;
     let (b, _) = spawn(&store, "b", &cancel);
-    let seen = until(&b, |s| s.view.role == Role::Follower).await;
+    let seen = until(&b, follows).await;
     assert_eq!(seen.view.leader.as_deref(), Some("a"));
     assert_eq!(seen.view.term, a.current().view.term);
     // Renewals keep it so for many lease durations.
@@ -69,21 +94,15 @@ async fn one_leader_and_a_follower_that_names_it() {
 async fn a_follower_cut_off_briefly_follows_the_same_leader_again() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
-    let (a, _) = spawn(&store, "a", &cancel);
-    let first = until(&a, leads).await;
-    let (b, _) = spawn(&store, "b", &cancel);
-    until(&b, |s| s.view.role == Role::Follower).await;
+    let (a, b, first) = leader_and_follower(&store, &cancel).await;
     // A store blip seen only by the follower: nothing changes in the store meanwhile.
     store.partition("b");
     until(&b, |s| s.view.role == Role::Unknown).await;
     store.heal("b");
     // Nothing changes in the store, so nothing else would wake b: it must report at once.
-    let seen = tokio::time::timeout(
-        timing().lease_duration,
-        until(&b, |s| s.view.role == Role::Follower),
-    )
-    .await
-    .expect("b follows a again after the heal, not UNKNOWN until the next change");
+    let seen = tokio::time::timeout(timing().lease_duration, until(&b, follows))
+        .await
+        .expect("b follows a again after the heal, not UNKNOWN until the next change");
     assert_eq!(seen.view.leader.as_deref(), Some("a"));
     assert_eq!(seen.view.term, first.view.term);
     assert!(leads(&a.current()));
@@ -93,10 +112,7 @@ async fn a_follower_cut_off_briefly_follows_the_same_leader_again() {
 async fn a_partitioned_leader_steps_down_before_its_lease_can_expire() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
-    let (a, _) = spawn(&store, "a", &cancel);
-    let first = until(&a, leads).await;
-    let (b, _) = spawn(&store, "b", &cancel);
-    until(&b, |s| s.view.role == Role::Follower).await;
+    let (a, b, first) = leader_and_follower(&store, &cancel).await;
 
     let cut = Instant::now();
     store.partition("a");
@@ -138,10 +154,7 @@ async fn a_partitioned_leader_steps_down_before_its_lease_can_expire() {
 async fn a_partitioned_follower_reports_unknown_then_recovers() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
-    let (a, _) = spawn(&store, "a", &cancel);
-    until(&a, leads).await;
-    let (b, _) = spawn(&store, "b", &cancel);
-    until(&b, |s| s.view.role == Role::Follower).await;
+    let (a, b, _) = leader_and_follower(&store, &cancel).await;
     store.partition("b");
     // A follower waiting on the store notices at its next call; nudge it with a change.
     a.resign(None).await.unwrap();
@@ -169,7 +182,7 @@ async fn shutdown_waits_for_the_worker_then_releases() {
     // The worker is told it leads.
     assert!(leads(&sub.deliver()));
     let (b, _) = spawn(&store, "b", &CancellationToken::new());
-    until(&b, |s| s.view.role == Role::Follower).await;
+    until(&b, follows).await;
 
     cancel.cancel();
     let stepping = until(&a, |s| s.view.reason == Reason::SteppingDown).await;
@@ -251,8 +264,8 @@ async fn resign_for_a_successor_skips_other_standbys() {
     until(&a, leads).await;
     let (b, _) = spawn(&store, "b", &cancel);
     let (c, _) = spawn(&store, "c", &cancel);
-    until(&b, |s| s.view.role == Role::Follower).await;
-    until(&c, |s| s.view.role == Role::Follower).await;
+    until(&b, follows).await;
+    until(&c, follows).await;
     let term = a.resign(Some("c".into())).await.unwrap();
     let c_leads = until(&c, leads).await;
     assert!(c_leads.view.term > term);
@@ -264,17 +277,7 @@ async fn resign_for_a_successor_skips_other_standbys() {
 async fn when_ready_campaigns_only_with_a_ready_worker() {
     let store = MemoryStore::new();
     let cancel = CancellationToken::new();
-    let (a, _) = Election::spawn(
-        Arc::new(store.clone()),
-        ElectionConfig {
-            name: "e".into(),
-            identity: "a".into(),
-            timing: timing(),
-            drain_timeout: Duration::from_secs(5),
-            campaign: CampaignMode::WhenReady,
-        },
-        cancel.child_token(),
-    );
+    let (a, _) = spawn_campaigning(&store, "a", CampaignMode::WhenReady, &cancel);
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert!(!leads(&a.current()));
     assert!(!a.current().view.campaigning);
