@@ -1,21 +1,8 @@
 //! The store contract: what every backend answers so that the elector never names a backend.
-//!
-//! A [`Store`] opens one [`Candidate`] per election. The candidate is this replica's seat in the
-//! election; through it the elector asks the four questions of the design:
-//!
-//! | question | call | answer |
-//! |---|---|---|
-//! | acquire  | [`Candidate::acquire`] | we hold it ([`Acquired::Held`]), or who does ([`Acquired::Observed`]) |
-//! | keep     | [`Candidate::keep`]    | until when we certainly still hold it (a monotonic deadline) |
-//! | release  | [`Candidate::release`] | gone; the next candidate may take over at once |
-//! | observe  | [`Candidate::observe`] | the holder now, or the next change of holder |
-//!
-//! Every new holding carries a term strictly greater than all earlier ones (the fencing token).
-//! Backends wait on the store's own notification (inotify on the lock, an etcd watch, a
-//! Kubernetes watch) rather than polling, so that a release is seen within milliseconds.
-//!
-//! Every backend passes the same behavioural checks in `conformance`, built (with the in-memory
-//! store) for the crate's own tests and with the `test-util` feature.
+//! A [`Store`] opens one [`Candidate`] per election, through which the elector asks the four
+//! questions of the design (acquire, keep, release, observe). Every backend passes the same
+//! behavioural checks in `conformance`, built (with the in-memory store) for the crate's own
+//! tests and with the `test-util` feature.
 
 use std::time::Duration;
 
@@ -93,6 +80,17 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// This replica's seat in one election. The elector calls one method at a time.
+///
+/// | question | call | answer |
+/// |---|---|---|
+/// | acquire  | [`Candidate::acquire`] | we hold it ([`Acquired::Held`]), or who does ([`Acquired::Observed`]) |
+/// | keep     | [`Candidate::keep`]    | until when we certainly still hold it (a monotonic deadline) |
+/// | release  | [`Candidate::release`] | gone; the next candidate may take over at once |
+/// | observe  | [`Candidate::observe`] | the holder now, or the next change of holder |
+///
+/// Every new holding carries a term strictly greater than all earlier ones (the fencing token).
+/// Backends wait on the store's own notification (inotify on the lock, an etcd watch, a
+/// Kubernetes watch) rather than polling, so that a release is seen within milliseconds.
 ///
 /// Every future returned here is cancel-safe: dropping it leaves the candidate either holding
 /// (visible to the next call) or not, never holding in secret.

@@ -11,13 +11,16 @@ use k8s_openapi::{
 use kube::{api::PostParams, core::Status};
 use tokio::time::Instant;
 
-use super::client::CAS_ATTEMPTS;
 use super::error::KubernetesError;
 use super::record::{
     Answer, Attempt, Held, LeaseCandidate, SUCCESSOR_ANNOTATION, SUCCESSOR_TERM_ANNOTATION,
     Verdict, now_micro,
 };
 use crate::store::{Acquired, Candidate, Holding, Observation, StoreError};
+
+/// How many times a renewal or release re-reads after a conflict that left us the holder (a
+/// third party edited labels or annotations) before giving up for this call.
+const CAS_ATTEMPTS: usize = 3;
 
 impl LeaseCandidate {
     /// Judge the record at `now`.

@@ -13,18 +13,7 @@ use crate::store::{Candidate, Store, StoreError};
 use crate::timing::Timing;
 
 /// Where a pod finds its own namespace.
-pub(super) const POD_NAMESPACE_FILE: &str =
-    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
-/// The resource, as RBAC and error messages name it.
-pub(super) const RESOURCE: &str = "leases.coordination.k8s.io";
-/// Server-side timeout of one watch request; the watch is resumed after it.
-pub(super) const WATCH_SECONDS: u32 = 290;
-/// A watch that ends sooner than this after it started is restarted only after a pause, so a
-/// server that closes watches at once is not hammered.
-pub(super) const WATCH_MIN_LIFE: Duration = Duration::from_secs(1);
-/// How many times a renewal or release re-reads after a conflict that left us the holder (a
-/// third party edited labels or annotations) before giving up for this call.
-pub(super) const CAS_ATTEMPTS: usize = 3;
+const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// Elections as Leases in one namespace: one `coordination.k8s.io/v1` Lease per election, written exactly as
 /// client-go's `LeaseLock` writes it, so that `kubectl get lease` shows the holder and a client-go

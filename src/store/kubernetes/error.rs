@@ -3,8 +3,10 @@
 
 use kube::core::Status;
 
-use super::client::RESOURCE;
 use crate::store::ErrorKind;
+
+/// The resource, as RBAC and error messages name it.
+const RESOURCE: &str = "leases.coordination.k8s.io";
 
 /// Errors of the Kubernetes store, each naming the call and the Lease it concerns.
 #[derive(Debug, thiserror::Error)]

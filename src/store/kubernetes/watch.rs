@@ -1,15 +1,20 @@
 //! A follower's wait for a change of the Lease: a watch resumed from the last `resourceVersion`,
 //! listing again after an error or `410 Gone`.
 
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
 
 use futures::StreamExt;
 use kube::api::{WatchEvent, WatchParams};
 use tokio::time::{Instant, sleep, sleep_until};
 
-use super::client::{WATCH_MIN_LIFE, WATCH_SECONDS};
 use super::record::LeaseCandidate;
 use crate::store::StoreError;
+
+/// Server-side timeout of one watch request; the watch is resumed after it.
+const WATCH_SECONDS: u32 = 290;
+/// A watch that ends sooner than this after it started is restarted only after a pause, so a
+/// server that closes watches at once is not hammered.
+const WATCH_MIN_LIFE: Duration = Duration::from_secs(1);
 
 impl LeaseCandidate {
     /// Wait for a change of the Lease (a watch event) or `until`. Returns early, marking the
