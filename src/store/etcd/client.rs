@@ -53,8 +53,8 @@ pub(super) const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 ///   key lives until its lease expires.
 /// - **observe** takes the own key out of the queue, then follows the leader key.
 /// - A waiter **revokes its predecessor's lease the moment etcd's clock says it expired**
-///   (`revoke::revoke_when_expired`) instead of waiting up to 500 ms for etcd's lessor, which revokes
-///   expired leases lazily: a crashed leader is replaced within milliseconds of its TTL.
+///   (`revoke::revoke_when_expired`) instead of waiting up to 500 ms for etcd's lessor, which
+///   revokes expired leases lazily: a crashed leader is replaced within milliseconds of its TTL.
 ///
 /// ## Releasing to a named successor
 ///
