@@ -15,9 +15,9 @@ use crate::timing::Timing;
 /// Where a pod finds its own namespace.
 const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
-/// Elections as Leases in one namespace: one `coordination.k8s.io/v1` Lease per election, written exactly as
-/// client-go's `LeaseLock` writes it, so that `kubectl get lease` shows the holder and a client-go
-/// candidate can contend for the same Lease.
+/// Elections as Leases in one namespace: one `coordination.k8s.io/v1` Lease per election,
+/// written exactly as client-go's `LeaseLock` writes it, so that `kubectl get lease` shows the
+/// holder and a client-go candidate can contend for the same Lease.
 ///
 /// ```text
 /// Lease <lease-name | election> in <namespace>
