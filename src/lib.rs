@@ -46,3 +46,5 @@ pub mod metrics;
 pub mod server;
 #[cfg(feature = "daemon")]
 pub mod store;
+#[cfg(feature = "daemon")]
+pub mod timing;

@@ -321,7 +321,8 @@ mod tests {
     use crate::{
         election::{CampaignMode, ElectionConfig},
         proto::leadership_server::Leadership as _,
-        store::{Timing, memory::MemoryStore},
+        store::memory::MemoryStore,
+        timing::Timing,
     };
 
     /// The service over election "e", in which this replica ("a") leads.

@@ -12,8 +12,11 @@ use std::{sync::Arc, time::Duration};
 
 use baton::{
     client::{Role, WatchEvent},
-    config::EtcdConfig,
-    store::{Timing, conformance::Suite, etcd::EtcdStore},
+    store::{
+        Timing,
+        conformance::Suite,
+        etcd::{EtcdConfig, EtcdStore},
+    },
 };
 use common::{Daemon, Proc, assert_stopped_before, field, stamps, timer_worker};
 use etcd_server::{Etcd, ServerTls};

@@ -23,7 +23,10 @@ use std::{fmt, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::store::{ErrorKind, Holding, Observation, Timing};
+use crate::{
+    store::{ErrorKind, Holding, Observation},
+    timing::Timing,
+};
 
 /// This replica's role in one election.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,10 +20,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    metrics::ElectionMetrics,
-    store::{Store, Timing},
-};
+use crate::{metrics::ElectionMetrics, store::Store, timing::Timing};
 
 pub mod machine;
 mod runtime;

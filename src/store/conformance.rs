@@ -9,7 +9,8 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::{Instant, timeout};
 
-use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, Timing};
+use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store};
+use crate::timing::Timing;
 
 /// The suite over one store.
 pub struct Suite {

@@ -17,7 +17,8 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 
-use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, StoreError, Timing};
+use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, StoreError};
+use crate::timing::Timing;
 
 /// Errors of the in-memory store.
 #[derive(Debug, thiserror::Error)]

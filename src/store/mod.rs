@@ -1,56 +1,25 @@
 //! The store contract: what every backend answers so that the elector never names a backend.
-//!
-//! A [`Store`] opens one [`Candidate`] per election. The candidate is this replica's seat in the
-//! election; through it the elector asks the four questions of the design:
-//!
-//! | question | call | answer |
-//! |---|---|---|
-//! | acquire  | [`Candidate::acquire`] | we hold it ([`Acquired::Held`]), or who does ([`Acquired::Observed`]) |
-//! | keep     | [`Candidate::keep`]    | until when we certainly still hold it (a monotonic deadline) |
-//! | release  | [`Candidate::release`] | gone; the next candidate may take over at once |
-//! | observe  | [`Candidate::observe`] | the holder now, or the next change of holder |
-//!
-//! Every new holding carries a term strictly greater than all earlier ones (the fencing token).
-//! Backends wait on the store's own notification (inotify on the lock, an etcd watch, a
-//! Kubernetes watch) rather than polling, so that a release is seen within milliseconds.
-//!
-//! Every backend passes the same behavioural checks in [`conformance`].
+//! A [`Store`] opens one [`Candidate`] per election, through which the elector asks the four
+//! questions of the design (acquire, keep, release, observe). Every backend passes the same
+//! behavioural checks in `conformance`, built (with the in-memory store) for the crate's own
+//! tests and with the `test-util` feature.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
-#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
-#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
+#[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 
-/// Timing shared by the elector and the stores. Validated by the config: `lease_duration >
-/// renew_deadline > retry_period > 0`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timing {
-    /// How long a holding lasts in the store without renewal (etcd session TTL, Lease duration).
-    pub lease_duration: Duration,
-    /// A leader that has not renewed for this long steps down, before the lease can expire.
-    pub renew_deadline: Duration,
-    /// Pause between renewals, and the base of the retry back-off.
-    pub retry_period: Duration,
-}
-
-impl Default for Timing {
-    /// client-go's defaults: 15 s lease, 10 s renew deadline, 2 s retry period.
-    fn default() -> Self {
-        Timing {
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        }
-    }
-}
+/// The timing every [`Store::join`] takes; defined in its own leaf module, named here as part
+/// of the store contract.
+pub use crate::timing::Timing;
 
 /// Who holds an election, as last seen in the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -112,6 +81,17 @@ pub trait Store: Send + Sync + 'static {
 
 /// This replica's seat in one election. The elector calls one method at a time.
 ///
+/// | question | call | answer |
+/// |---|---|---|
+/// | acquire  | [`Candidate::acquire`] | we hold it ([`Acquired::Held`]), or who does ([`Acquired::Observed`]) |
+/// | keep     | [`Candidate::keep`]    | until when we certainly still hold it (a monotonic deadline) |
+/// | release  | [`Candidate::release`] | gone; the next candidate may take over at once |
+/// | observe  | [`Candidate::observe`] | the holder now, or the next change of holder |
+///
+/// Every new holding carries a term strictly greater than all earlier ones (the fencing token).
+/// Backends wait on the store's own notification (inotify on the lock, an etcd watch, a
+/// Kubernetes watch) rather than polling, so that a release is seen within milliseconds.
+///
 /// Every future returned here is cancel-safe: dropping it leaves the candidate either holding
 /// (visible to the next call) or not, never holding in secret.
 #[async_trait]
@@ -169,6 +149,7 @@ pub enum StoreError {
     #[error(transparent)]
     File(#[from] file::FileError),
     /// The in-memory store failed (partitioned in a test).
+    #[cfg(any(test, feature = "test-util"))]
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
     /// The etcd store failed.
@@ -201,6 +182,7 @@ impl StoreError {
             StoreError::Lost { .. } => ErrorKind::Lost,
             StoreError::Timeout { .. } => ErrorKind::Unavailable,
             StoreError::File(e) => e.kind(),
+            #[cfg(any(test, feature = "test-util"))]
             StoreError::Memory(e) => e.kind(),
             #[cfg(feature = "etcd")]
             StoreError::Etcd(e) => e.kind(),

@@ -1,0 +1,220 @@
+//! The etcd store's errors, each naming the operation that failed and where, and the one-line
+//! explanation (cause chain plus a hint for common misconfigurations) that the log shows.
+
+use crate::store::ErrorKind;
+
+/// Errors of the etcd store, each naming the operation that failed and where.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// A file named by a flag could not be read when the store was opened.
+    #[error("{flag} {}: cannot read: {source}", path.display())]
+    ReadFile {
+        /// The flag that names the file.
+        flag: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting (and, with a user, authenticating) failed.
+    #[error(
+        "cannot connect to etcd at {endpoints}: {}",
+        explain_at(endpoints, source)
+    )]
+    Connect {
+        /// The endpoints tried.
+        endpoints: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The session lease could not be granted.
+    #[error(
+        "cannot create an etcd session (lease grant) at {endpoints}: {}",
+        explain_at(endpoints, source)
+    )]
+    GrantLease {
+        /// The endpoints tried.
+        endpoints: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A keep-alive of the session lease failed.
+    #[error("cannot keep etcd lease {lease:x} alive: {}", explain(source))]
+    KeepAlive {
+        /// The lease.
+        lease: i64,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The candidate key could not be created.
+    #[error("cannot create candidate key {key}: {}", explain(source))]
+    Campaign {
+        /// The candidate key.
+        key: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The election's keys could not be read.
+    #[error("cannot read election keys {range}: {}", explain(source))]
+    ReadElection {
+        /// The key range of the election.
+        range: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A watch on the election's keys failed or broke.
+    #[error("watch on {key} failed: {}", explain(source))]
+    Watch {
+        /// The watched key.
+        key: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The candidate key could not be deleted (resign, release, stepping aside).
+    #[error("cannot delete candidate key {key}: {}", explain(source))]
+    Resign {
+        /// The candidate key.
+        key: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// The successor reservation could not be written or cleared.
+    #[error("cannot write successor reservation {key}: {}", explain(source))]
+    Reserve {
+        /// The reservation key.
+        key: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+impl EtcdError {
+    /// Unreadable files need a person; everything else (unreachable, slow, refused, TLS, bad
+    /// password) is retried with back-off and reported as the reason.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EtcdError::ReadFile { .. } => ErrorKind::Invalid,
+            _ => ErrorKind::Unavailable,
+        }
+    }
+}
+
+/// One line for people: the whole chain of causes, and a hint for the common misconfigurations.
+pub(super) fn explain(error: &etcd_client::Error) -> String {
+    let mut text = match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            format!("{:?}: {}", status.code(), status.message())
+        }
+        other => other.to_string(),
+    };
+    // etcd_client::Error keeps its cause inside the variant and does not expose it as a source.
+    let root: Option<&dyn std::error::Error> = match error {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::TransportError(e) => Some(e),
+        etcd_client::Error::IoError(e) => Some(e),
+        _ => None,
+    };
+    let mut source = root.and_then(std::error::Error::source);
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    let hint = [
+        (
+            &["UnknownIssuer", "BadSignature"][..],
+            "the server's certificate is not signed by --etcd-ca-file",
+        ),
+        (
+            &["NotValidForName"],
+            "the server's certificate does not name this endpoint's host",
+        ),
+        (
+            &["CertificateRequired", "certificate required"],
+            "etcd requires a client certificate: give --etcd-cert-file and --etcd-key-file",
+        ),
+        (
+            &[
+                "BadCertificate",
+                "bad certificate",
+                "UnknownCA",
+                "unknown ca",
+            ],
+            "etcd rejected the client certificate (--etcd-cert-file, --etcd-key-file)",
+        ),
+        (
+            &["authentication failed", "invalid user ID or password"],
+            "wrong --etcd-username or password in --etcd-password-file",
+        ),
+        (
+            &["user name is empty", "user name not found"],
+            "etcd has authentication enabled: give --etcd-username and --etcd-password-file",
+        ),
+        (
+            &["permission denied"],
+            "the etcd user may not use this key prefix",
+        ),
+        (
+            &[
+                "InvalidContentType",
+                "CorruptMessage",
+                "wrong version number",
+            ],
+            "TLS and plain text mixed: check http:// versus https:// in --etcd-endpoints",
+        ),
+        (
+            &["Connection refused", "connection refused"],
+            "is etcd running there?",
+        ),
+    ]
+    .into_iter()
+    .find(|(needles, _)| needles.iter().any(|n| text.contains(n)));
+    if let Some((_, hint)) = hint {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
+    text
+}
+
+/// [`explain`] for a call that may be the first on a connection to `endpoints`: over TLS, a
+/// server that refuses the client certificate after a TLS 1.3 handshake often shows only as a
+/// closed connection, so say so.
+pub(super) fn explain_at(endpoints: &str, error: &etcd_client::Error) -> String {
+    let mut text = explain(error);
+    if endpoints.contains("https://") && !text.ends_with(')') && text.contains("connection closed")
+    {
+        text.push_str(
+            " (etcd closed the TLS connection: it may have refused the client certificate; \
+             check --etcd-cert-file and --etcd-key-file)",
+        );
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_names_the_cause_and_a_hint() {
+        let error = etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument(
+            "etcdserver: authentication failed, invalid user ID or password",
+        ));
+        let text = explain(&error);
+        assert!(text.contains("authentication failed"), "{text}");
+        assert!(text.contains("--etcd-password-file"), "{text}");
+    }
+}

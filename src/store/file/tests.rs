@@ -1,0 +1,269 @@
+//! Unit tests of the file store: the conformance suite, and the faults a lock directory can
+//! hold (foreign, corrupt or replaced files, a maxed-out term, unsafe permissions).
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::{
+    record::{StateRecord, boot_time},
+    *,
+};
+use crate::store::conformance::Suite;
+use crate::store::{Acquired, ErrorKind, Observation};
+
+fn timing() -> Timing {
+    Timing {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(500),
+    }
+}
+
+#[tokio::test]
+async fn passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    Suite::new(Arc::new(store), timing(), "file-")
+        .test_all()
+        .await;
+}
+
+#[tokio::test]
+async fn terms_survive_a_new_store_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        let store = FileStore::new(dir.path()).unwrap();
+        let mut a = store.join("e", "a", timing()).await.unwrap();
+        let Acquired::Held(held) = a.acquire(&Observation::default()).await.unwrap() else {
+            panic!("a free election is acquired");
+        };
+        assert!(held.term > last);
+        last = held.term;
+        drop(a);
+    }
+}
+
+#[tokio::test]
+async fn a_foreign_lock_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e.lock"), "pid 1234\n").unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let error = store.join("e", "a", timing()).await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Invalid);
+    let text = error.to_string();
+    assert!(
+        text.contains("e.lock") && text.contains("not written by Baton"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e.state"), [0xff, 0x00, 0x13]).unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let error = store.join("e", "a", timing()).await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Invalid);
+    assert!(error.to_string().contains("e.state"), "{error}");
+}
+
+#[tokio::test]
+async fn a_crashed_holder_is_replaced_after_the_crash_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_secs(2);
+    let store = FileStore::new(dir.path()).unwrap().with_crash_grace(grace);
+    let mut a = store.join("e", "a", timing()).await.unwrap();
+    let mut b = store.join("e", "b", timing()).await.unwrap();
+    assert!(matches!(
+        a.acquire(&Observation::default()).await.unwrap(),
+        Acquired::Held(_)
+    ));
+    let mut seen = Observation::default();
+    loop {
+        match b.acquire(&seen).await.unwrap() {
+            Acquired::Observed(o) if o.holder.as_deref() == Some("a") => {
+                seen = o;
+                break;
+            }
+            Acquired::Observed(o) => seen = o,
+            Acquired::Held(_) => panic!("b must not win while a holds"),
+        }
+    }
+    let died = Instant::now();
+    drop(a);
+    let Acquired::Held(_) = b.acquire(&seen).await.unwrap() else {
+        panic!("b takes over")
+    };
+    assert!(
+        Instant::now() - died >= grace,
+        "reported before the grace passed"
+    );
+
+    // A clean release hands over without the grace.
+    b.release(None).await.unwrap();
+    let mut c = store.join("e", "c", timing()).await.unwrap();
+    let released = Instant::now();
+    let Acquired::Held(_) = c.acquire(&Observation::default()).await.unwrap() else {
+        panic!("c wins")
+    };
+    assert!(
+        Instant::now() - released < grace,
+        "no grace after a release"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_term_record_is_a_clear_error_and_frees_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut damaged = LOCK_HEADER.to_vec();
+    damaged.extend_from_slice(b"term 12x4\n");
+    std::fs::write(dir.path().join("e.lock"), damaged).unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.join("e", "a", timing()).await.unwrap();
+    let error = a.acquire(&Observation::default()).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Invalid);
+    assert!(error.to_string().contains("e.lock"), "{error}");
+    // The failed candidate does not sit on the lock.
+    let probe = File::open(dir.path().join("e.lock")).unwrap();
+    probe
+        .try_lock()
+        .expect("the lock is free after the failure");
+}
+
+#[tokio::test]
+async fn a_replaced_lock_file_ends_the_holding() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.join("e", "a", timing()).await.unwrap();
+    assert!(matches!(
+        a.acquire(&Observation::default()).await.unwrap(),
+        Acquired::Held(_)
+    ));
+    std::fs::remove_file(dir.path().join("e.lock")).unwrap();
+    let error = a.keep().await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Lost, "{error}");
+}
+
+#[tokio::test]
+async fn a_term_at_its_maximum_is_refused_not_wrapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let store = Arc::new(FileStore::new(dir.path()).unwrap());
+    Suite::new(store.clone(), timing(), "lock-")
+        .refuses_a_term_past_the_maximum(|e| {
+            let mut forged = LOCK_HEADER.to_vec();
+            forged.extend_from_slice(format!("term {}\n", u64::MAX).as_bytes());
+            std::fs::write(path.join(format!("{e}.lock")), forged).unwrap();
+        })
+        .await;
+    Suite::new(store, timing(), "state-")
+        .refuses_a_term_past_the_maximum(|e| {
+            let forged = format!(r#"{{"holder":null,"term":{}}}"#, u64::MAX);
+            std::fs::write(path.join(format!("{e}.state")), forged).unwrap();
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_reservation_holds_for_at_most_a_lease_and_only_on_its_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let reserve = |boot: Option<String>, until: u64| {
+        let record = StateRecord {
+            term: 1,
+            released: true,
+            successor: Some("c".to_owned()),
+            successor_until_ms: until,
+            successor_boot: boot,
+            ..StateRecord::default()
+        };
+        std::fs::write(
+            dir.path().join("e.state"),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+    };
+    let store = &store;
+    let win = |within: Duration| async move {
+        let mut b = store.join("e", "b", timing()).await.unwrap();
+        let mut seen = Observation::default();
+        let held = tokio::time::timeout(within, async {
+            loop {
+                match b.acquire(&seen).await.unwrap() {
+                    Acquired::Held(held) => return held,
+                    Acquired::Observed(now) => seen = now,
+                }
+            }
+        })
+        .await;
+        b.release(None).await.unwrap();
+        held
+    };
+    let hour_ms = (boot_time() + Duration::from_secs(3600)).as_millis() as u64;
+    // Made before a reboot: the old boot's clock says nothing about this one.
+    reserve(Some("an-earlier-boot".to_owned()), hour_ms);
+    win(Duration::from_secs(10))
+        .await
+        .expect("a reservation of another boot does not block");
+    // On this boot but far beyond what a release grants: it ends a lease from now.
+    reserve(boot_id(), u64::MAX);
+    win(timing().lease_duration + Duration::from_secs(10))
+        .await
+        .expect("a reservation lasts at most one lease");
+}
+
+#[tokio::test]
+async fn files_are_private_and_symlinks_are_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let locks = dir.path().join("locks");
+    let store = FileStore::new(&locks).unwrap();
+    assert!(
+        !locks.exists(),
+        "nothing is created before an election joins"
+    );
+    let mut a = store.join("e", "a", timing()).await.unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&locks), 0o700);
+    assert!(matches!(
+        a.acquire(&Observation::default()).await.unwrap(),
+        Acquired::Held(_)
+    ));
+    assert_eq!(mode(&locks.join("e.lock")), FILE_MODE);
+    assert_eq!(mode(&locks.join("e.state")), FILE_MODE);
+
+    let elsewhere = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&elsewhere, locks.join("s.lock")).unwrap();
+    let error = store.join("s", "a", timing()).await.err().unwrap();
+    assert!(!elsewhere.exists(), "followed the symlink; {error}");
+}
+
+#[test]
+fn a_lock_dir_others_may_write_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), Permissions::from_mode(0o777)).unwrap();
+    let error = FileStore::new(dir.path()).unwrap_err();
+    assert!(matches!(error, FileError::UnsafeLockDir { .. }), "{error}");
+}
+
+#[tokio::test]
+async fn an_oversized_state_file_is_invalid_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut padded = br#"{"holder":null,"term":1}"#.to_vec();
+    padded.resize(STATE_MAX_BYTES as usize + 1, b' ');
+    std::fs::write(dir.path().join("e.state"), padded).unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let error = store.join("e", "a", timing()).await.err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Invalid);
+    assert!(error.to_string().contains("e.state"), "{error}");
+}
+
+#[test]
+fn an_unwritable_lock_dir_is_refused_up_front() {
+    let error = FileStore::new("/proc/baton-cannot-be-here").unwrap_err();
+    assert!(
+        error.to_string().contains("/proc/baton-cannot-be-here"),
+        "{error}"
+    );
+}
