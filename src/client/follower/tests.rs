@@ -157,14 +157,14 @@ fn idle_shutdown_declares_not_ready_then_exits() {
 fn readiness_is_declared_with_the_first_state_of_each_stream() {
     let now = Instant::now();
     let mut f = Follower::new(true);
-    let current = Action::DeclareReady {
+    let current = || Action::DeclareReady {
         ready: None,
         by: None,
     };
-    assert_eq!(f.handle(follower(1, None), now), [current.clone()]);
+    assert_eq!(f.handle(follower(1, None), now), [current()]);
     assert_eq!(f.handle(follower(1, None), now), [], "once per stream");
     f.handle(Event::StreamLost(Loss::Broken), now);
-    assert_eq!(f.handle(follower(1, None), now), [current]);
+    assert_eq!(f.handle(follower(1, None), now), [current()]);
     // A worker with no readiness source declares nothing.
     let mut f = Follower::new(false);
     assert_eq!(f.handle(follower(1, None), now), []);
