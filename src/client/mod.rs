@@ -12,18 +12,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`Client::run_while_leader`] starts the work on acquire and cancels it on loss, on stream
-//! loss, and when `valid_for` of the last LEADER event runs out with no new event (a paused or
-//! dead daemon). It confirms each stop to the daemon, so that a graceful hand-off starts the
-//! standby only after this worker stopped, and reconnects with jittered back-off. The work
-//! learns how it must stop from [`Lease::ending`]: finish what it started when the daemon still
-//! holds the leadership for it, drop what is not yet out when the leadership may be elsewhere.
-//!
-//! [`Client::watch`] is the same stream as typed events, for anything else.
-//!
-//! Here: the connection, its calls, and the watch that reconnects with back-off. The decisions
-//! of a worker are the pure machine in `follower.rs`, driven by `driver.rs`; `lease.rs` is what
-//! the work holds.
+//! [`Client::run_while_leader`] runs the work while the daemon leads; it cancels it on loss, on
+//! stream loss and when `valid_for` runs out (a paused or dead daemon), confirms each stop, and
+//! reconnects with back-off. [`Lease::ending`] tells the work how to stop. [`Client::watch`] is
+//! the same stream as typed events. Here: the connection, its calls and the reconnecting watch;
+//! `follower.rs` decides (a pure machine), `driver.rs` performs, `lease.rs` is what work holds.
 
 mod driver;
 mod follower;
