@@ -178,11 +178,17 @@ where
             } else {
                 self.next_event(inbox, until.as_mut()).await
             };
+            let reached = (event == Event::DeadlineReached).then(|| self.follower.deadline());
             for action in self.follower.handle(event, Instant::now()) {
                 if let Some(exit) = self.perform(action).await {
                     return exit;
                 }
             }
+            // A deadline the follower kept after it passed would fire again at once, forever.
+            debug_assert!(
+                reached.is_none_or(|reached| reached != self.follower.deadline()),
+                "the follower kept a deadline it reached"
+            );
         }
     }
 
