@@ -3,21 +3,16 @@
 //! (for Kubernetes gRPC probes, apart from the API's connection cap).
 
 use futures::{StreamExt, stream};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{
     ServingStatus,
     pb::health_server::HealthServer,
     server::{HealthReporter, HealthService},
 };
 
-use super::servers::{MAX_STREAMS_PER_PROBE, PROBE_TIMEOUT, TCP_KEEPALIVE, limited};
-use crate::{
-    election::{Election, Role},
-    limits::capped,
-};
+use crate::election::{Election, Role};
 
 /// Health service (grpc.health.v1 `service` name) that is SERVING while every election has a
 /// subscribed worker: a worker container's liveness probe.
@@ -65,28 +60,6 @@ impl Health {
         self.stop.cancel();
         let _ = self.task.await;
     }
-}
-
-/// Serve grpc.health.v1 alone on `listener` (`--health-listen`) until `stopped` resolves.
-pub(super) fn serve_probes(
-    listener: TcpListener,
-    service: HealthGrpc,
-    cap: usize,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> JoinHandle<Result<(), tonic::transport::Error>> {
-    tokio::spawn(
-        limited(Server::builder(), MAX_STREAMS_PER_PROBE)
-            .timeout(PROBE_TIMEOUT)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                capped(
-                    TcpIncoming::from(listener).with_keepalive(Some(TCP_KEEPALIVE)),
-                    cap,
-                    "health-listen",
-                ),
-                stopped,
-            ),
-    )
 }
 
 /// Keep grpc.health.v1 in step with the elections, until `stop` (then everything is

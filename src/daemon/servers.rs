@@ -13,10 +13,7 @@ use tonic::transport::{
     server::{Router, TcpIncoming},
 };
 
-use super::{
-    DaemonError,
-    health::{self, HealthGrpc},
-};
+use super::{DaemonError, health::HealthGrpc};
 use crate::{
     config::Config,
     limits::{CappedListener, Caps, capped},
@@ -30,9 +27,9 @@ use crate::{
 /// fan-out test puts 100 on a connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// Streams one connection may open on `--health-listen` (a probe makes one call at a time).
-pub(super) const MAX_STREAMS_PER_PROBE: u32 = 16;
+const MAX_STREAMS_PER_PROBE: u32 = 16;
 /// A health check answers at once; one that does not is cut off.
-pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 pings on idle connections: a peer that does not answer within the timeout is gone,
 /// and its connection (and its place under the cap) is freed.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
@@ -163,9 +160,9 @@ impl Servers {
             .add_service(leadership.into_server());
         let (api_task, socket_file) = serve_api(router, api.socket, caps.api, stopped(&stop));
         let health_addr = side.health.as_ref().and_then(|l| l.local_addr().ok());
-        let health_task = side.health.map(|listener| {
-            health::serve_probes(listener, health.clone(), caps.health, stopped(&stop))
-        });
+        let health_task = side
+            .health
+            .map(|listener| serve_probes(listener, health.clone(), caps.health, stopped(&stop)));
         let stop_metrics = CancellationToken::new();
         let metrics_addr = side.metrics.as_ref().and_then(|l| l.local_addr().ok());
         let metrics_task = match (metrics, side.metrics) {
@@ -186,6 +183,28 @@ impl Servers {
             metrics_addr,
         }
     }
+}
+
+/// Serve grpc.health.v1 alone on `listener` (`--health-listen`) until `stopped` resolves.
+fn serve_probes(
+    listener: TcpListener,
+    service: HealthGrpc,
+    cap: usize,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<Result<(), tonic::transport::Error>> {
+    tokio::spawn(
+        limited(Server::builder(), MAX_STREAMS_PER_PROBE)
+            .timeout(PROBE_TIMEOUT)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                capped(
+                    TcpIncoming::from(listener).with_keepalive(Some(TCP_KEEPALIVE)),
+                    cap,
+                    "health-listen",
+                ),
+                stopped,
+            ),
+    )
 }
 
 fn stopped(stop: &CancellationToken) -> impl Future<Output = ()> + Send + 'static {
