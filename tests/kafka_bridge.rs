@@ -94,12 +94,7 @@ impl Broker {
             if listens_on(proc.child.id(), port) {
                 return Ok(Broker { proc, addr });
             }
-            if let Some(line) = proc
-                .stderr
-                .all()
-                .into_iter()
-                .find(|l| l.contains("AddrInUse"))
-            {
+            if let Some(line) = proc.stderr.find("AddrInUse") {
                 return Err(PortTaken(line));
             }
             std::thread::sleep(Duration::from_millis(10));

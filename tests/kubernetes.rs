@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 use testkit::{
     Daemon, Proc, SOON, field,
-    k8s_api::{ApiServer, Write},
+    k8s_api::{ApiServer, Write, last_write, take_over},
     short_timing, timer_worker,
 };
 
@@ -124,15 +124,6 @@ fn wait_writes(api: &ApiServer, what: &str, pred: impl Fn(&[Write]) -> bool) -> 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The first write of `token` that made `holder` the holder.
-fn takeover(writes: &[Write], token: &str, holder: &str) -> Write {
-    writes
-        .iter()
-        .find(|w| w.token == token && w.holder == holder)
-        .cloned()
-        .unwrap_or_else(|| panic!("no take-over by {holder}: {writes:#?}"))
 }
 
 const LEASE_NS: i128 = 3_000_000_000;
@@ -453,12 +444,8 @@ async fn kill_9_waits_for_the_lease_before_a_take_over() {
     let (term_b, started_b) = mark(&worker_b, "started", 0);
     let (_, stopped_a) = mark(&worker_a, "stopped", 0);
     let writes = cluster.api.writes();
-    let last_a = writes
-        .iter()
-        .rfind(|w| w.token == token_a)
-        .expect("a wrote")
-        .clone();
-    let took = takeover(&writes, &token_b, "b");
+    let last_a = last_write(&writes, &token_a);
+    let took = take_over(&writes, &token_b, "b");
     assert!(
         took.mono - last_a.mono >= LEASE_NS,
         "b took over {} ms after a's last renewal, before the 3 s lease ran out",
@@ -521,7 +508,7 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
         .unwrap();
     let led = a.wait_role(e, Role::Leader).await;
     assert_eq!(led.term, 8, "leaseTransitions + 1");
-    let took = takeover(&cluster.api.writes(), &token, "a");
+    let took = take_over(&cluster.api.writes(), &token, "a");
     assert!(
         took.mono - last_foreign.mono >= 4_000_000_000,
         "a took over {} ms after the foreign renewal, before its 4 s lease ran out",
@@ -650,12 +637,8 @@ async fn a_leader_refused_by_rbac_steps_down_before_its_lease_can_expire() {
     let (_, stopped_a) = mark(&worker_a, "stopped", 0);
     let (_, started_b) = mark(&worker_b, "started", 0);
     let writes = cluster.api.writes();
-    let last_a = writes
-        .iter()
-        .rfind(|w| w.token == token_a)
-        .expect("a wrote")
-        .clone();
-    let took = takeover(&writes, &token_b, "b");
+    let last_a = last_write(&writes, &token_a);
+    let took = take_over(&writes, &token_b, "b");
     const LEASE: i128 = 4_000_000_000;
     assert!(
         stopped_a < last_a.mono + LEASE,

@@ -3,7 +3,10 @@
 //! (the Lease API double). A store's own checks follow the shared ones where only that store
 //! can show them (Kubernetes: the release is a write the successor builds on).
 
-use testkit::scenario::{self, Backend};
+use testkit::{
+    k8s_api::{last_write, take_over},
+    scenario::{self, Backend},
+};
 
 /// One `#[tokio::test]` per store for `scenario`: `NAME::file`, `NAME::etcd`,
 /// `NAME::kubernetes`, each given its backend and an election name.
@@ -48,16 +51,9 @@ async fn sigterm_hand_off_checked(backend: &Backend, election: &str) {
         let token_a = backend.token("a").expect("a's token");
         let token_b = backend.token("b").expect("b's token");
         let writes = api.writes();
-        let release = writes
-            .iter()
-            .rfind(|w| w.token == token_a)
-            .expect("a wrote")
-            .clone();
+        let release = last_write(&writes, &token_a);
         assert_eq!(release.holder, "", "a's last write is its release");
-        let took = writes
-            .iter()
-            .find(|w| w.token == token_b && w.holder == "b")
-            .unwrap_or_else(|| panic!("no take-over by b: {writes:#?}"));
+        let took = take_over(&writes, &token_b, "b");
         assert_eq!(
             took.base,
             Some(release.rv),

@@ -259,12 +259,7 @@ impl Etcd {
             }
             if let Some(proc) = &self.proc {
                 let stderr = proc.stderr.all().join("\n");
-                if let Some(line) = proc
-                    .stderr
-                    .all()
-                    .into_iter()
-                    .find(|l| l.contains("address already in use"))
-                {
+                if let Some(line) = proc.stderr.find("address already in use") {
                     return Err(PortTaken(line));
                 }
                 assert!(
@@ -349,5 +344,26 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_etcd_whose_client_port_is_taken_says_so() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = squatter.local_addr().unwrap().port();
+        let peer = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        require_binaries();
+        match Etcd::try_start_at(taken, peer, None) {
+            Err(PortTaken(why)) => assert!(why.contains("address already in use"), "{why}"),
+            Ok(_) => panic!("etcd started on port {taken}, which another socket holds"),
+        }
     }
 }

@@ -60,6 +60,17 @@ impl Lines {
         self.inner.0.lock().unwrap().clone()
     }
 
+    /// The first line so far that contains `text`, without waiting.
+    pub fn find(&self, text: &str) -> Option<String> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(text))
+            .cloned()
+    }
+
     /// Wait until a line satisfies `pred`; returns it. Panics after `SOON` with the lines.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let (store, wake) = &*self.inner;

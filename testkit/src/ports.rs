@@ -86,3 +86,47 @@ pub fn refusing_port() -> (socket2::Socket, std::net::SocketAddr) {
         .expect("an IP address");
     (socket, addr)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_that_lost_its_port_runs_again_on_fresh_ones() {
+        let mut seen = Vec::new();
+        let started = on_fresh_ports("test server", 2, |ports| {
+            seen.push(ports.to_vec());
+            if seen.len() < 3 {
+                Err(PortTaken("address already in use".into()))
+            } else {
+                Ok(ports.to_vec())
+            }
+        });
+        assert_eq!(seen.len(), 3);
+        assert_eq!(started, seen[2]);
+        assert!(
+            seen.iter().all(|p| p.len() == 2 && p[0] != p[1]),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn listens_on_names_the_process_that_holds_the_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(listens_on(std::process::id(), port));
+        // PID 1 does not hold this test's port.
+        assert!(!listens_on(1, port));
+        drop(listener);
+        assert!(!listens_on(std::process::id(), port));
+    }
+
+    #[test]
+    fn a_refusing_port_refuses_and_stays_held() {
+        let (_held, addr) = refusing_port();
+        let refused = std::net::TcpStream::connect(addr).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        let taken = TcpListener::bind(addr).unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    }
+}

@@ -108,6 +108,24 @@ pub struct Write {
     pub rv: u64,
 }
 
+/// The last of `writes` by `token`.
+pub fn last_write(writes: &[Write], token: &str) -> Write {
+    writes
+        .iter()
+        .rfind(|w| w.token == token)
+        .cloned()
+        .unwrap_or_else(|| panic!("no write by {token}: {writes:#?}"))
+}
+
+/// The first of `writes` by `token` that made `holder` the holder.
+pub fn take_over(writes: &[Write], token: &str, holder: &str) -> Write {
+    writes
+        .iter()
+        .find(|w| w.token == token && w.holder == holder)
+        .cloned()
+        .unwrap_or_else(|| panic!("no take-over by {holder}: {writes:#?}"))
+}
+
 /// Requests of one token.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
