@@ -12,7 +12,8 @@
 //!
 //! - take-over after kill -9 of the leading daemon: kill -> the standby's daemon reports LEADER
 //!   (to a watching client) and -> the standby's worker started;
-//! - hand-off after SIGTERM: signal -> the standby's worker started (after the old one stopped);
+//! - hand-off after SIGTERM: signal -> the standby's worker started (after the old one stopped):
+//!   the scenario `tests/scenarios.rs` runs on every store (`testkit::scenario`);
 //! - exec to serving: spawn -> the first answered gRPC call;
 //! - idle RSS of a daemon with one election and no subscriber.
 

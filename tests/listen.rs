@@ -37,6 +37,16 @@ fn run_fails(args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), text(&output.stderr))
 }
 
+/// `output`'s stdout contains `text`; else fail with what it printed.
+fn assert_prints(output: &Output, wanted: &str) {
+    assert!(
+        text(&output.stdout).contains(wanted),
+        "{}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
 fn socket_in(dir: &Path) -> String {
     format!("unix:{}", dir.join("baton.sock").display())
 }
@@ -89,12 +99,7 @@ async fn a_unix_socket_serves_grpcurl_the_client_and_the_cli() {
         socket,
         "baton.v1.Leadership/GetLeadership",
     ]);
-    assert!(
-        text(&get.stdout).contains(r#""role": "ROLE_LEADER""#),
-        "{}{}",
-        text(&get.stdout),
-        text(&get.stderr)
-    );
+    assert_prints(&get, r#""role": "ROLE_LEADER""#);
 
     let status = baton()
         .args(["status", "--addr", &listen])
@@ -260,12 +265,7 @@ async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
         &host,
         "baton.v1.Leadership/WatchLeadership",
     ]);
-    assert!(
-        text(&watch.stdout).contains(r#""identity": "a""#),
-        "{}{}",
-        text(&watch.stdout),
-        text(&watch.stderr)
-    );
+    assert_prints(&watch, r#""identity": "a""#);
     // Under TLS too the service sees the peer's address.
     let peers = d.watch_peers(1);
     assert!(peers[0].starts_with("tcp:127.0.0.1:"), "{peers:?}");
