@@ -30,11 +30,6 @@
 //! `BATON_BENCH_RUNS=N` sets the count. Figures are printed, never asserted; safety is checked on
 //! every hand-off (the old worker stopped before the new one started).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/etcd_server/mod.rs"]
-mod etcd_server;
-
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -42,12 +37,12 @@ use std::{
 };
 
 use baton::client::{Client, Role};
-use common::{Daemon, Proc, SHORT_TIMING, percentile};
-use etcd_server::Etcd;
 use nix::sys::signal::Signal;
+use testkit::etcd::Etcd;
+use testkit::{Daemon, Proc, SHORT_TIMING, percentile};
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
-/// The lease of `common::SHORT_TIMING`.
+/// The lease of `testkit::SHORT_TIMING`.
 const LEASE_SECS: u64 = 3;
 
 /// A daemon on `etcd` with the short timings, campaigning only with a ready worker: so
@@ -137,7 +132,7 @@ impl Replica {
     }
 
     async fn next_edge(&mut self) -> Edge {
-        tokio::time::timeout(common::SOON, self.edges.recv())
+        tokio::time::timeout(testkit::SOON, self.edges.recv())
             .await
             .expect("the worker starts or stops soon")
             .expect("the worker task lives")
@@ -263,7 +258,7 @@ fn gauge(page: &str, name: &str) -> f64 {
 /// Wait until etcd has exactly `watchers` watchers, none of them unsynced (still catching up
 /// from an old revision, so told of a change only by the next 100 ms pass of the catch-up loop).
 async fn wait_watchers(etcd: &Etcd, watchers: u32, what: &str) {
-    let deadline = Instant::now() + common::SOON;
+    let deadline = Instant::now() + testkit::SOON;
     loop {
         let page = metrics(etcd);
         let total = gauge(&page, "etcd_debugging_mvcc_watcher_total");
@@ -274,7 +269,7 @@ async fn wait_watchers(etcd: &Etcd, watchers: u32, what: &str) {
         assert!(
             Instant::now() < deadline,
             "etcd: no {what} within {:?} ({total} watchers, {unsynced} unsynced)",
-            common::SOON
+            testkit::SOON
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

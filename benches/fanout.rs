@@ -17,7 +17,7 @@
 //!   LEADER (A announces the loss before it touches the store: the daemon's path alone,
 //!   RPC -> election task -> watch channel -> N streams); *gain*, `Resign(B, successor A)`,
 //!   reached at LEADER in A's new term (the hand-off through the store, then the fan-out).
-//! - **etcd**: a real etcd (`tests/etcd_server`); N Watch streams of one key (the `etcd-client`
+//! - **etcd**: a real etcd (`testkit::etcd`); N Watch streams of one key (the `etcd-client`
 //!   crate, one watch per stream); a change is one Put of the key, reached when a watcher
 //!   receives its event.
 //!
@@ -29,19 +29,14 @@
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs 1 change of each kind at
 //! N = 1,000 only, as a smoke test of the benchmark itself.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/etcd_server/mod.rs"]
-mod etcd_server;
-
 use std::{fmt::Debug, sync::Arc, time::Duration};
 
 use baton::{
     client::Role,
     proto::{LeadershipEvent, WatchLeadershipRequest, leadership_client::LeadershipClient},
 };
-use common::{Daemon, SOON, percentile, status_kib, summary};
 use futures::{FutureExt, StreamExt, stream::BoxStream};
+use testkit::{Daemon, SOON, percentile, status_kib, summary};
 use tokio::{
     sync::mpsc,
     task::JoinSet,
@@ -437,7 +432,7 @@ struct Results {
 
 /// Baton on the file store: A leads, B follows; subscribers on A.
 async fn bench_baton(plan: &Plan, results: &mut Results) {
-    let dir = common::lock_dir();
+    let dir = testkit::lock_dir();
     let lock = dir.path().to_str().expect("utf-8 path");
     let start = |id| Daemon::start(id, &["--lock-dir", lock, "--election", ELECTION]);
     let a = start("a");
@@ -516,7 +511,7 @@ async fn bench_baton(plan: &Plan, results: &mut Results) {
 
 /// etcd: N watchers of one key; a change is a Put.
 async fn bench_etcd(plan: &Plan, results: &mut Results) {
-    let etcd = etcd_server::Etcd::start();
+    let etcd = testkit::etcd::Etcd::start();
     let endpoint = etcd.endpoint();
     let pid = etcd.pid().expect("etcd runs");
     let mut kv = etcd_client::Client::connect([&endpoint], None)

@@ -12,19 +12,21 @@
 //!
 //! - take-over after kill -9 of the leading daemon: kill -> the standby's daemon reports LEADER
 //!   (to a watching client) and -> the standby's worker started;
-//! - hand-off after SIGTERM: signal -> the standby's worker started (after the old one stopped);
+//! - hand-off after SIGTERM: signal -> the standby's worker started (after the old one stopped):
+//!   the scenario `tests/scenarios.rs` runs on every store (`testkit::scenario`);
 //! - exec to serving: spawn -> the first answered gRPC call;
 //! - idle RSS of a daemon with one election and no subscriber.
-
-#[path = "../tests/common/mod.rs"]
-mod common;
 
 use std::time::Duration;
 
 use baton::client::{Client, Role, WatchEvent};
-use common::{Daemon, Proc, field, lock_dir, mono_now, status_kib, summary, timer_worker};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
+use testkit::{
+    Proc, field, mono_now,
+    scenario::{Backend, leader_and_follower, sigterm_hand_off},
+    status_kib, summary, timer_worker,
+};
 
 fn runs() -> usize {
     let full = std::env::args().any(|a| a == "--bench");
@@ -45,14 +47,10 @@ fn since(start: i128, end: i128) -> Duration {
 
 /// kill -9 of the leader; returns (to the standby daemon's LEADER event, to its worker's start).
 async fn kill_9_round() -> (Duration, Duration) {
-    let dir = lock_dir();
-    let lock = dir.path().to_str().unwrap();
-    let mut a = Daemon::start("a", &["--lock-dir", lock]);
-    a.wait_role("default", Role::Leader).await;
-    let b = Daemon::start("b", &["--lock-dir", lock]);
-    b.wait_role("default", Role::Follower).await;
+    let backend = Backend::file();
+    let (mut a, b, _) = leader_and_follower(&backend, "default").await;
     let wb = timer_worker(&b, "default", "1s");
-    let client = Client::connect(b.addr.clone()).await.unwrap();
+    let client = b.client().await;
     let mut events = Box::pin(client.watch("default"));
     // The first event is the current state: following a.
     while let Some(WatchEvent::State(s)) = events.next().await {
@@ -76,63 +74,26 @@ async fn kill_9_round() -> (Duration, Duration) {
     (daemon.expect("b leads"), since(killed, started))
 }
 
-/// SIGTERM of the leader with workers on both; returns signal -> new worker started.
+/// SIGTERM of the leader with workers on both (the hand-off scenario every store's test runs,
+/// asserting no overlap); returns signal -> new worker started.
 async fn sigterm_round() -> Duration {
-    let dir = lock_dir();
-    let lock = dir.path().to_str().unwrap();
-    let mut a = Daemon::start("a", &["--lock-dir", lock]);
-    a.wait_role("default", Role::Leader).await;
-    let b = Daemon::start("b", &["--lock-dir", lock]);
-    b.wait_role("default", Role::Follower).await;
-    let wa = timer_worker(&a, "default", "1s");
-    let wb = timer_worker(&b, "default", "1s");
-    mono_of(&wa, "started");
-    let signalled = mono_now();
-    a.proc.signal(Signal::SIGTERM);
-    let started = mono_of(&wb, "started");
-    let stopped = mono_of(&wa, "stopped");
-    assert!(
-        stopped < started,
-        "overlap: old worker stopped after the new one started"
-    );
-    a.proc.wait();
-    since(signalled, started)
+    let hand_off = sigterm_hand_off(&Backend::file(), "default").await;
+    since(hand_off.signalled, hand_off.new_started)
 }
 
 /// Spawn -> first answered GetLeadership; returns it and the idle RSS in KiB a moment later.
 async fn start_round() -> (Duration, u64) {
-    let dir = lock_dir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut command = common::baton();
-    command.args([
-        "run",
-        "--identity",
-        "a",
-        "--listen",
-        &addr,
-        "--lock-dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    let backend = Backend::file();
     let spawned = mono_now();
-    let proc = Proc::spawn(command, "daemon: ");
-    let url = format!("http://{addr}");
+    // On 127.0.0.1:0: the daemon's `baton serving` line gives the bound address.
+    let d = backend.daemon("a", "default", &[]);
     let serving = loop {
-        if let Ok(client) = Client::connect(url.clone()).await
+        if let Ok(client) = Client::connect(d.addr.clone()).await
             && client.get("default").await.is_ok()
         {
             break since(spawned, mono_now());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
-    };
-    let d = Daemon {
-        proc,
-        addr: url,
-        identity: "a".into(),
     };
     d.wait_role("default", Role::Leader).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,4 +1,4 @@
-//! Figures of the Kubernetes store, against the Lease API test double (`tests/k8s_api`):
+//! Figures of the Kubernetes store, against the Lease API test double (`testkit::k8s_api`):
 //!
 //! - **hand-off on release**: SIGTERM to the leading `baton run` until the standby's
 //!   leadership stream reports LEADER (its worker would start then), p50/p99 over the runs,
@@ -16,18 +16,13 @@
 //! steady state; without `--bench` in argv (as under `cargo test --all-targets`) a short run of
 //! 3 hand-offs and 6 s.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-#[path = "../tests/k8s_api/mod.rs"]
-mod k8s_api;
-
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use baton::client::{Role, WatchEvent};
-use common::{Daemon, SOON, percentile};
 use futures::StreamExt;
-use k8s_api::ApiServer;
 use nix::sys::signal::Signal;
+use testkit::k8s_api::ApiServer;
+use testkit::{Daemon, SOON, percentile};
 use tokio::time::{Instant, timeout};
 
 const NS: &str = "bench";
@@ -44,7 +39,7 @@ fn start(replica: &Replica) -> Daemon {
 }
 
 fn start_with(replica: &Replica, args: &[&str]) -> Daemon {
-    let mut command = common::baton();
+    let mut command = testkit::baton();
     command.env("KUBECONFIG", &replica.kubeconfig);
     let mut all = vec!["--store", "kubernetes"];
     all.extend_from_slice(args);
@@ -168,7 +163,11 @@ async fn until_standby_leads(
     led - sent
 }
 
-fn per_minute(before: &k8s_api::Stats, after: &k8s_api::Stats, window: Duration) -> String {
+fn per_minute(
+    before: &testkit::k8s_api::Stats,
+    after: &testkit::k8s_api::Stats,
+    window: Duration,
+) -> String {
     let mut verbs = BTreeMap::new();
     for (verb, n) in &after.requests {
         let d = n - before.requests.get(verb).copied().unwrap_or(0);

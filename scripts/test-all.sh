@@ -78,8 +78,9 @@ cargo build --locked --no-default-features --lib
 # only as test harnesses, so build the runnable ones first.
 cargo build --locked --all-features --examples
 # --no-fail-fast: one failing test binary does not hide the others; cargo still exits non-zero.
+# --workspace: the harness crate (testkit/) has tests of its own.
 status=0
-cargo test --locked --no-fail-fast --all-features --all-targets || status=$?
+cargo test --locked --no-fail-fast --workspace --all-features --all-targets || status=$?
 
 # The benchmarks, in release mode, print the figures (they assert only safety).
 cargo build --locked --release --all-features --bins --examples || status=$?

@@ -1,12 +1,10 @@
 //! The command line and the gRPC surface end to end: bad input gives exit status 2 and names the
 //! flag; grpcurl works with no proto file; status, watch and resign work against real daemons.
 
-mod common;
-
 use std::process::{Command, Output};
 
 use baton::client::Role;
-use common::{Daemon, Proc, baton, lock_dir};
+use testkit::{Daemon, Proc, baton, lock_dir};
 
 fn run_fails(args: &[&str]) -> (i32, String) {
     let output = baton().args(args).output().expect("run baton");
@@ -132,11 +130,9 @@ fn a_lock_dir_others_may_write_exits_2() {
 
 #[test]
 fn client_errors_say_their_cause() {
-    // A port nobody listens on (bound for a moment to find it).
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .to_string();
+    // A port nobody listens on, held so while the test runs.
+    let (_held, free) = testkit::ports::refusing_port();
+    let free = free.to_string();
     let dir = lock_dir();
     let socket = format!("unix:{}", dir.path().join("none.sock").display());
     // The operating system's words for each cause (strerror), not a library's.

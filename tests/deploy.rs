@@ -865,6 +865,7 @@ fn hadolint_passes_and_the_context_keeps_what_cargo_needs() {
         "examples",
         "tests",
         "benches",
+        "testkit",
     ] {
         assert!(
             !patterns

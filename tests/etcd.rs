@@ -3,41 +3,28 @@
 //! workers, an etcd outage under a leader, TLS and user authentication.
 //!
 //! Every wait is on an event (a stream event, a log line, a printed line), bounded by
-//! `common::SOON`; safety (no overlap) is asserted exactly, latency never.
-
-mod common;
-mod etcd_server;
+//! `testkit::SOON`; safety (no overlap) is asserted exactly, latency never.
 
 use std::{sync::Arc, time::Duration};
 
 use baton::{
     client::{Role, WatchEvent},
     store::{
-        Timing,
         conformance::Suite,
         etcd::{EtcdConfig, EtcdStore},
     },
 };
-use common::{Daemon, Proc, assert_stopped_before, field, stamps, timer_worker};
-use etcd_server::{Etcd, ServerTls};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+use testkit::{
+    Daemon, Proc, assert_stopped_before,
+    etcd::{Etcd, ServerTls},
+    field,
+    health::{self, ServingStatus},
+    pki::{ExtendedKeyUsagePurpose, Pki},
+    scenario::{Backend, kill_9_of_the_leader, leader_and_follower},
+    short_timing, timer_worker,
 };
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
-
-/// Short enough that the crash checks wait little, long enough above etcd's 2 s minimum TTL.
-fn timing() -> Timing {
-    Timing {
-        lease_duration: Duration::from_secs(3),
-        renew_deadline: Duration::from_secs(2),
-        retry_period: Duration::from_millis(500),
-    }
-}
 
 fn plain_config(etcd: &Etcd, prefix: &str) -> EtcdConfig {
     EtcdConfig {
@@ -52,7 +39,7 @@ fn plain_config(etcd: &Etcd, prefix: &str) -> EtcdConfig {
 async fn passes_the_conformance_suite() {
     let etcd = Etcd::start();
     let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
-    Suite::new(Arc::new(store), timing(), "conf-")
+    Suite::new(Arc::new(store), short_timing(), "conf-")
         .test_all()
         .await;
 }
@@ -86,10 +73,6 @@ fn start(identity: &str, etcd: &Etcd, election: &str) -> Daemon {
     let args = daemon_args(&etcd.endpoint(), election, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Daemon::start(identity, &args)
-}
-
-fn term_of(line: &str) -> u64 {
-    field(line, "term").expect("term=").parse().expect("term")
 }
 
 /// A direct etcd client for looking at keys and leases from the test.
@@ -200,25 +183,23 @@ async fn etcdctl_elect_and_baton_share_an_election_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_hands_over_only_after_its_lease_is_gone() {
-    let etcd = Etcd::start();
-    let mut client = etcd_client(&etcd).await;
-    let mut a = start("a", &etcd, "crash");
-    let first = a.wait_role("crash", Role::Leader).await;
-    let b = start("b", &etcd, "crash");
-    let seen = b.wait_role("crash", Role::Follower).await;
-    assert_eq!(seen.leader.as_deref(), Some("a"));
+    let backend = Backend::etcd();
+    let Backend::Etcd { etcd } = &backend else {
+        unreachable!("an etcd backend")
+    };
+    let mut client = etcd_client(etcd).await;
+    let (a, b, first_term) = leader_and_follower(&backend, "crash").await;
     let keys = queue(&mut client, "baton/crash/").await;
     let (old_key, holder, old_lease, created) = keys.first().cloned().expect("a's key");
     assert_eq!(holder, "a");
     assert_eq!(
-        created as u64, first.term,
+        created as u64, first_term,
         "the term is the key's create revision"
     );
 
-    a.proc.signal(Signal::SIGKILL);
-    a.proc.wait();
-    let led = b.wait_role("crash", Role::Leader).await;
-    // b leads only once a's session lease is gone, and with it a's key.
+    // b leads, in a greater term (asserted there) ...
+    kill_9_of_the_leader(a, b, "crash", first_term).await;
+    // ... only once a's session lease is gone, and with it a's key.
     let ttl = client
         .lease_time_to_live(old_lease, None)
         .await
@@ -234,46 +215,6 @@ async fn kill_9_of_the_leader_hands_over_only_after_its_lease_is_gone() {
         "a's key {old_key} outlived its lease: {keys:?}"
     );
     assert_eq!(keys.first().map(|k| k.1.as_str()), Some("b"));
-    assert!(
-        led.term > first.term,
-        "term {} after {}",
-        led.term,
-        first.term
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_hands_over_after_the_old_worker_stopped() {
-    let etcd = Etcd::start();
-    let mut a = start("a", &etcd, "handoff");
-    a.wait_role("handoff", Role::Leader).await;
-    let b = start("b", &etcd, "handoff");
-    b.wait_role("handoff", Role::Follower).await;
-    let wa = timer_worker(&a, "handoff", "50ms");
-    let wb = timer_worker(&b, "handoff", "50ms");
-    wa.stdout
-        .wait_count("of a's ticks", 3, |l| l.starts_with("Clustered route"));
-    assert!(
-        stamps(&wb, "started").is_empty(),
-        "the follower's worker must not start"
-    );
-
-    a.proc.signal(Signal::SIGTERM);
-    let started = wb
-        .stdout
-        .wait_for("'started' from b's worker", |l| l.starts_with("started"));
-    assert!(a.proc.wait().success(), "SIGTERM is a clean stop");
-
-    // Every old tick before the new start, so before every new tick too.
-    assert_stopped_before(&wa, stamps(&wb, "started")[0]);
-    let old_term = term_of(
-        &wa.stdout
-            .wait_for("a's start", |l| l.starts_with("started")),
-    );
-    assert!(term_of(&started) > old_term);
-    a.proc.stderr.wait_for("'workers stopped; releasing'", |l| {
-        l.contains("workers stopped; releasing")
-    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +231,7 @@ async fn an_etcd_outage_longer_than_the_lease_steps_the_leader_down_in_time() {
     let mut events = Box::pin(client.watch("outage"));
     let stopped_at = tokio::time::Instant::now();
     etcd.stop();
-    let stepped_down = tokio::time::timeout(common::SOON, async {
+    let stepped_down = tokio::time::timeout(testkit::SOON, async {
         while let Some(event) = events.next().await {
             if let WatchEvent::State(state) = event
                 && state.role != Role::Leader
@@ -341,8 +282,10 @@ async fn an_etcd_outage_longer_than_the_lease_steps_the_leader_down_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_at_start_serves_not_serving_then_leads_when_etcd_comes() {
-    let port = etcd_server::free_port();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    // An etcd that is down when the daemon starts: started (for its ports) and stopped.
+    let mut etcd = Etcd::start();
+    etcd.stop();
+    let endpoint = etcd.endpoint();
     let args = daemon_args(&endpoint, "late", &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Daemon::start("a", &args);
@@ -359,91 +302,27 @@ async fn unreachable_at_start_serves_not_serving_then_leads_when_etcd_comes() {
                 && l.contains(&endpoint)
                 && l.contains("is etcd running")
         });
-    assert_eq!(health(&a).await, ServingStatus::NotServing);
+    assert_eq!(health::check(&a.addr, "").await, ServingStatus::NotServing);
 
-    let _etcd = Etcd::start_at(port, None);
+    etcd.restart();
     a.wait_role("late", Role::Leader).await;
-    assert_eq!(health(&a).await, ServingStatus::Serving);
+    assert_eq!(health::check(&a.addr, "").await, ServingStatus::Serving);
 }
 
-/// grpc.health.v1 of a daemon.
-async fn health(daemon: &Daemon) -> ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(daemon.addr.clone())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = HealthClient::new(channel);
-    let response = client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health check");
-    ServingStatus::try_from(response.into_inner().status).expect("status")
-}
-
-/// A CA, and certificates it signs, written as PEM files in `dir`.
-struct Pki {
-    dir: std::path::PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &std::path::Path) -> Pki {
-        Pki {
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.join(name)
-    }
-
-    /// A CA named `name`: writes `<name>.pem`; returns its issuer.
-    fn ca(&self, name: &str) -> CertifiedIssuer<'static, KeyPair> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("baton test {name}"));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca =
-            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
-        std::fs::write(self.path(&format!("{name}.pem")), ca.pem()).expect("write CA");
-        ca
-    }
-
-    /// A certificate for 127.0.0.1 and localhost signed by `ca`: writes `<name>.pem` and
-    /// `<name>-key.pem`.
-    fn leaf(&self, name: &str, ca: &CertifiedIssuer<'static, KeyPair>) {
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-                .expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, ca).expect("sign");
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write cert");
-        std::fs::write(self.path(&format!("{name}-key.pem")), key.serialize_pem())
-            .expect("write key");
-    }
-}
+/// Server and client: etcd's certificates serve both sides.
+const BOTH: &[ExtendedKeyUsagePurpose] = &[
+    ExtendedKeyUsagePurpose::ServerAuth,
+    ExtendedKeyUsagePurpose::ClientAuth,
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_client_certificate_works_and_a_wrong_ca_is_named() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(scratch.path());
+    let pki = Pki::new();
     let ca = pki.ca("ca");
-    pki.leaf("server", &ca);
-    pki.leaf("client", &ca);
+    pki.leaf("server", &ca, BOTH);
+    pki.leaf("client", &ca, BOTH);
     let other = pki.ca("other-ca");
-    pki.leaf("stranger", &other);
+    pki.leaf("stranger", &other, BOTH);
     let etcd = Etcd::start_with(Some(ServerTls {
         cert: pki.path("server.pem"),
         key: pki.path("server-key.pem"),
@@ -452,7 +331,7 @@ async fn tls_with_a_client_certificate_works_and_a_wrong_ca_is_named() {
     }));
     let endpoint = etcd.endpoint();
     assert!(endpoint.starts_with("https://"));
-    let file = |name: &str| pki.path(name).to_str().expect("utf-8 path").to_owned();
+    let file = |name: &str| pki.arg(name);
     let tls_args = |ca: &str, cert: &str| {
         let extra = [
             "--etcd-ca-file".to_owned(),
@@ -575,7 +454,7 @@ fn bad_etcd_flags_and_unreadable_files_exit_2_naming_the_flag() {
         ),
     ];
     for (args, flag) in cases {
-        let output = common::baton()
+        let output = testkit::baton()
             .args(["run", "--store", "etcd", "--listen", "127.0.0.1:0"])
             .args(*args)
             .output()

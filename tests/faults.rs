@@ -32,7 +32,7 @@
 //! intervals never overlap (every `started` comes after the `stopped` of the interval before it,
 //! whoever's it was) and that terms grow (strictly from one holder to another), and that the
 //! replicas settle on exactly one leader whose worker alone is active. Liveness is checked with
-//! generous bounds (a new leader within lease + `common::SOON`), failing with the logs.
+//! generous bounds (a new leader within lease + `testkit::SOON`), failing with the logs.
 //! Timings are printed, never asserted: one line per fault, e.g.
 //! `faults store=etcd round=1 fault=kill-9 failover=3456.7ms`, and per store a summary per fault
 //! kind (p50/p99/max). Run with `-- --nocapture` to see them.
@@ -57,10 +57,6 @@
 //! BATON_FAULT_ROUNDS=20 cargo test --features etcd --test faults -- --nocapture
 //! ```
 
-mod common;
-mod etcd_server;
-mod k8s_api;
-
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -69,13 +65,13 @@ use std::{
 };
 
 use baton::client::Role;
-use common::{Daemon, Proc, SOON, field, mono_now, percentile, timer_worker};
-use etcd_server::Etcd;
-use k8s_api::ApiServer;
 use nix::sys::signal::Signal;
+use testkit::etcd::Etcd;
+use testkit::k8s_api::ApiServer;
+use testkit::{Daemon, Proc, SOON, field, mono_now, percentile, timer_worker};
 
 const ELECTION: &str = "faults";
-/// The lease of `common::SHORT_TIMING` (renew deadline 2 s, retry period 500 ms).
+/// The lease of `testkit::SHORT_TIMING` (renew deadline 2 s, retry period 500 ms).
 const LEASE: Duration = Duration::from_secs(3);
 const IDS: [&str; 3] = ["a", "b", "c"];
 /// The Kubernetes namespace of the Lease.
@@ -364,7 +360,7 @@ impl Store {
             Store::Kubernetes { .. } => vec!["--store".into(), "kubernetes".into()],
         };
         args.extend(["--election", ELECTION].map(String::from));
-        args.extend(common::SHORT_TIMING.map(String::from));
+        args.extend(testkit::SHORT_TIMING.map(String::from));
         args
     }
 }
@@ -970,7 +966,7 @@ impl Suite {
         let successor = (leader + 1) % self.replicas.len();
         let successor_id = self.replicas[successor].id;
         let t0 = mono_now();
-        let out = common::baton()
+        let out = testkit::baton()
             .args([
                 "resign",
                 "--addr",

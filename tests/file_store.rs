@@ -1,90 +1,13 @@
 //! End-to-end on the file store: real `baton run` processes on one lock directory, real timer
-//! workers, real signals (SIGKILL, SIGTERM, SIGSTOP/SIGCONT).
-
-mod common;
+//! workers, real signals (SIGSTOP/SIGCONT, and SIGKILL or SIGSTOP during a hand-over). The
+//! hand-off and take-over every store shares are in `tests/scenarios.rs`.
 
 use std::time::Duration;
 
 use baton::client::{Ending, Role};
-use common::{Daemon, SHORT_TIMING, assert_stopped_before, field, lock_dir, stamps, timer_worker};
 use nix::sys::signal::Signal;
+use testkit::{Daemon, SHORT_TIMING, field, lock_dir, timer_worker};
 use tokio::sync::mpsc;
-
-fn term_of(line: &str) -> u64 {
-    field(line, "term")
-        .expect("term=")
-        .parse()
-        .expect("term is a number")
-}
-
-#[tokio::test]
-async fn kill_9_of_the_leader_hands_over_with_a_greater_term() {
-    let dir = lock_dir();
-    let lock = dir.path().to_str().unwrap();
-    let a = Daemon::start("a", &["--lock-dir", lock]);
-    let first = a.wait_role("default", Role::Leader).await;
-    let b = Daemon::start("b", &["--lock-dir", lock]);
-    let seen = b.wait_role("default", Role::Follower).await;
-    assert_eq!(seen.leader.as_deref(), Some("a"));
-    // Exactly one leader.
-    assert_eq!(
-        b.client().await.get("default").await.unwrap().role,
-        Role::Follower
-    );
-    assert_eq!(
-        a.client().await.get("default").await.unwrap().role,
-        Role::Leader
-    );
-
-    let mut a = a;
-    a.proc.signal(Signal::SIGKILL);
-    a.proc.wait();
-    let now = b.wait_role("default", Role::Leader).await;
-    assert!(
-        now.term > first.term,
-        "term {} after {}",
-        now.term,
-        first.term
-    );
-    assert_eq!(now.leader.as_deref(), Some("b"));
-}
-
-#[tokio::test]
-async fn sigterm_hands_over_after_the_old_worker_stopped() {
-    let dir = lock_dir();
-    let lock = dir.path().to_str().unwrap();
-    let mut a = Daemon::start("a", &["--lock-dir", lock]);
-    a.wait_role("default", Role::Leader).await;
-    let b = Daemon::start("b", &["--lock-dir", lock]);
-    b.wait_role("default", Role::Follower).await;
-    let wa = timer_worker(&a, "default", "50ms");
-    let wb = timer_worker(&b, "default", "50ms");
-    wa.stdout.wait_count("of a's ticks", 3, |l| {
-        l.starts_with("Clustered route (timer)")
-    });
-    assert!(
-        stamps(&wb, "started").is_empty(),
-        "the follower's worker must not start"
-    );
-
-    a.proc.signal(Signal::SIGTERM);
-    let started = wb
-        .stdout
-        .wait_for("'started' from b's worker", |l| l.starts_with("started"));
-    let status = a.proc.wait();
-    assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
-
-    assert_stopped_before(&wa, stamps(&wb, "started")[0]);
-    let old_term = term_of(
-        &wa.stdout
-            .wait_for("a's start", |l| l.starts_with("started")),
-    );
-    assert!(term_of(&started) > old_term);
-    // The daemon logged the drain: the worker confirmed before the release.
-    a.proc.stderr.wait_for("'workers stopped; releasing'", |l| {
-        l.contains("workers stopped; releasing")
-    });
-}
 
 #[tokio::test]
 async fn a_paused_daemon_never_leaves_its_worker_running() {
@@ -96,7 +19,7 @@ async fn a_paused_daemon_never_leaves_its_worker_running() {
     w.stdout
         .wait_count("ticks", 2, |l| l.starts_with("Clustered route (timer)"));
     a.proc.signal(Signal::SIGSTOP);
-    let paused_at = common::mono_now();
+    let paused_at = testkit::mono_now();
     let stopped = w
         .stdout
         .wait_for("'stopped' while the daemon is paused", |l| {
@@ -157,7 +80,7 @@ async fn hand_over_interrupted_by(fault: Signal) {
             .await
     });
     let mut next = async || {
-        tokio::time::timeout(common::SOON, seen.recv())
+        tokio::time::timeout(testkit::SOON, seen.recv())
             .await
             .expect("the worker's next step in time")
             .expect("the worker runs")

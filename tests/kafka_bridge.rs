@@ -16,8 +16,6 @@
 //! `fenced_bridge_stops_and_standby_takes_over` runs the bridges with `--transactional-id` on
 //! librdkafka's mock cluster instead, to check what a bridge does when the broker fences it.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, HashMap},
     process::Command,
@@ -26,7 +24,6 @@ use std::{
 };
 
 use baton::client::{Client, Role};
-use common::{Daemon, Proc, SOON, example, field, free_port, lock_dir, mono_now, percentile};
 use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use rdkafka::{
@@ -37,6 +34,10 @@ use rdkafka::{
     error::KafkaError,
     message::Headers,
     types::RDKafkaErrorCode,
+};
+use testkit::{
+    Daemon, Proc, SOON, example, field, lock_dir, mono_now, percentile,
+    ports::{PortTaken, listens_on, on_fresh_ports},
 };
 use tokio::{io::AsyncWriteExt, net::TcpListener, sync::broadcast};
 
@@ -74,8 +75,13 @@ struct Broker {
 }
 
 impl Broker {
-    async fn start() -> Broker {
-        let port = free_port();
+    /// tansu with in-memory storage. It must be told its port (it advertises what it is given:
+    /// port 0 would be advertised as 0), so it is started on fresh ports until it holds one.
+    fn start() -> Broker {
+        on_fresh_ports("tansu", 1, |ports| Self::try_start(ports[0]))
+    }
+
+    fn try_start(port: u16) -> Result<Broker, PortTaken> {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(tansu());
         command
@@ -84,10 +90,14 @@ impl Broker {
         let proc = Proc::spawn(command, "tansu: ");
         let addr = format!("127.0.0.1:{port}");
         for _ in 0..2000 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                return Broker { proc, addr };
+            // tansu's own socket, not another process's on the same port.
+            if listens_on(proc.child.id(), port) {
+                return Ok(Broker { proc, addr });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(line) = proc.stderr.find("AddrInUse") {
+                return Err(PortTaken(line));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         panic!(
             "tansu did not listen on {addr}; stderr:\n{}",
@@ -228,7 +238,8 @@ impl Feed {
     }
 }
 
-/// One replica: a daemon on a fixed port and the bridge that follows it.
+/// One replica: a daemon on a fixed Unix socket (restarted on the same one, where its bridge
+/// expects it; no port to lose meanwhile) and the bridge that follows it.
 struct Replica {
     identity: String,
     listen: String,
@@ -248,6 +259,8 @@ enum Fault {
 
 struct Cluster {
     replicas: Vec<Replica>,
+    /// Holds the replicas' sockets.
+    _sockets: tempfile::TempDir,
     daemon_args: Vec<String>,
     feed: String,
     brokers: String,
@@ -279,16 +292,18 @@ impl Cluster {
             ]
             .map(str::to_owned),
         );
+        let sockets = tempfile::tempdir().expect("tempdir");
         Cluster {
             replicas: ["r1", "r2"]
                 .iter()
                 .map(|id| Replica {
                     identity: id.to_string(),
-                    listen: format!("127.0.0.1:{}", free_port()),
+                    listen: format!("unix:{}", sockets.path().join(id).display()),
                     daemon: None,
                     bridge: None,
                 })
                 .collect(),
+            _sockets: sockets,
             daemon_args,
             feed: feed.addr.clone(),
             brokers: broker.addr.clone(),
@@ -306,12 +321,7 @@ impl Cluster {
         let r = &mut self.replicas[i];
         let mut command = example("kafka_bridge");
         command
-            .args([
-                "--daemon",
-                &format!("http://{}", r.listen),
-                "--election",
-                ELECTION,
-            ])
+            .args(["--daemon", &r.listen, "--election", ELECTION])
             .args([
                 "--feed",
                 &self.feed,
@@ -431,7 +441,7 @@ fn assert_no_duplicate_no_term_back(records: &[(u64, u64)]) {
 
 /// Run the fault sequence against replicas started with `store_args`; assert no duplicate.
 async fn no_duplicates_under_faults(store_args: &[&str], lease: Duration) {
-    let broker = Broker::start().await;
+    let broker = Broker::start();
     broker.create_topic().await;
     let feed = Feed::start(Duration::from_millis(2)).await;
     let faults_wanted: usize = std::env::var("BATON_FAULTS")
@@ -645,8 +655,8 @@ async fn no_record_twice_under_faults() {
     .await;
     #[cfg(feature = "etcd")]
     {
-        etcd_server::require_binaries();
-        let etcd = etcd_server::Etcd::start();
+        testkit::etcd::require_binaries();
+        let etcd = testkit::etcd::Etcd::start();
         let endpoint = etcd.endpoint();
         println!("== etcd");
         // etcd leases are whole seconds, at least 2.
@@ -657,10 +667,6 @@ async fn no_record_twice_under_faults() {
         .await;
     }
 }
-
-#[cfg(feature = "etcd")]
-#[path = "etcd_server/mod.rs"]
-mod etcd_server;
 
 /// `--transactional-id`: a bridge whose transaction commit the broker refuses as fenced
 /// (`PRODUCER_FENCED`, what a broker answers a producer whose epoch a newer producer of the same
@@ -684,8 +690,8 @@ async fn fenced_bridge_stops_and_standby_takes_over() {
     fenced_commit(&["--store", "file", "--lock-dir", &lock]).await;
     #[cfg(feature = "etcd")]
     {
-        etcd_server::require_binaries();
-        let etcd = etcd_server::Etcd::start();
+        testkit::etcd::require_binaries();
+        let etcd = testkit::etcd::Etcd::start();
         let endpoint = etcd.endpoint();
         println!("== etcd");
         fenced_commit(&["--store", "etcd", "--etcd-endpoints", &endpoint]).await;

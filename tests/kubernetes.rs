@@ -3,38 +3,27 @@
 //! clock skew (libfaketime) and RBAC refusals.
 //!
 //! Waits are on events (log lines, leadership streams, writes at the server), bounded by
-//! `common::SOON`; safety is asserted exactly (who wrote what, in which order, on one monotonic
+//! `testkit::SOON`; safety is asserted exactly (who wrote what, in which order, on one monotonic
 //! clock), never with latency bounds.
-
-mod common;
-mod k8s_api;
 
 use std::{process::Command, sync::Arc, time::Duration};
 
 use baton::{
     client::Role,
-    store::{
-        Acquired, Observation, Store, Timing, conformance::Suite, kubernetes::KubernetesStore,
-    },
+    store::{Acquired, Observation, Store, conformance::Suite, kubernetes::KubernetesStore},
 };
-use common::{Daemon, Proc, SOON, field, timer_worker};
 use futures::StreamExt as _;
-use k8s_api::{ApiServer, Write};
 use nix::sys::signal::Signal;
 use serde_json::json;
+use testkit::{
+    Daemon, Proc, SOON, field,
+    k8s_api::{ApiServer, Write, last_write, take_over},
+    short_timing, timer_worker,
+};
 
 const NS: &str = "team-a";
 
-/// Short timings: a 3 s lease (whole seconds, as Kubernetes needs).
-fn timing() -> Timing {
-    Timing {
-        lease_duration: Duration::from_secs(3),
-        renew_deadline: Duration::from_secs(2),
-        retry_period: Duration::from_millis(500),
-    }
-}
-
-const TIMING_ARGS: [&str; 6] = common::SHORT_TIMING;
+const TIMING_ARGS: [&str; 6] = testkit::SHORT_TIMING;
 
 /// A test double, a scratch directory for kubeconfigs.
 struct Cluster {
@@ -62,7 +51,7 @@ impl Cluster {
 
     /// `baton` pointed at the double through `kubeconfig`.
     fn baton(&self, kubeconfig: &std::path::Path) -> Command {
-        let mut command = common::baton();
+        let mut command = testkit::baton();
         command.env("KUBECONFIG", kubeconfig);
         command
     }
@@ -72,6 +61,19 @@ impl Cluster {
         let (token, kubeconfig) = self.account(identity, true);
         let daemon = Daemon::start_command(identity, self.baton(&kubeconfig), &args(election, &[]));
         (daemon, token)
+    }
+
+    /// Six renewals by the leader's `token` (3 s, a whole lease) from now, and `other` (named
+    /// `who`) never wrote.
+    fn never_writes_over_a_live_lease(&self, token: &str, other: &str, who: &str) {
+        let renewed = self.writes_by(token).len();
+        wait_writes(&self.api, "six renewals by the leader", |w| {
+            w.iter().filter(|w| w.token == token).count() >= renewed + 6
+        });
+        assert!(
+            self.writes_by(other).is_empty(),
+            "{who} wrote to a live lease"
+        );
     }
 
     fn writes_by(&self, token: &str) -> Vec<Write> {
@@ -124,15 +126,6 @@ fn wait_writes(api: &ApiServer, what: &str, pred: impl Fn(&[Write]) -> bool) -> 
     }
 }
 
-/// The first write of `token` that made `holder` the holder.
-fn takeover(writes: &[Write], token: &str, holder: &str) -> Write {
-    writes
-        .iter()
-        .find(|w| w.token == token && w.holder == holder)
-        .cloned()
-        .unwrap_or_else(|| panic!("no take-over by {holder}: {writes:#?}"))
-}
-
 const LEASE_NS: i128 = 3_000_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +136,7 @@ async fn passes_the_conformance_suite() {
         .await
         .expect("store");
     assert_eq!(store.namespace(), NS, "the kubeconfig context's namespace");
-    let suite = Suite::new(Arc::new(store), timing(), "k8s-");
+    let suite = Suite::new(Arc::new(store), short_timing(), "k8s-");
     suite.test_all().await;
     // A free Lease whose leaseTransitions (an int32) cannot grow.
     suite
@@ -167,7 +160,7 @@ async fn the_record_is_client_go_s_and_no_write_is_blind() {
     let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, Some("custom-name".into()))
         .await
         .expect("store");
-    let mut a = store.join("orders", "pod-a", timing()).await.unwrap();
+    let mut a = store.join("orders", "pod-a", short_timing()).await.unwrap();
     let Acquired::Held(first) = a.acquire(&Observation::default()).await.unwrap() else {
         panic!("a free lease is acquired");
     };
@@ -214,8 +207,8 @@ async fn a_follower_lists_again_after_410_gone_and_still_sees_the_release() {
     let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
         .await
         .unwrap();
-    let mut a = store.join("gone", "a", timing()).await.unwrap();
-    let mut b = store.join("gone", "b", timing()).await.unwrap();
+    let mut a = store.join("gone", "a", short_timing()).await.unwrap();
+    let mut b = store.join("gone", "b", short_timing()).await.unwrap();
     assert!(matches!(
         a.acquire(&Observation::default()).await.unwrap(),
         Acquired::Held(_)
@@ -284,8 +277,8 @@ async fn https_with_the_cluster_s_ca_one_http2_connection_and_a_user_agent() {
     let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
         .await
         .unwrap();
-    let mut a = store.join("tls", "a", timing()).await.unwrap();
-    let mut b = store.join("tls", "b", timing()).await.unwrap();
+    let mut a = store.join("tls", "a", short_timing()).await.unwrap();
+    let mut b = store.join("tls", "b", short_timing()).await.unwrap();
     let Acquired::Held(held) = a.acquire(&Observation::default()).await.unwrap() else {
         panic!("a free lease is acquired over TLS");
     };
@@ -378,8 +371,8 @@ async fn a_take_over_cut_off_in_flight_is_held_not_repeated() {
     let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
         .await
         .expect("store");
-    let mut a = store.join("cut", "a", timing()).await.unwrap();
-    let mut b = store.join("cut", "b", timing()).await.unwrap();
+    let mut a = store.join("cut", "a", short_timing()).await.unwrap();
+    let mut b = store.join("cut", "b", short_timing()).await.unwrap();
     let Acquired::Held(first) = b.acquire(&Observation::default()).await.unwrap() else {
         panic!("b takes the free lease");
     };
@@ -433,7 +426,7 @@ async fn an_outage_is_one_line_per_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
+async fn kill_9_waits_for_the_lease_before_a_take_over() {
     let e = "handoff";
     let cluster = Cluster::new();
     let (a, token_a) = cluster.daemon("a", e);
@@ -451,12 +444,8 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     let (term_b, started_b) = mark(&worker_b, "started", 0);
     let (_, stopped_a) = mark(&worker_a, "stopped", 0);
     let writes = cluster.api.writes();
-    let last_a = writes
-        .iter()
-        .rfind(|w| w.token == token_a)
-        .expect("a wrote")
-        .clone();
-    let took = takeover(&writes, &token_b, "b");
+    let last_a = last_write(&writes, &token_a);
+    let took = take_over(&writes, &token_b, "b");
     assert!(
         took.mono - last_a.mono >= LEASE_NS,
         "b took over {} ms after a's last renewal, before the 3 s lease ran out",
@@ -469,39 +458,8 @@ async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     assert!(term_b > term_a, "term {term_b} after {term_a}");
     assert_eq!(took.base, Some(last_a.rv), "b replaced a's last record");
 
-    // a comes back as a follower; SIGTERM b: b drains, releases, and a takes over at once.
-    let (a2, token_a2) = cluster.daemon("a", e);
-    a2.wait_for(e, "following b", |s| s.leader.as_deref() == Some("b"))
-        .await;
-    let worker_a2 = timer_worker(&a2, e, "50ms");
-    b.proc.signal(Signal::SIGTERM);
-    let (term_a2, started_a2) = mark(&worker_a2, "started", 0);
-    let (_, stopped_b) = mark(&worker_b, "stopped", 0);
-    assert!(
-        stopped_b < started_a2,
-        "b's worker stopped before a's started"
-    );
-    assert!(term_a2 > term_b, "term {term_a2} after {term_b}");
-    let writes = cluster.api.writes();
-    let release = writes
-        .iter()
-        .rfind(|w| w.token == token_b)
-        .expect("b wrote")
-        .clone();
-    assert_eq!(release.holder, "", "b's last write is its release");
-    let took = takeover(&writes, &token_a2, "a");
-    assert_eq!(
-        took.base,
-        Some(release.rv),
-        "a took over the released record, not an expired one"
-    );
-    eprintln!(
-        "release -> take-over at the server: {:.1} ms",
-        (took.mono - release.mono) as f64 / 1e6
-    );
-    let mut b = b;
-    assert!(b.proc.wait().success(), "b exits cleanly on SIGTERM");
-    for token in [&token_a, &token_b, &token_a2] {
+    // SIGTERM hands over at once: tests/scenarios.rs, on every store.
+    for token in [&token_a, &token_b] {
         assert_eq!(cluster.api.stats(token).unconditional_updates, 0);
     }
 }
@@ -550,7 +508,7 @@ async fn a_foreign_holder_is_respected_until_it_expires() {
         .unwrap();
     let led = a.wait_role(e, Role::Leader).await;
     assert_eq!(led.term, 8, "leaseTransitions + 1");
-    let took = takeover(&cluster.api.writes(), &token, "a");
+    let took = take_over(&cluster.api.writes(), &token, "a");
     assert!(
         took.mono - last_foreign.mono >= 4_000_000_000,
         "a took over {} ms after the foreign renewal, before its 4 s lease ran out",
@@ -679,12 +637,8 @@ async fn a_leader_refused_by_rbac_steps_down_before_its_lease_can_expire() {
     let (_, stopped_a) = mark(&worker_a, "stopped", 0);
     let (_, started_b) = mark(&worker_b, "started", 0);
     let writes = cluster.api.writes();
-    let last_a = writes
-        .iter()
-        .rfind(|w| w.token == token_a)
-        .expect("a wrote")
-        .clone();
-    let took = takeover(&writes, &token_b, "b");
+    let last_a = last_write(&writes, &token_a);
+    let took = take_over(&writes, &token_b, "b");
     const LEASE: i128 = 4_000_000_000;
     assert!(
         stopped_a < last_a.mono + LEASE,
@@ -733,15 +687,7 @@ async fn a_replica_an_hour_ahead_never_takes_a_live_lease() {
     let b = Daemon::start_command("b", ahead, &args(e, &[]));
     b.wait_for(e, "following a", |s| s.leader.as_deref() == Some("a"))
         .await;
-    // Six renewals by a (3 s, a whole lease) after b started: b never writes.
-    let renewed = cluster.writes_by(&token_a).len();
-    wait_writes(&cluster.api, "six renewals by a", |w| {
-        w.iter().filter(|w| w.token == token_a).count() >= renewed + 6
-    });
-    assert!(
-        cluster.writes_by(&token_b).is_empty(),
-        "b (clock +1h) wrote to a live lease"
-    );
+    cluster.never_writes_over_a_live_lease(&token_a, &token_b, "b (clock +1h)");
 
     // a dies; b takes over by expiry, writing timestamps an hour ahead (faketime works).
     a.proc.signal(Signal::SIGKILL);
@@ -762,14 +708,7 @@ async fn a_replica_an_hour_ahead_never_takes_a_live_lease() {
     let (a2, token_a2) = cluster.daemon("a2", e);
     a2.wait_for(e, "following b", |s| s.leader.as_deref() == Some("b"))
         .await;
-    let renewed = cluster.writes_by(&token_b).len();
-    wait_writes(&cluster.api, "six renewals by b", |w| {
-        w.iter().filter(|w| w.token == token_b).count() >= renewed + 6
-    });
-    assert!(
-        cluster.writes_by(&token_a2).is_empty(),
-        "a2 (an hour behind the leader) wrote to a live lease"
-    );
+    cluster.never_writes_over_a_live_lease(&token_b, &token_a2, "a2 (an hour behind the leader)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -921,7 +860,7 @@ async fn the_deploy_role_allows_the_election_lease_and_nothing_else() {
 
 #[test]
 fn lease_name_with_several_elections_is_refused() {
-    let output = common::baton()
+    let output = testkit::baton()
         .args([
             "run",
             "--store",

@@ -3,10 +3,8 @@
 //! refused), a health-only listener for Kubernetes probes, and every bad value exiting 2 with
 //! the flag named. Certificates are made by the test (rcgen).
 
-mod common;
-
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     time::Duration,
 };
@@ -15,14 +13,12 @@ use baton::{
     client::Role,
     daemon::{HEALTH_LIVE, HEALTH_WORKER_ATTACHED, HEALTH_WORKER_READY},
 };
-use common::{Daemon, Proc, baton, example, field, lock_dir};
 use nix::sys::signal::Signal;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use testkit::{
+    Daemon, Proc, baton, example, field,
+    health::{self, ServingStatus},
+    lock_dir,
+    pki::{ExtendedKeyUsagePurpose, Pki},
 };
 
 fn grpcurl(args: &[&str]) -> Output {
@@ -41,62 +37,14 @@ fn run_fails(args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), text(&output.stderr))
 }
 
-/// Test certificates in a scratch directory.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).to_str().expect("utf-8 path").to_owned()
-    }
-
-    /// A CA: writes `<name>.pem`.
-    fn ca(&self, name: &str) -> CertifiedIssuer<'static, KeyPair> {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("baton test {name}"));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("self-signed CA");
-        std::fs::write(self.path(&format!("{name}.pem")), ca.pem()).expect("write CA");
-        ca
-    }
-
-    /// A certificate for 127.0.0.1 and localhost signed by `ca`, for `purpose`: writes
-    /// `<name>.pem` and `<name>-key.pem`.
-    fn leaf(
-        &self,
-        name: &str,
-        ca: &CertifiedIssuer<'static, KeyPair>,
-        purpose: ExtendedKeyUsagePurpose,
-    ) {
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-                .expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![purpose];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, ca).expect("sign");
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).expect("write cert");
-        std::fs::write(self.path(&format!("{name}-key.pem")), key.serialize_pem())
-            .expect("write key");
-    }
+/// `output`'s stdout contains `text`; else fail with what it printed.
+fn assert_prints(output: &Output, wanted: &str) {
+    assert!(
+        text(&output.stdout).contains(wanted),
+        "{}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
 }
 
 fn socket_in(dir: &Path) -> String {
@@ -151,12 +99,7 @@ async fn a_unix_socket_serves_grpcurl_the_client_and_the_cli() {
         socket,
         "baton.v1.Leadership/GetLeadership",
     ]);
-    assert!(
-        text(&get.stdout).contains(r#""role": "ROLE_LEADER""#),
-        "{}{}",
-        text(&get.stdout),
-        text(&get.stderr)
-    );
+    assert_prints(&get, r#""role": "ROLE_LEADER""#);
 
     let status = baton()
         .args(["status", "--addr", &listen])
@@ -291,18 +234,19 @@ fn host_of(d: &Daemon) -> String {
 async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
     let pki = Pki::new();
     let ca = pki.ca("ca");
-    pki.leaf("server", &ca, ExtendedKeyUsagePurpose::ServerAuth);
+    pki.leaf("server", &ca, &[ExtendedKeyUsagePurpose::ServerAuth]);
     let locks = lock_dir();
+    let [cert_flag, cert, key_flag, key] = pki.tls_flags("server");
     let d = Daemon::start_logging_watches(
         "a",
         "127.0.0.1:0",
         &[
             "--lock-dir",
             locks.path().to_str().unwrap(),
-            "--tls-cert-file",
-            &pki.arg("server.pem"),
-            "--tls-key-file",
-            &pki.arg("server-key.pem"),
+            &cert_flag,
+            &cert,
+            &key_flag,
+            &key,
         ],
     );
     assert_eq!(field(&d.serving(), "tls"), Some("true"), "{}", d.serving());
@@ -321,12 +265,7 @@ async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
         &host,
         "baton.v1.Leadership/WatchLeadership",
     ]);
-    assert!(
-        text(&watch.stdout).contains(r#""identity": "a""#),
-        "{}{}",
-        text(&watch.stdout),
-        text(&watch.stderr)
-    );
+    assert_prints(&watch, r#""identity": "a""#);
     // Under TLS too the service sees the peer's address.
     let peers = d.watch_peers(1);
     assert!(peers[0].starts_with("tcp:127.0.0.1:"), "{peers:?}");
@@ -347,20 +286,21 @@ async fn tls_serves_grpcurl_with_the_ca_and_refuses_plaintext() {
 async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
     let pki = Pki::new();
     let ca = pki.ca("ca");
-    pki.leaf("server", &ca, ExtendedKeyUsagePurpose::ServerAuth);
-    pki.leaf("worker", &ca, ExtendedKeyUsagePurpose::ClientAuth);
+    pki.leaf("server", &ca, &[ExtendedKeyUsagePurpose::ServerAuth]);
+    pki.leaf("worker", &ca, &[ExtendedKeyUsagePurpose::ClientAuth]);
     let other = pki.ca("other-ca");
-    pki.leaf("stranger", &other, ExtendedKeyUsagePurpose::ClientAuth);
+    pki.leaf("stranger", &other, &[ExtendedKeyUsagePurpose::ClientAuth]);
     let locks = lock_dir();
+    let [cert_flag, cert, key_flag, key] = pki.tls_flags("server");
     let d = Daemon::start(
         "a",
         &[
             "--lock-dir",
             locks.path().to_str().unwrap(),
-            "--tls-cert-file",
-            &pki.arg("server.pem"),
-            "--tls-key-file",
-            &pki.arg("server-key.pem"),
+            &cert_flag,
+            &cert,
+            &key_flag,
+            &key,
             "--tls-client-ca-file",
             &pki.arg("ca.pem"),
         ],
@@ -413,8 +353,8 @@ async fn mutual_tls_needs_a_client_certificate_from_the_ca() {
 fn bad_tls_files_and_addresses_exit_2_naming_the_flag() {
     let pki = Pki::new();
     let ca = pki.ca("ca");
-    pki.leaf("server", &ca, ExtendedKeyUsagePurpose::ServerAuth);
-    pki.leaf("other", &ca, ExtendedKeyUsagePurpose::ServerAuth);
+    pki.leaf("server", &ca, &[ExtendedKeyUsagePurpose::ServerAuth]);
+    pki.leaf("other", &ca, &[ExtendedKeyUsagePurpose::ServerAuth]);
     std::fs::write(pki.path("garbage.pem"), "not PEM at all\n").unwrap();
     let locks = lock_dir();
     let lock = locks.path().to_str().unwrap();
@@ -488,48 +428,6 @@ fn bad_tls_files_and_addresses_exit_2_naming_the_flag() {
     assert!(!locks.path().join("default.lock").exists());
 }
 
-async fn health_client(addr: &str) -> HealthClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("an address")
-        .connect()
-        .await
-        .expect("connect to the health listener");
-    HealthClient::new(channel)
-}
-
-async fn health(addr: &str, service: &str) -> ServingStatus {
-    let mut client = health_client(addr).await;
-    let response = client
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .expect("Check");
-    response.into_inner().status()
-}
-
-/// Wait until the health of `service` is `want` (the Watch stream, not a poll).
-async fn wait_health(addr: &str, service: &str, want: ServingStatus) {
-    let mut client = health_client(addr).await;
-    let mut stream = client
-        .watch(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await
-        .expect("Watch")
-        .into_inner();
-    tokio::time::timeout(common::SOON, async {
-        while let Some(answer) = stream.message().await.expect("a health event") {
-            if answer.status() == want {
-                return;
-            }
-        }
-        panic!("the health stream of {service:?} ended");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{service:?} not {want:?} within {:?}", common::SOON));
-}
-
 #[tokio::test]
 async fn the_health_listener_serves_the_probes_and_nothing_else() {
     let locks = lock_dir();
@@ -552,14 +450,17 @@ async fn the_health_listener_serves_the_probes_and_nothing_else() {
         .unwrap_or_else(|| panic!("health= in {}", d.serving()))
         .to_owned();
     d.wait_role("default", Role::Follower).await;
-    assert_eq!(health(&probes, "").await, ServingStatus::Serving);
-    assert_eq!(health(&probes, HEALTH_LIVE).await, ServingStatus::Serving);
+    assert_eq!(health::check(&probes, "").await, ServingStatus::Serving);
     assert_eq!(
-        health(&probes, HEALTH_WORKER_ATTACHED).await,
+        health::check(&probes, HEALTH_LIVE).await,
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        health::check(&probes, HEALTH_WORKER_ATTACHED).await,
         ServingStatus::NotServing
     );
     assert_eq!(
-        health(&probes, HEALTH_WORKER_READY).await,
+        health::check(&probes, HEALTH_WORKER_READY).await,
         ServingStatus::NotServing
     );
 
@@ -568,9 +469,9 @@ async fn the_health_listener_serves_the_probes_and_nothing_else() {
     let mut worker = example("timer_worker");
     worker.args(["--daemon", &d.addr, "--period", "50ms"]);
     let mut worker = Proc::spawn(worker, "worker: ");
-    wait_health(&probes, HEALTH_WORKER_READY, ServingStatus::Serving).await;
+    health::wait_for(&probes, HEALTH_WORKER_READY, ServingStatus::Serving).await;
     assert_eq!(
-        health(&probes, HEALTH_WORKER_ATTACHED).await,
+        health::check(&probes, HEALTH_WORKER_ATTACHED).await,
         ServingStatus::Serving
     );
     leader.proc.signal(Signal::SIGTERM);
@@ -586,7 +487,7 @@ async fn the_health_listener_serves_the_probes_and_nothing_else() {
         worker.wait().success(),
         "the timer worker exits 0 on SIGTERM"
     );
-    wait_health(&probes, HEALTH_WORKER_ATTACHED, ServingStatus::NotServing).await;
+    health::wait_for(&probes, HEALTH_WORKER_ATTACHED, ServingStatus::NotServing).await;
 
     // Only health is served there: the Leadership API stays on --listen.
     let leadership = grpcurl(&[
@@ -664,7 +565,7 @@ async fn a_flood_of_idle_connections_starves_neither_the_election_nor_memory() {
         open <= LIMIT - 64,
         "{open} descriptors open of {LIMIT}: the election's share was taken"
     );
-    let rss = common::status_kib(pid, "VmRSS");
+    let rss = testkit::status_kib(pid, "VmRSS");
     assert!(rss < RSS_BOUND_KIB, "RSS {rss} KiB during the flood");
     eprintln!(
         "flood of {} connections: {open} descriptors open, RSS {} KiB",

@@ -3,8 +3,6 @@
 //! lines. Every scrape follows an event (a state on the watch stream, a health change, a log
 //! line): each value is recorded before the state it reflects is published.
 
-mod common;
-
 use std::{
     collections::HashMap,
     io::{Read, Write},
@@ -12,10 +10,11 @@ use std::{
 };
 
 use baton::{client::Role, daemon::HEALTH_WORKER_ATTACHED};
-use common::{Daemon, Proc, SOON, baton, field, lock_dir, timer_worker};
 use nix::sys::signal::Signal;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+use testkit::{
+    Daemon, Proc, SOON, baton, field,
+    health::{self, ServingStatus},
+    lock_dir, timer_worker,
 };
 
 /// Scraped samples: `name{labels}` -> value.
@@ -85,27 +84,7 @@ fn series(name: &str) -> String {
 /// Wait until a worker is subscribed to `d` (its health listener's `baton.worker.attached`).
 async fn wait_attached(d: &Daemon) {
     let addr = field(&d.serving(), "health").expect("health=").to_owned();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to --health-listen");
-    let mut stream = HealthClient::new(channel)
-        .watch(HealthCheckRequest {
-            service: HEALTH_WORKER_ATTACHED.to_owned(),
-        })
-        .await
-        .expect("Watch")
-        .into_inner();
-    tokio::time::timeout(SOON, async {
-        while let Some(answer) = stream.message().await.expect("a health event") {
-            if answer.status() == ServingStatus::Serving {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("a worker attached");
+    health::wait_for(&addr, HEALTH_WORKER_ATTACHED, ServingStatus::Serving).await;
 }
 
 fn start(identity: &str, lock: &str) -> Daemon {

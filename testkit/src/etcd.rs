@@ -1,17 +1,19 @@
-//! A real etcd for tests and benchmarks: Debian's `etcd` on free loopback ports with a scratch
-//! data dir, killed on drop, and able to stop and start again on the same ports and data (an
-//! outage). `etcdctl` is run against it with the same TLS and user settings.
+//! A real etcd for tests and benchmarks: Debian's `etcd` on fresh loopback ports (started
+//! again on others if it lost them: [`crate::ports`]) with a scratch data dir, killed on drop,
+//! and able to stop and start again on the same ports and data (an outage). `etcdctl` is run
+//! against it with the same TLS and user settings.
 //!
 //! Missing binaries fail the test with the command that installs them: never a silent skip.
-#![allow(dead_code)]
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::Command,
 };
 
-use crate::common::Proc;
+use crate::{
+    Proc,
+    ports::{PortTaken, on_fresh_ports},
+};
 
 /// How to install what this harness needs.
 pub const INSTALL: &str = "apt-get install etcd-server etcd-client";
@@ -28,12 +30,6 @@ pub fn require_binaries() {
              (scripts/test-all.sh does)"
         );
     }
-}
-
-/// A free loopback port (bound and released; etcd binds it right after).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
 }
 
 /// Server TLS files, and whether clients must present a certificate.
@@ -71,16 +67,22 @@ impl Etcd {
 
     /// Start an etcd, with TLS on the client port if given, and wait until it serves.
     pub fn start_with(tls: Option<ServerTls>) -> Etcd {
-        Self::start_at(free_port(), tls)
+        require_binaries();
+        on_fresh_ports("etcd", 2, |ports| {
+            Self::try_start_at(ports[0], ports[1], tls.clone())
+        })
     }
 
-    /// Start an etcd on the given client port and wait until it serves.
-    pub fn start_at(client_port: u16, tls: Option<ServerTls>) -> Etcd {
-        require_binaries();
+    /// Start an etcd on the given client and peer ports and wait until it serves.
+    fn try_start_at(
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<ServerTls>,
+    ) -> Result<Etcd, PortTaken> {
         let mut etcd = Etcd {
             dir: tempfile::tempdir().expect("scratch dir"),
             client_port,
-            peer_port: free_port(),
+            peer_port,
             tls,
             proc: None,
             netns: None,
@@ -96,8 +98,9 @@ impl Etcd {
                 format!("--key={}", tls.key.display()),
             ];
         }
-        etcd.run();
-        etcd
+        etcd.spawn();
+        etcd.wait_ready()?;
+        Ok(etcd)
     }
 
     /// Start a plain-text etcd inside network namespace `netns` (as root, `ip netns exec`),
@@ -152,7 +155,7 @@ impl Etcd {
             member.spawn();
         }
         for member in &cluster {
-            member.wait_ready();
+            member.ready();
         }
         cluster
     }
@@ -188,9 +191,19 @@ impl Etcd {
         self.dir.path()
     }
 
+    /// Start etcd on its ports (which it held before, or which are fixed in a namespace of its
+    /// own) and wait until it serves.
     fn run(&mut self) {
         self.spawn();
-        self.wait_ready();
+        self.ready();
+    }
+
+    /// [`Etcd::wait_ready`], where losing the ports fails the test: the clients expect etcd
+    /// on these.
+    fn ready(&self) {
+        if let Err(PortTaken(why)) = self.wait_ready() {
+            panic!("etcd cannot bind its own ports again: another process took one ({why})");
+        }
     }
 
     /// Start the etcd process, without waiting for it to serve.
@@ -233,23 +246,26 @@ impl Etcd {
         self.proc = Some(proc);
     }
 
-    /// Wait until `etcdctl endpoint health` answers.
-    fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + crate::common::SOON;
+    /// Wait until `etcdctl endpoint health` answers, or etcd exits for want of its ports.
+    fn wait_ready(&self) -> Result<(), PortTaken> {
+        let deadline = tokio::time::Instant::now() + crate::SOON;
         loop {
             let out = self
                 .etcdctl(&["endpoint", "health", "--command-timeout=1s"])
                 .output()
                 .expect("run etcdctl");
             if out.status.success() {
-                return;
+                return Ok(());
             }
             if let Some(proc) = &self.proc {
                 let stderr = proc.stderr.all().join("\n");
+                if let Some(line) = proc.stderr.find("address already in use") {
+                    return Err(PortTaken(line));
+                }
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "etcd did not become healthy within {:?}:\n{stderr}\netcdctl: {}",
-                    crate::common::SOON,
+                    crate::SOON,
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
@@ -328,5 +344,26 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_etcd_whose_client_port_is_taken_says_so() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = squatter.local_addr().unwrap().port();
+        let peer = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        require_binaries();
+        match Etcd::try_start_at(taken, peer, None) {
+            Err(PortTaken(why)) => assert!(why.contains("address already in use"), "{why}"),
+            Ok(_) => panic!("etcd started on port {taken}, which another socket holds"),
+        }
     }
 }

@@ -1,17 +1,29 @@
-//! Shared harness of the end-to-end tests: real `baton` processes on `127.0.0.1:0`, real
-//! workers, real signals, and waiting on events (log lines, stream events) instead of sleeps.
-#![allow(dead_code)]
+//! Baton's test harness, shared by the end-to-end tests and the benchmarks: real `baton`
+//! processes on `127.0.0.1:0` (or a Unix socket), real workers, real signals, and waiting on
+//! events (log lines, stream events) instead of sleeps. [`etcd`] runs a real etcd,
+//! [`k8s_api`] is a test double of the Kubernetes Lease API, and [`scenario`] holds the
+//! hand-off scenarios every store runs. A dev-dependency only: never built into the image.
+
+pub mod etcd;
+pub mod health;
+pub mod k8s_api;
+pub mod pki;
+pub mod ports;
+pub mod scenario;
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread,
     time::Duration,
 };
 
-use baton::client::{Client, LeaderState, Role, WatchEvent};
+use baton::{
+    client::{Client, LeaderState, Role, WatchEvent},
+    store::Timing,
+};
 use futures::StreamExt;
 use nix::{
     sys::signal::{Signal, kill},
@@ -46,6 +58,17 @@ impl Lines {
     /// Every line so far.
     pub fn all(&self) -> Vec<String> {
         self.inner.0.lock().unwrap().clone()
+    }
+
+    /// The first line so far that contains `text`, without waiting.
+    pub fn find(&self, text: &str) -> Option<String> {
+        self.inner
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(text))
+            .cloned()
     }
 
     /// Wait until a line satisfies `pred`; returns it. Panics after `SOON` with the lines.
@@ -141,19 +164,39 @@ impl Drop for Proc {
     }
 }
 
+/// The build directory of the running test or benchmark (`target/PROFILE`): cargo puts it in
+/// `target/PROFILE/deps`, beside which it builds the package's binaries (as assert_cmd finds
+/// them). `CARGO_BIN_EXE_baton` is set only while compiling the tests, not this crate.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe.parent().expect("the test's directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("target/PROFILE").to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
 /// The `baton` binary under test.
+pub fn baton_exe() -> PathBuf {
+    let exe = profile_dir().join("baton");
+    assert!(
+        exe.is_file(),
+        "the baton binary is not built at {}: run the tests with cargo, which builds it",
+        exe.display()
+    );
+    exe
+}
+
+/// The `baton` binary under test, as a command.
 pub fn baton() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
+    Command::new(baton_exe())
 }
 
 /// A built example. `cargo test --all-targets` builds examples only as test harnesses, so the
 /// test command (`scripts/test-all.sh`) runs `cargo build --all-features --examples` first.
 pub fn example(name: &str) -> Command {
-    let exe = Path::new(env!("CARGO_BIN_EXE_baton"))
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
+    let exe = profile_dir().join("examples").join(name);
     assert!(
         exe.is_file(),
         "example {name} is not built at {}: run `cargo build --all-features --examples` \
@@ -308,14 +351,6 @@ pub fn mono_now() -> i128 {
     t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A timer worker (`examples/timer_worker.rs`) following `daemon` in `election`, ticking every
 /// `period` (e.g. "50ms"); its lines carry CLOCK_MONOTONIC stamps (`mono=`).
 pub fn timer_worker(daemon: &Daemon, election: &str, period: &str) -> Proc {
@@ -415,3 +450,12 @@ pub const SHORT_TIMING: [&str; 6] = [
     "--retry-period",
     "500ms",
 ];
+
+/// [`SHORT_TIMING`] as the library's [`Timing`], for tests that drive a store in process.
+pub fn short_timing() -> Timing {
+    Timing {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(500),
+    }
+}

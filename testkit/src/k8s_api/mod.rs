@@ -47,7 +47,6 @@
 //! Test controls: grants, compaction, ending all watches, a gate that holds LIST calls until
 //! several clients have listed (to make candidates race), and per-token counters of requests,
 //! 409s and writes (with the server's monotonic time of each write).
-#![allow(dead_code)]
 // The handlers' helpers return the refusal itself (an axum `Response`) as their error.
 #![allow(clippy::result_large_err)]
 
@@ -72,6 +71,8 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+
+mod tls;
 
 const GROUP: &str = "coordination.k8s.io";
 const API_VERSION: &str = "coordination.k8s.io/v1";
@@ -105,6 +106,24 @@ pub struct Write {
     pub base: Option<u64>,
     /// The version it produced.
     pub rv: u64,
+}
+
+/// The last of `writes` by `token`.
+pub fn last_write(writes: &[Write], token: &str) -> Write {
+    writes
+        .iter()
+        .rfind(|w| w.token == token)
+        .cloned()
+        .unwrap_or_else(|| panic!("no write by {token}: {writes:#?}"))
+}
+
+/// The first of `writes` by `token` that made `holder` the holder.
+pub fn take_over(writes: &[Write], token: &str, holder: &str) -> Write {
+    writes
+        .iter()
+        .find(|w| w.token == token && w.holder == holder)
+        .cloned()
+        .unwrap_or_else(|| panic!("no take-over by {holder}: {writes:#?}"))
 }
 
 /// Requests of one token.
@@ -1077,18 +1096,26 @@ fn validate(lease: &Value, name: &str) -> Result<(), Response> {
     Ok(())
 }
 
+/// A request's JSON body, or `400 BadRequest`.
+fn parse_body(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|_| {
+        status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+            json!({}),
+        )
+    })
+}
+
 fn create(shared: &Shared, namespace: &str, headers: &HeaderMap, body: &Bytes) -> Response {
     let token = match authorise(shared, headers, "create", namespace, None) {
         Ok(token) => token,
         Err(response) => return response,
     };
-    let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
-        return status(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the body is not JSON",
-            json!({}),
-        );
+    let mut lease = match parse_body(body) {
+        Ok(lease) => lease,
+        Err(response) => return response,
     };
     let Some(name) = lease["metadata"]["name"].as_str().map(str::to_owned) else {
         return status(
@@ -1188,13 +1215,9 @@ async fn item(
 }
 
 fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Bytes) -> Response {
-    let Ok(mut lease) = serde_json::from_slice::<Value>(body) else {
-        return status(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "the body is not JSON",
-            json!({}),
-        );
+    let mut lease = match parse_body(body) {
+        Ok(lease) => lease,
+        Err(response) => return response,
     };
     if lease["metadata"]["name"].as_str() != Some(name) {
         return status(
@@ -1273,91 +1296,4 @@ fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Byte
         &lease,
     );
     ok(StatusCode::OK, &lease)
-}
-
-/// HTTPS for the double: a CA of its own and a certificate for `127.0.0.1`.
-mod tls {
-    use std::{net::SocketAddr, sync::Arc};
-
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio_rustls::{
-        TlsAcceptor,
-        rustls::{
-            ServerConfig,
-            crypto::ring,
-            pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
-        },
-        server::TlsStream,
-    };
-
-    pub struct Tls {
-        pub ca_pem: String,
-        pub acceptor: TlsAcceptor,
-    }
-
-    impl Tls {
-        /// A fresh CA and a certificate for `ip`, signed by it.
-        pub fn new(ip: std::net::IpAddr) -> Tls {
-            let ca_key = rcgen::KeyPair::generate().expect("CA key");
-            let mut ca_params =
-                rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            ca_params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, "Lease API test double CA");
-            let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA");
-            let key = rcgen::KeyPair::generate().expect("server key");
-            let cert = rcgen::CertificateParams::new(vec![ip.to_string()])
-                .expect("server params")
-                .signed_by(&key, &ca)
-                .expect("server certificate");
-            let mut config =
-                ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-                    .with_safe_default_protocol_versions()
-                    .expect("TLS versions")
-                    .with_no_client_auth()
-                    .with_single_cert(
-                        vec![cert.der().clone()],
-                        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-                    )
-                    .expect("TLS server config");
-            // As the API server: HTTP/2 for clients that offer it, else HTTP/1.1.
-            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            Tls {
-                ca_pem: ca.pem(),
-                acceptor: TlsAcceptor::from(Arc::new(config)),
-            }
-        }
-    }
-
-    /// Accepts TCP connections and completes the TLS handshake before handing them to axum.
-    pub struct TlsListener {
-        pub tcp: TcpListener,
-        pub acceptor: TlsAcceptor,
-        /// Counts completed handshakes.
-        pub accepted: Arc<std::sync::atomic::AtomicU64>,
-    }
-
-    impl axum::serve::Listener for TlsListener {
-        type Io = TlsStream<TcpStream>;
-        type Addr = SocketAddr;
-
-        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-            loop {
-                let Ok((tcp, addr)) = self.tcp.accept().await else {
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                if let Ok(tls) = self.acceptor.accept(tcp).await {
-                    self.accepted
-                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    return (tls, addr);
-                }
-            }
-        }
-
-        fn local_addr(&self) -> std::io::Result<Self::Addr> {
-            self.tcp.local_addr()
-        }
-    }
 }
