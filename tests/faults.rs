@@ -1374,7 +1374,9 @@ impl Suite {
                 .wait_until(
                     "the holder's lease in its last second",
                     Self::bound(),
-                    |s| (s.lease_ttl(member, lease) == Some(0)).then(mono_now),
+                    // A read that takes over a second on a loaded machine can miss the 0 and
+                    // see the lease already gone (-1): the window is then late, still a try.
+                    |s| matches!(s.lease_ttl(member, lease), Some(-1 | 0)).then(mono_now),
                 )
                 .await;
             // The test's reads lag the waiters' (a process each): around the revoke, which
