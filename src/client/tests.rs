@@ -350,6 +350,43 @@ async fn an_unknown_election_stops_the_work_and_ends_the_run() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_end_of_the_event_stream_stops_the_work_and_ends_the_run() {
+    let (result, h) = drive(Some(secs(60.0)), None, async |h: &mut Harness| {
+        h.state(LEADER, 3, Some(10.0));
+        h.at(2.0).await;
+        h.events.close_channel();
+    })
+    .await;
+    assert!(
+        matches!(result, Err(ClientError::StreamEnded)),
+        "{result:?}"
+    );
+    let work = [(0, 3, Started), (2000, 3, ABRUPT), (2000, 3, Returned)];
+    assert_eq!(h.work(), work);
+    assert_eq!(h.calls(), [(2000, Call::Acknowledge(3))]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_readiness_source_is_declared_no_more() {
+    let (ready_tx, ready) = tokio::sync::watch::channel(true);
+    let (result, h) = drive(Some(secs(0.5)), Some(ready), async |h: &mut Harness| {
+        h.state(LEADER, 3, Some(10.0));
+        h.at(1.0).await;
+        drop(ready_tx);
+        h.at(2.0).await;
+        h.send(WatchEvent::Disconnected(ClientError::StreamEnded));
+        h.state(FOLLOWER, 3, None);
+        h.at(3.0).await;
+        h.shut_down();
+    })
+    .await;
+    result.expect("shut down");
+    // Declared once; neither the new stream nor the shutdown declares again.
+    let calls = [(0, Call::Ready(true)), (2000, Call::Acknowledge(3))];
+    assert_eq!(h.calls(), calls);
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_hands_over_then_declares_the_worker_not_ready() {
     let (_ready_tx, ready) = tokio::sync::watch::channel(true);
     let (result, h) = drive(Some(secs(0.6)), Some(ready), async |h: &mut Harness| {
