@@ -258,11 +258,26 @@ impl Default for ElectionMetrics {
     }
 }
 
+/// A published state of an election, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// This replica leads.
+    pub leading: bool,
+    /// Some replica is known to lead (this one or another).
+    pub leader_known: bool,
+    /// The term; 0 while none is known.
+    pub term: u64,
+}
+
 impl ElectionMetrics {
-    /// Record a published state: whether this replica leads, whether any leader is known, and
-    /// the term (0 while none is known).
-    pub fn published(&self, is_leader: bool, leader_known: bool, term: u64) {
-        self.is_leader.set(i64::from(is_leader));
+    /// Record a published state.
+    pub fn published(&self, state: Published) {
+        let Published {
+            leading,
+            leader_known,
+            term,
+        } = state;
+        self.is_leader.set(i64::from(leading));
         if term > 0 {
             self.term.set(term);
         }
@@ -297,6 +312,14 @@ impl ElectionMetrics {
 mod tests {
     use super::*;
 
+    fn state(leading: bool, leader_known: bool, term: u64) -> Published {
+        Published {
+            leading,
+            leader_known,
+            term,
+        }
+    }
+
     fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines()
             .find(|l| l.starts_with(prefix))
@@ -324,12 +347,12 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
 
         // (is_leader, leader_known, term)
-        e.published(false, false, 0); // unknown
-        e.published(false, true, 3); // following "a"
-        e.published(false, false, 0); // store trouble: not a new leadership
-        e.published(false, true, 3); // following "a" again
-        e.published(false, false, 3); // released
-        e.published(true, true, 4); // leading
+        e.published(state(false, false, 0)); // unknown
+        e.published(state(false, true, 3)); // following "a"
+        e.published(state(false, false, 0)); // store trouble: not a new leadership
+        e.published(state(false, true, 3)); // following "a" again
+        e.published(state(false, false, 3)); // released
+        e.published(state(true, true, 4)); // leading
         e.renewed(Duration::from_millis(2));
         e.store_failed(ErrorKind::Unavailable);
         e.subscribers(2);

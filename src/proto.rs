@@ -15,7 +15,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("bato
 /// buffer in steps of this size.
 const CALL_BUFFER: usize = 512;
 
-/// prost's codec with [`CALL_BUFFER`]-byte buffers (tonic's `codec_buffers` example); the
+/// prost's codec with 512-byte buffers (`CALL_BUFFER`) (tonic's `codec_buffers` example); the
 /// generated stubs use it through `tonic_prost_build::Builder::codec_path` (see `build.rs`).
 #[derive(Debug, Clone)]
 pub struct Codec<T, U>(tonic_prost::ProstCodec<T, U>);

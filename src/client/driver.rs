@@ -1,7 +1,7 @@
 //! The thin async loop behind [`super::Client::run_while_leader`]: it reads the daemon's stream,
 //! the deadlines, the work's task, shutdown and readiness, feeds them to the pure
 //! [`Follower`] as events, and performs the actions it returns (spawn and cancel the work, call
-//! the daemon through [`Daemon`]). Every decision is the follower's; this file waits and calls.
+//! the daemon through [`DaemonCalls`]). Every decision is the follower's; this file waits and calls.
 
 use std::{collections::VecDeque, future::Future, pin::Pin, pin::pin};
 
@@ -21,7 +21,7 @@ use super::{
 
 /// The calls a worker makes to its daemon: the [`Client`]'s, or a recording in paused-time
 /// tests.
-pub(super) trait Daemon {
+pub(super) trait DaemonCalls {
     /// Confirm that the work of `term` stopped.
     fn acknowledge_stop(&self, term: u64) -> impl Future<Output = Result<(), ClientError>>;
     /// Ask the daemon to step down.
@@ -37,7 +37,7 @@ pub(super) struct WorkerCalls<'a> {
     pub(super) worker: &'a str,
 }
 
-impl Daemon for WorkerCalls<'_> {
+impl DaemonCalls for WorkerCalls<'_> {
     fn acknowledge_stop(&self, term: u64) -> impl Future<Output = Result<(), ClientError>> {
         self.client
             .acknowledge_stop(self.election, self.worker, term)
@@ -141,7 +141,7 @@ impl<'a, F, Fut, D> Driver<'a, F, D>
 where
     F: FnMut(Lease) -> Fut + Send,
     Fut: Future<Output = ()> + Send + 'static,
-    D: Daemon,
+    D: DaemonCalls,
 {
     /// A driver that runs `work` for `election`, declaring readiness from `ready` if given.
     pub(super) fn new(

@@ -547,8 +547,8 @@ impl Reconnecting {
 }
 
 /// Resolves on the first SIGTERM or SIGINT, with the signal's name: the usual `shutdown` for
-/// [`WorkerBuilder::until`]. (A worker that is PID 1 in a container is not ended by SIGTERM unless it
-/// handles it.)
+/// [`WorkerBuilder::until`]. (A worker that is PID 1 in a container is not ended by SIGTERM
+/// unless it handles it.)
 ///
 /// # Errors
 /// The signal handlers cannot be installed.

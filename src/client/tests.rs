@@ -16,7 +16,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use super::{
-    driver::{Daemon, Driver, Inbox, Running},
+    driver::{DaemonCalls, Driver, Inbox, Running},
     lease::SharedEnding,
     *,
 };
@@ -63,7 +63,7 @@ impl<T: Clone> Log<T> {
     }
 }
 
-impl Daemon for Log<Call> {
+impl DaemonCalls for Log<Call> {
     fn acknowledge_stop(&self, term: u64) -> impl Future<Output = Result<(), ClientError>> {
         self.push(Call::Acknowledge(term));
         std::future::ready(Ok(()))

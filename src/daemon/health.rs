@@ -1,6 +1,6 @@
-//! grpc.health.v1 for the daemon: a reporter task that keeps the services below in step with
-//! the elections, and the optional probe server on `--health-listen` that serves health alone
-//! (for Kubernetes gRPC probes, apart from the API's connection cap).
+//! grpc.health.v1 for the daemon: the service names, and a reporter task that keeps them in step
+//! with the elections. The servers (`servers.rs`) serve it on `--listen` and, for Kubernetes
+//! gRPC probes apart from the API's connection cap, alone on `--health-listen`.
 
 use futures::{StreamExt, stream};
 use tokio::task::JoinHandle;

@@ -35,10 +35,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keep-alive probes after this much silence find peers that vanished without a FIN.
-pub(super) const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The limits every gRPC server of the daemon keeps.
-pub(super) fn limited(builder: Server, streams: u32) -> Server {
+fn limited(builder: Server, streams: u32) -> Server {
     builder
         .max_concurrent_streams(streams)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))

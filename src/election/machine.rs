@@ -125,11 +125,11 @@ enum Phase {
     /// This replica holds the election, proven at `renewed_at`.
     /// -> SteppingDown on `Resign`, `Shutdown` or readiness lost; -> Unknown when the renew
     /// deadline passes; -> Follower on a lost holding.
-    Leader { lease: Lease },
+    Leader { tenure: Tenure },
     /// Workers were told the leadership ended; the holding is kept alive until they confirm.
     /// -> Follower (or Stopped when exiting) on `Drained` or at `drain_until`, with a release.
     SteppingDown {
-        lease: Lease,
+        tenure: Tenure,
         drain_until: Instant,
         successor: Option<String>,
         exit: bool,
@@ -138,9 +138,9 @@ enum Phase {
     Stopped { term: u64 },
 }
 
-/// A holding and its proof.
+/// A holding and its proof: the term, when it was last renewed, until when the store grants it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Lease {
+struct Tenure {
     term: u64,
     /// When the last successful renewal was sent.
     renewed_at: Instant,
@@ -148,7 +148,7 @@ struct Lease {
     store_valid_until: Instant,
 }
 
-impl Lease {
+impl Tenure {
     /// Until when this replica certainly leads: the store's word, cut short by the renew
     /// deadline so that we step down before the lease could expire.
     fn valid_until(&self, timing: &Timing) -> Instant {
@@ -258,10 +258,11 @@ impl Machine {
                 sent_at,
                 valid_until,
             } => {
-                if let Phase::Leader { lease } | Phase::SteppingDown { lease, .. } = &mut self.phase
+                if let Phase::Leader { tenure } | Phase::SteppingDown { tenure, .. } =
+                    &mut self.phase
                 {
-                    lease.renewed_at = lease.renewed_at.max(sent_at);
-                    lease.store_valid_until = valid_until;
+                    tenure.renewed_at = tenure.renewed_at.max(sent_at);
+                    tenure.store_valid_until = valid_until;
                 }
                 None
             }
@@ -290,16 +291,18 @@ impl Machine {
             self.hold_off_until = None;
         }
         match &self.phase {
-            Phase::Leader { lease } if lease.valid_until(&self.timing) <= now => {
+            Phase::Leader { tenure } if tenure.valid_until(&self.timing) <= now => {
                 self.phase = Phase::Unknown {
                     reason: Reason::RenewDeadlinePassed,
-                    term: lease.term,
+                    term: tenure.term,
                 };
                 Some(Command::Abandon)
             }
             Phase::SteppingDown {
-                lease, drain_until, ..
-            } if *drain_until <= now || lease.valid_until(&self.timing) <= now => {
+                tenure,
+                drain_until,
+                ..
+            } if *drain_until <= now || tenure.valid_until(&self.timing) <= now => {
                 self.finish_stepping_down()
             }
             _ => None,
@@ -309,10 +312,12 @@ impl Machine {
     /// The next instant at which [`Machine::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let phase = match &self.phase {
-            Phase::Leader { lease } => Some(lease.valid_until(&self.timing)),
+            Phase::Leader { tenure } => Some(tenure.valid_until(&self.timing)),
             Phase::SteppingDown {
-                lease, drain_until, ..
-            } => Some((*drain_until).min(lease.valid_until(&self.timing))),
+                tenure,
+                drain_until,
+                ..
+            } => Some((*drain_until).min(tenure.valid_until(&self.timing))),
             _ => None,
         };
         phase.into_iter().chain(self.hold_off_until).min()
@@ -337,8 +342,8 @@ impl Machine {
     /// timed from the store's proof of the holding, not from our reading of the answer.
     pub fn next_renewal(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Leader { lease } | Phase::SteppingDown { lease, .. } => {
-                Some(lease.renew_at(&self.timing))
+            Phase::Leader { tenure } | Phase::SteppingDown { tenure, .. } => {
+                Some(tenure.renew_at(&self.timing))
             }
             _ => None,
         }
@@ -347,7 +352,7 @@ impl Machine {
     /// The term this replica holds (leading or stepping down).
     pub fn held_term(&self) -> Option<u64> {
         match &self.phase {
-            Phase::Leader { lease } | Phase::SteppingDown { lease, .. } => Some(lease.term),
+            Phase::Leader { tenure } | Phase::SteppingDown { tenure, .. } => Some(tenure.term),
             _ => None,
         }
     }
@@ -358,7 +363,7 @@ impl Machine {
             Phase::Unknown { term, .. }
             | Phase::Follower { term, .. }
             | Phase::Stopped { term } => *term,
-            Phase::Leader { lease } | Phase::SteppingDown { lease, .. } => lease.term,
+            Phase::Leader { tenure } | Phase::SteppingDown { tenure, .. } => tenure.term,
         }
     }
 
@@ -387,22 +392,24 @@ impl Machine {
                 };
                 (Role::Follower, leader.clone(), *term, None, reason)
             }
-            Phase::Leader { lease } => (
+            Phase::Leader { tenure } => (
                 Role::Leader,
                 Some(identity.to_owned()),
-                lease.term,
-                Some(lease.valid_until(&self.timing)),
+                tenure.term,
+                Some(tenure.valid_until(&self.timing)),
                 Reason::Leading,
             ),
             Phase::SteppingDown {
-                lease, drain_until, ..
+                tenure,
+                drain_until,
+                ..
             } => (
                 Role::Follower,
                 Some(identity.to_owned()),
-                lease.term,
+                tenure.term,
                 // How long the holding is kept for the workers to finish: their hand-over ends
                 // there at the latest.
-                Some(lease.valid_until(&self.timing).min(*drain_until)),
+                Some(tenure.valid_until(&self.timing).min(*drain_until)),
                 Reason::SteppingDown,
             ),
             Phase::Stopped { term } => (Role::Follower, None, *term, None, Reason::ShuttingDown),
@@ -451,7 +458,7 @@ impl Machine {
                     .checked_sub(self.timing.lease_duration)
                     .map_or(now, |t| t.min(now));
                 self.phase = Phase::Leader {
-                    lease: Lease {
+                    tenure: Tenure {
                         term: holding.term,
                         renewed_at: proven_at,
                         store_valid_until: holding.valid_until,
@@ -471,17 +478,17 @@ impl Machine {
 
     fn store_failed(&mut self, kind: ErrorKind, reason: String) -> Option<Command> {
         match (&self.phase, kind) {
-            (Phase::Leader { lease }, ErrorKind::Lost) => {
+            (Phase::Leader { tenure }, ErrorKind::Lost) => {
                 self.phase = Phase::Unknown {
                     reason: Reason::Lost(reason),
-                    term: lease.term,
+                    term: tenure.term,
                 };
                 Some(Command::Abandon)
             }
             // A leader keeps trying until its renew deadline; `tick` steps it down then.
             (Phase::Leader { .. }, _) => None,
-            (Phase::SteppingDown { exit, lease, .. }, ErrorKind::Lost) => {
-                let term = lease.term;
+            (Phase::SteppingDown { exit, tenure, .. }, ErrorKind::Lost) => {
+                let term = tenure.term;
                 self.phase = if *exit {
                     Phase::Stopped { term }
                 } else {
@@ -511,9 +518,9 @@ impl Machine {
         exit: bool,
     ) -> Option<Command> {
         match &mut self.phase {
-            Phase::Leader { lease } => {
+            Phase::Leader { tenure } => {
                 self.phase = Phase::SteppingDown {
-                    lease: *lease,
+                    tenure: *tenure,
                     drain_until: now + self.drain_timeout,
                     successor,
                     exit,
@@ -535,7 +542,7 @@ impl Machine {
 
     fn finish_stepping_down(&mut self) -> Option<Command> {
         let Phase::SteppingDown {
-            lease,
+            tenure,
             successor,
             exit,
             ..
@@ -547,11 +554,11 @@ impl Machine {
             successor: successor.clone(),
         };
         self.phase = if *exit {
-            Phase::Stopped { term: lease.term }
+            Phase::Stopped { term: tenure.term }
         } else {
             Phase::Follower {
                 leader: None,
-                term: lease.term,
+                term: tenure.term,
             }
         };
         Some(command)

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::backoff::Backoff;
 use crate::{
-    metrics::ElectionMetrics,
+    metrics::{ElectionMetrics, Published},
     store::{Acquired, Candidate, ErrorKind, Observation, Store, StoreError, Timing},
 };
 
@@ -308,7 +308,11 @@ impl Runtime {
 
 /// Record a published view in the metrics, which take plain values.
 fn record(metrics: &ElectionMetrics, view: &View) {
-    metrics.published(view.role == Role::Leader, view.leader.is_some(), view.term);
+    metrics.published(Published {
+        leading: view.role == Role::Leader,
+        leader_known: view.leader.is_some(),
+        term: view.term,
+    });
 }
 
 impl StoreCalls {

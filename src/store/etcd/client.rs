@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use tokio::{sync::Mutex, time::timeout};
 
-use super::EtcdConfig;
+use super::config::EtcdConfig;
 use super::error::EtcdError;
 use super::queue::EtcdCandidate;
 use super::session::Session;

@@ -14,11 +14,11 @@ mod client;
 #[cfg(feature = "kubernetes")]
 mod error;
 #[cfg(feature = "kubernetes")]
+mod lease_watch;
+#[cfg(feature = "kubernetes")]
 mod record;
 #[cfg(feature = "kubernetes")]
 mod request;
-#[cfg(feature = "kubernetes")]
-mod watch;
 
 #[cfg(feature = "kubernetes")]
 pub use client::{KubernetesStore, USER_AGENT};
