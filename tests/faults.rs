@@ -1376,9 +1376,14 @@ impl Suite {
                     Self::bound(),
                     // A read that takes over a second on a loaded machine can miss the 0 and
                     // see the lease already gone (-1): the window is then late, still a try.
-                    |s| matches!(s.lease_ttl(member, lease), Some(-1 | 0)).then(mono_now),
+                    |s| match s.lease_ttl(member, lease) {
+                        Some(0) => Some((mono_now(), false)),
+                        Some(-1) => Some((mono_now(), true)),
+                        _ => None,
+                    },
                 )
                 .await;
+            let (zero, late) = zero;
             // The test's reads lag the waiters' (a process each): around the revoke, which
             // came 1012-1041 ms after the test's first 0 in trial runs.
             let offset = 20 * k as i128 - 30;
@@ -1408,9 +1413,14 @@ impl Suite {
             let (_, baton) = self.after(leader, t0);
             failover = failover.or(Some(ms(next.start - t0)));
             notes.push(format!(
-                "try {k}: etcd-killed=m{member} at first-zero+{:.0}ms, next worker at +{:.0}ms \
-                 from the kill, {} revoked early: {}; {baton}",
+                "try {k}: etcd-killed=m{member} at first-zero+{:.0}ms{}, next worker at \
+                 +{:.0}ms from the kill, {} revoked early: {}; {baton}",
                 ms(t1 - zero),
+                if late {
+                    " (late: the lease was gone at the first read)"
+                } else {
+                    ""
+                },
                 ms(next.start - t1),
                 self.replicas[next.replica].id,
                 if revoked { "yes" } else { "no" }

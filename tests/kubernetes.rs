@@ -426,7 +426,7 @@ async fn an_outage_is_one_line_per_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_waits_for_the_lease_before_a_take_over() {
+async fn kill_waits_for_the_lease_sigterm_hands_over_at_once() {
     let e = "handoff";
     let cluster = Cluster::new();
     let (a, token_a) = cluster.daemon("a", e);
@@ -458,8 +458,32 @@ async fn kill_9_waits_for_the_lease_before_a_take_over() {
     assert!(term_b > term_a, "term {term_b} after {term_a}");
     assert_eq!(took.base, Some(last_a.rv), "b replaced a's last record");
 
-    // SIGTERM hands over at once: tests/scenarios.rs, on every store.
-    for token in [&token_a, &token_b] {
+    // a comes back as a follower; SIGTERM b, which took over by expiry: b drains, releases,
+    // and a takes over the released record at once (from fresh daemons: tests/scenarios.rs).
+    let (a2, token_a2) = cluster.daemon("a", e);
+    a2.wait_for(e, "following b", |s| s.leader.as_deref() == Some("b"))
+        .await;
+    let worker_a2 = timer_worker(&a2, e, "50ms");
+    let mut b = b;
+    b.proc.signal(Signal::SIGTERM);
+    let (term_a2, started_a2) = mark(&worker_a2, "started", 0);
+    let (_, stopped_b) = mark(&worker_b, "stopped", 0);
+    assert!(
+        stopped_b < started_a2,
+        "b's worker stopped before a's started"
+    );
+    assert!(term_a2 > term_b, "term {term_a2} after {term_b}");
+    let writes = cluster.api.writes();
+    let release = last_write(&writes, &token_b);
+    assert_eq!(release.holder, "", "b's last write is its release");
+    let took = take_over(&writes, &token_a2, "a");
+    assert_eq!(
+        took.base,
+        Some(release.rv),
+        "a took over the released record, not an expired one"
+    );
+    assert!(b.proc.wait().success(), "b exits cleanly on SIGTERM");
+    for token in [&token_a, &token_b, &token_a2] {
         assert_eq!(cluster.api.stats(token).unconditional_updates, 0);
     }
 }
