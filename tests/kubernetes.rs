@@ -803,7 +803,7 @@ async fn a_forbidden_namespace_is_reported_and_recovers_once_granted() {
     let line = daemon
         .proc
         .stderr
-        .wait_for("about the 403", |l| l.contains("403"));
+        .wait_for("about the 403", |l| l.contains("403 Forbidden"));
     for part in [
         "may not list",
         "leases.coordination.k8s.io",
@@ -837,7 +837,7 @@ async fn a_forbidden_namespace_is_reported_and_recovers_once_granted() {
     daemon
         .proc
         .stderr
-        .wait_count("a second 403", 2, |l| l.contains("403"));
+        .wait_count("a second 403", 2, |l| l.contains("403 Forbidden"));
     assert!(
         daemon.proc.child.try_wait().unwrap().is_none(),
         "the daemon keeps running"
@@ -871,7 +871,7 @@ async fn the_deploy_role_allows_the_election_lease_and_nothing_else() {
     let line = b
         .proc
         .stderr
-        .wait_for("a 403 for another Lease", |l| l.contains("403"));
+        .wait_for("a 403 for another Lease", |l| l.contains("403 Forbidden"));
     assert!(line.contains("may not list"), "{line}");
     assert_eq!(cluster.api.lease(NS, "other"), None);
     for daemon in [&mut a, &mut b] {
