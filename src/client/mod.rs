@@ -94,6 +94,11 @@ impl ClientError {
     }
 }
 
+/// The error of gRPC call `call` that the daemon answered with a status.
+fn failed(call: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
+    move |status| ClientError::Call { call, status }
+}
+
 /// A replica's role, as the daemon reports it (the wire enum).
 pub use crate::proto::Role;
 
@@ -213,10 +218,7 @@ impl Client {
             .clone()
             .get_leadership(request)
             .await
-            .map_err(|status| ClientError::Call {
-                call: "GetLeadership",
-                status,
-            })?;
+            .map_err(failed("GetLeadership"))?;
         Ok(LeaderState::from_event(event.into_inner(), Instant::now()))
     }
 
@@ -230,10 +232,7 @@ impl Client {
             .clone()
             .list_leadership(proto::ListLeadershipRequest {})
             .await
-            .map_err(|status| ClientError::Call {
-                call: "ListLeadership",
-                status,
-            })?;
+            .map_err(failed("ListLeadership"))?;
         let now = Instant::now();
         Ok(response
             .into_inner()
@@ -257,15 +256,12 @@ impl Client {
             election: election.to_owned(),
             successor: successor.unwrap_or_default().to_owned(),
         };
-        let response =
-            self.rpc
-                .clone()
-                .resign(request)
-                .await
-                .map_err(|status| ClientError::Call {
-                    call: "Resign",
-                    status,
-                })?;
+        let response = self
+            .rpc
+            .clone()
+            .resign(request)
+            .await
+            .map_err(failed("Resign"))?;
         Ok(response.into_inner().term)
     }
 
@@ -288,10 +284,7 @@ impl Client {
             .clone()
             .set_readiness(request)
             .await
-            .map_err(|status| ClientError::Call {
-                call: "SetReadiness",
-                status,
-            })?;
+            .map_err(failed("SetReadiness"))?;
         Ok(())
     }
 
@@ -314,10 +307,7 @@ impl Client {
             .clone()
             .acknowledge_stop(request)
             .await
-            .map_err(|status| ClientError::Call {
-                call: "AcknowledgeStop",
-                status,
-            })?;
+            .map_err(failed("AcknowledgeStop"))?;
         Ok(())
     }
 
