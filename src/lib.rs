@@ -31,6 +31,8 @@ pub mod client;
 pub mod proto;
 
 #[cfg(feature = "daemon")]
+pub mod balance;
+#[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
 pub mod daemon;

@@ -1,0 +1,194 @@
+//! Balancing: which member of a group should lead each election.
+//!
+//! Daemons that run the same elections with `--balance` form a group. Every member reads the same
+//! [`Snapshot`] from the store (the live members, what each is ready for, who holds what) and
+//! computes [`plan`] from it. The plan is a pure function of the snapshot, so members agree
+//! without talking. It keeps every holding it can and moves only what fair shares require. A plan
+//! only says who should campaign and who should hand over; each move is an ordinary graceful
+//! hand-off under the unchanged lease rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A live member of the group, as the store shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's identity (`--identity`).
+    pub identity: String,
+    /// The elections this member may lead: all of them with `--campaign always`; with
+    /// `--campaign when-ready`, those whose worker declared itself ready.
+    pub eligible: BTreeSet<String>,
+}
+
+/// One election as the store shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seat {
+    /// The election's name.
+    pub election: String,
+    /// Who holds it now, or the successor it was released to, if any.
+    pub holder: Option<String>,
+}
+
+/// What every member reads from the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The live members; a member that stopped or whose membership expired is not here.
+    pub members: Vec<Member>,
+    /// Every election of the group.
+    pub seats: Vec<Seat>,
+}
+
+/// Who should lead each election: `None` where no live member may lead it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The election's name to the member that should lead it.
+    pub owners: BTreeMap<String, Option<String>>,
+}
+
+/// What one member should do in one election, by [`Plan::step`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Lead it: campaign, or keep leading.
+    Lead,
+    /// It leads but should not: hand over gracefully to this member.
+    HandOver(String),
+    /// Another member should lead it: do not campaign.
+    StandBy,
+}
+
+impl Plan {
+    /// What `identity` should do in `seat`'s election.
+    pub fn step(&self, identity: &str, seat: &Seat) -> Step {
+        let owner = self.owners.get(&seat.election).cloned().flatten();
+        match owner {
+            Some(owner) if owner == identity => Step::Lead,
+            Some(owner) if seat.holder.as_deref() == Some(identity) => Step::HandOver(owner),
+            // Nobody may lead it: a holder keeps it rather than leave it vacant.
+            None if seat.holder.as_deref() == Some(identity) => Step::Lead,
+            _ => Step::StandBy,
+        }
+    }
+
+    /// How many elections each member should lead.
+    pub fn shares(&self) -> BTreeMap<&str, usize> {
+        let mut shares = BTreeMap::new();
+        for owner in self.owners.values().flatten() {
+            *shares.entry(owner.as_str()).or_default() += 1;
+        }
+        shares
+    }
+}
+
+/// The plan for `snapshot`: fair shares, each `floor(E/M)` or `ceil(E/M)` where eligibility
+/// allows, reached with the fewest moves.
+///
+/// 1. A holder that is a live member eligible for its election keeps it, for now.
+/// 2. Shares: of the E elections some member may lead, each of the M members gets `E / M`, and
+///    the `E % M` members that keep the most (ties: the lower identity) one more.
+/// 3. A member over its share keeps the elections that sort first and gives up the rest.
+/// 4. Each election given up or vacant, in name order, goes to the eligible member furthest
+///    under its share (then fewest elections, then the lower identity); failing that, to the
+///    eligible member with the fewest elections.
+///
+/// Where every member may lead every election, the plan stays the same while its moves happen:
+/// a member giving up falls only to its share and a member taking rises only to its share, so
+/// the ranking of step 2 holds, and no election moves twice.
+pub fn plan(snapshot: &Snapshot) -> Plan {
+    let members: BTreeMap<&str, &Member> = snapshot
+        .members
+        .iter()
+        .map(|m| (m.identity.as_str(), m))
+        .collect();
+    let mut seats: Vec<&Seat> = snapshot.seats.iter().collect();
+    seats.sort_by(|a, b| a.election.cmp(&b.election));
+    seats.dedup_by(|a, b| a.election == b.election);
+    let eligible = |member: &str, election: &str| {
+        members
+            .get(member)
+            .is_some_and(|m| m.eligible.contains(election))
+    };
+
+    // Step 1: who keeps what.
+    let mut kept: BTreeMap<&str, Vec<&str>> = members.keys().map(|&m| (m, Vec::new())).collect();
+    let mut pool = Vec::new();
+    for seat in &seats {
+        match seat.holder.as_deref() {
+            Some(holder) if eligible(holder, &seat.election) => {
+                kept.entry(holder).or_default().push(&seat.election);
+            }
+            _ => pool.push(seat.election.as_str()),
+        }
+    }
+
+    // Step 2: shares.
+    let assignable = seats
+        .iter()
+        .filter(|s| members.values().any(|m| m.eligible.contains(&s.election)))
+        .count();
+    // A member eligible for nothing has no share, so it does not lower the others'.
+    let mut ranked: Vec<&str> = members
+        .iter()
+        .filter(|(_, m)| !m.eligible.is_empty())
+        .map(|(&id, _)| id)
+        .collect();
+    ranked.sort_by(|a, b| kept[b].len().cmp(&kept[a].len()).then(a.cmp(b)));
+    let (base, extra) = match ranked.len() {
+        0 => (0, 0),
+        m => (assignable / m, assignable % m),
+    };
+    let share: BTreeMap<&str, usize> = ranked
+        .iter()
+        .enumerate()
+        .map(|(rank, &m)| (m, base + usize::from(rank < extra)))
+        .chain(
+            members
+                .iter()
+                .filter(|(_, m)| m.eligible.is_empty())
+                .map(|(&id, _)| (id, 0)),
+        )
+        .collect();
+
+    // Step 3: over-share members give up what sorts last (their lists are in name order).
+    let mut given_up = Vec::new();
+    for (member, elections) in &mut kept {
+        if elections.len() > share[member] {
+            given_up.extend(elections.drain(share[member]..).map(|e| (e, Some(*member))));
+        }
+    }
+    let mut moving: Vec<(&str, Option<&str>)> = pool.into_iter().map(|e| (e, None)).collect();
+    moving.extend(given_up);
+    moving.sort();
+
+    // Step 4: place what moves.
+    let mut owners: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (member, elections) in &kept {
+        for election in elections {
+            owners.insert((*election).to_owned(), Some((*member).to_owned()));
+        }
+    }
+    for (election, from) in moving {
+        let count = |m: &str| kept[m].len();
+        let candidates = || {
+            members
+                .keys()
+                .copied()
+                .filter(|&m| Some(m) != from && eligible(m, election))
+        };
+        let under = candidates()
+            .filter(|&m| count(m) < share[m])
+            .min_by_key(|&m| (count(m) as isize - share[m] as isize, count(m), m));
+        let to = match from {
+            // Given up, and nobody under its share may take it: the holder keeps it, since
+            // moving it would only move the surplus.
+            Some(_) => under.or(from),
+            None => under.or_else(|| candidates().min_by_key(|&m| (count(m), m))),
+        };
+        if let Some(to) = to {
+            kept.get_mut(to).expect("a member").push(election);
+        }
+        owners.insert(election.to_owned(), to.map(str::to_owned));
+    }
+    Plan { owners }
+}
+
+#[cfg(test)]
+mod tests;
