@@ -41,6 +41,15 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
+    /// Another live process is already a member of the group under this identity.
+    #[error(
+        "member lock {path} is held by another process: another daemon runs with this \
+         --identity in the group; give each daemon its own identity"
+    )]
+    MemberInUse {
+        /// The member lock file.
+        path: PathBuf,
+    },
     /// The lock file holds data Baton did not write.
     #[error(
         "lock file {path} was not written by Baton (it does not start with {header:?}); \

@@ -18,12 +18,14 @@ use crate::timing::Timing;
 
 mod candidate;
 mod error;
+mod membership;
 mod record;
 #[cfg(test)]
 mod tests;
 
 use candidate::FileCandidate;
 pub use error::FileError;
+pub use membership::FileMembership;
 use record::boot_id;
 
 /// The first bytes of every lock file Baton creates.
@@ -128,6 +130,33 @@ impl FileStore {
     pub fn with_crash_grace(mut self, grace: Duration) -> Self {
         self.crash_grace = grace;
         self
+    }
+
+    /// Enroll `identity` in balancing `group`, kept in `D/G.group/` (see [`FileMembership`]).
+    ///
+    /// # Errors
+    /// The directory is not usable, or another live process is a member as `identity`.
+    pub fn enroll(
+        &self,
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Result<FileMembership, FileError> {
+        self.create_dir()?;
+        let dir = self.dir.join(format!("{group}.group"));
+        DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|source| FileError::LockDir {
+                path: dir.clone(),
+                source,
+            })?;
+        check_owner(&dir)?;
+        FileMembership::enroll(dir, identity, timing.retry_period)
     }
 
     /// The lock directory.

@@ -267,3 +267,75 @@ fn an_unwritable_lock_dir_is_refused_up_front() {
         "{error}"
     );
 }
+
+fn eligible(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+fn identities(members: &[crate::balance::Member]) -> Vec<&str> {
+    members.iter().map(|m| m.identity.as_str()).collect()
+}
+
+#[tokio::test]
+async fn members_see_each_other_and_what_each_may_lead() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.enroll("g", "a", timing()).unwrap();
+    let mut b = store.enroll("g", "b", timing()).unwrap();
+    a.announce(&eligible(&["e1", "e2"])).unwrap();
+    b.announce(&eligible(&["e2"])).unwrap();
+    let seen = a.members().unwrap();
+    assert_eq!(identities(&seen), ["a", "b"]);
+    assert_eq!(seen[1].eligible, eligible(&["e2"]));
+    assert_eq!(b.members().unwrap(), seen);
+}
+
+#[tokio::test]
+async fn a_member_that_leaves_or_whose_lock_is_closed_is_gone_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.enroll("g", "a", timing()).unwrap();
+    let mut b = store.enroll("g", "b", timing()).unwrap();
+    let mut c = store.enroll("g", "c", timing()).unwrap();
+    for m in [&mut a, &mut b, &mut c] {
+        m.announce(&eligible(&["e1"])).unwrap();
+    }
+    let all = a.members().unwrap();
+    assert_eq!(identities(&all), ["a", "b", "c"]);
+    b.leave();
+    // c's record stays behind, but its lock goes with its file, as when its process dies.
+    drop(c);
+    let seen = tokio::time::timeout(Duration::from_secs(10), a.changed(&all))
+        .await
+        .expect("the change is seen")
+        .unwrap();
+    assert_eq!(identities(&seen), ["a"]);
+}
+
+#[tokio::test]
+async fn a_join_wakes_a_member_waiting_for_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.enroll("g", "a", timing()).unwrap();
+    a.announce(&eligible(&["e1"])).unwrap();
+    let alone = a.members().unwrap();
+    let waiting = tokio::spawn(async move { a.changed(&alone).await });
+    let mut b = store.enroll("g", "b", timing()).unwrap();
+    b.announce(&eligible(&["e1"])).unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the join is seen")
+        .unwrap()
+        .unwrap();
+    assert_eq!(identities(&seen), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn one_identity_is_one_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let _a = store.enroll("g", "a", timing()).unwrap();
+    let again = store.enroll("g", "a", timing()).err().expect("refused");
+    assert!(matches!(again, FileError::MemberInUse { .. }), "{again}");
+    assert!(again.to_string().contains("--identity"), "{again}");
+}

@@ -1,0 +1,205 @@
+//! Membership of a balancing group in the file store: one lock file per member, write-locked
+//! (an open file description lock) for the member's life, and a record beside it naming the
+//! elections the member may lead. The kernel drops the lock when the member's process dies, so
+//! a death is seen at once, with no lease to wait for. Others test the lock with `F_OFD_GETLK`,
+//! which takes nothing, so a probe never makes an enrolling member look taken.
+
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use inotify::{EventStream, Inotify, WatchMask};
+use nix::{
+    errno::Errno,
+    fcntl::{FcntlArg, fcntl},
+    libc,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{error::FileError, open_private};
+use crate::balance::Member;
+
+/// The record of a member: `G.group/ID.member`, replaced atomically.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    identity: String,
+    eligible: BTreeSet<String>,
+}
+
+/// This daemon's place in a group: its held lock, and a watch on the group's directory.
+pub struct FileMembership {
+    dir: PathBuf,
+    identity: String,
+    /// Held exclusively while this member lives; closing it (or dying) leaves the group.
+    lock: Option<File>,
+    events: EventStream<Vec<u8>>,
+    recheck: Duration,
+}
+
+impl FileMembership {
+    /// Enroll `identity` in the group kept in `dir`: take its member lock, refusing when another
+    /// live process holds the same identity.
+    pub(super) fn enroll(
+        dir: PathBuf,
+        identity: &str,
+        recheck: Duration,
+    ) -> Result<Self, FileError> {
+        let watch_error = |source| FileError::Watch {
+            path: dir.clone(),
+            source,
+        };
+        let inotify = Inotify::init().map_err(watch_error)?;
+        inotify
+            .watches()
+            .add(
+                &dir,
+                WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE | WatchMask::MOVED_TO,
+            )
+            .map_err(watch_error)?;
+        let events = inotify
+            .into_event_stream(vec![0u8; 4096])
+            .map_err(watch_error)?;
+        let lock_path = dir.join(format!("{identity}.lock"));
+        let lock_error = |source| FileError::Lock {
+            path: lock_path.clone(),
+            source,
+        };
+        let lock = open_private(&lock_path, true).map_err(lock_error)?;
+        match fcntl(&lock, FcntlArg::F_OFD_SETLK(&whole_file(libc::F_WRLCK))) {
+            Ok(_) => {}
+            Err(Errno::EAGAIN | Errno::EACCES) => {
+                return Err(FileError::MemberInUse {
+                    path: lock_path.clone(),
+                });
+            }
+            Err(e) => return Err(lock_error(e.into())),
+        }
+        Ok(FileMembership {
+            dir,
+            identity: identity.to_owned(),
+            lock: Some(lock),
+            events,
+            recheck,
+        })
+    }
+
+    /// Publish the elections this member may lead.
+    pub fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), FileError> {
+        let record = Record {
+            identity: self.identity.clone(),
+            eligible: eligible.clone(),
+        };
+        let path = self.dir.join(format!("{}.member", self.identity));
+        let staged = self.dir.join(format!(".{}.member.new", self.identity));
+        let write_error = |source| FileError::State {
+            op: "write",
+            path: path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec(&record)
+            .map_err(io::Error::other)
+            .map_err(write_error)?;
+        fs::write(&staged, bytes).map_err(write_error)?;
+        fs::rename(&staged, &path).map_err(write_error)
+    }
+
+    /// The live members now: those whose member lock is held.
+    pub fn members(&self) -> Result<Vec<Member>, FileError> {
+        let read_error = |source| FileError::LockDir {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut members = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(read_error)? {
+            let name = entry.map_err(read_error)?.file_name();
+            let Some(identity) = name.to_str().and_then(|n| n.strip_suffix(".member")) else {
+                continue;
+            };
+            if identity.starts_with('.') || !self.is_live(identity)? {
+                continue;
+            }
+            let path = self.dir.join(&name);
+            let record: Record = match fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| FileError::State {
+                    op: "read",
+                    path: path.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                })?,
+                // Replaced or removed between the listing and the read: next time.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(FileError::State {
+                        op: "read",
+                        path,
+                        source,
+                    });
+                }
+            };
+            members.push(Member {
+                identity: record.identity,
+                eligible: record.eligible,
+            });
+        }
+        members.sort_by(|a, b| a.identity.cmp(&b.identity));
+        Ok(members)
+    }
+
+    /// Whether `identity`'s member lock is held: by this member, or by a live process.
+    fn is_live(&self, identity: &str) -> Result<bool, FileError> {
+        if identity == self.identity {
+            return Ok(self.lock.is_some());
+        }
+        let path = self.dir.join(format!("{identity}.lock"));
+        let file = match open_private(&path, false) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => return Err(FileError::Lock { path, source }),
+        };
+        // Asks whether a read lock could be placed, without placing one.
+        let mut probe = whole_file(libc::F_RDLCK);
+        fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| FileError::Lock {
+            path,
+            source: e.into(),
+        })?;
+        Ok(i32::from(probe.l_type) != libc::F_UNLCK)
+    }
+
+    /// The live members once they differ from `last_seen`; a change is noticed by inotify, and
+    /// by a re-read every `recheck` in case a notification was lost.
+    pub async fn changed(&mut self, last_seen: &[Member]) -> Result<Vec<Member>, FileError> {
+        loop {
+            let now = self.members()?;
+            if now != last_seen {
+                return Ok(now);
+            }
+            let _ = tokio::time::timeout(self.recheck, self.events.next()).await;
+        }
+    }
+
+    /// Leave the group at once: others see this member gone on their next read.
+    pub fn leave(&mut self) {
+        let _ = fs::remove_file(self.dir.join(format!("{}.member", self.identity)));
+        self.lock = None;
+    }
+
+    /// The group's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// A lock of `kind` over the whole file, as open file description locks want it (`l_pid` 0).
+fn whole_file(kind: libc::c_int) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    }
+}
