@@ -97,6 +97,7 @@ enum Request {
         successor: Option<String>,
         reply: oneshot::Sender<Result<u64, ElectionError>>,
     },
+    StandBy(bool),
 }
 
 /// A handle on one running election.
@@ -153,6 +154,7 @@ impl Election {
             cancel,
             shutdown_seen: false,
             metrics: metrics.clone(),
+            standing_by: false,
         };
         let task = tokio::spawn(runtime.run());
         let handle = Election {
@@ -225,6 +227,20 @@ impl Election {
                 worker: worker.to_owned(),
             })
         }
+    }
+
+    /// Stand by (`true`): do not campaign, as balancing asks when another member should lead.
+    /// A holding in progress is kept; balancing ends it by [`Election::resign`] to a successor.
+    ///
+    /// # Errors
+    /// [`ElectionError::Stopped`] if the election has ended.
+    pub async fn stand_by(&self, stand_by: bool) -> Result<(), ElectionError> {
+        self.requests
+            .send(Request::StandBy(stand_by))
+            .await
+            .map_err(|_| ElectionError::Stopped {
+                election: self.name.to_string(),
+            })
     }
 
     /// Step down now, optionally for `successor`; returns the term given up. The loss is

@@ -36,6 +36,8 @@ pub(super) struct Runtime {
     pub(super) shutdown_seen: bool,
     /// Where the runtime records what happens (the machine stays pure).
     pub(super) metrics: ElectionMetrics,
+    /// Balancing asked this replica not to campaign.
+    pub(super) standing_by: bool,
 }
 
 /// The store side of one election and when it may next be called.
@@ -73,8 +75,8 @@ enum Wake {
 
 impl Runtime {
     pub(super) async fn run(mut self) {
-        let ready = self.worker_changes.borrow_and_update().any_ready();
-        self.apply_readiness(ready);
+        self.worker_changes.borrow_and_update();
+        self.apply_gate();
         record(&self.metrics, &self.state.borrow().view);
         tracing::info!(
             election = %self.config.name,
@@ -94,6 +96,13 @@ impl Runtime {
             }
             let wake = self.wait(activity).await;
             if let Some(command) = self.on_wake(wake) {
+                self.obey(command).await;
+            }
+            // A holding kept while standing by has ended: stop campaigning now.
+            if self.standing_by
+                && self.machine.held_term().is_none()
+                && let Some(command) = self.apply_gate()
+            {
                 self.obey(command).await;
             }
         }
@@ -149,6 +158,10 @@ impl Runtime {
                 let _ = reply.send(Ok(term));
                 command
             }
+            Wake::Request(Some(Request::StandBy(stand_by))) => {
+                self.standing_by = stand_by;
+                self.apply_gate()
+            }
             // Every handle is gone: nobody can ask anything any more.
             Wake::Request(None) => {
                 self.shutdown_seen = true;
@@ -156,8 +169,8 @@ impl Runtime {
             }
             Wake::Deadline => self.machine.tick(now),
             Wake::Workers => {
-                let ready = self.worker_changes.borrow_and_update().any_ready();
-                self.apply_readiness(ready)
+                self.worker_changes.borrow_and_update();
+                self.apply_gate()
             }
             Wake::Store(step) => self.on_store(now, step),
         }
@@ -247,12 +260,15 @@ impl Runtime {
         }
     }
 
-    /// Tell the machine whether readiness allows campaigning (idempotent for the machine).
-    fn apply_readiness(&mut self, any_ready: bool) -> Option<Command> {
-        let allowed = match self.config.campaign {
+    /// Tell the machine whether readiness and balancing allow campaigning (idempotent for the
+    /// machine). Standing by never ends a holding: balancing hands it over by a resign.
+    fn apply_gate(&mut self) -> Option<Command> {
+        let ready = match self.config.campaign {
             CampaignMode::Always => true,
-            CampaignMode::WhenReady => any_ready,
+            CampaignMode::WhenReady => self.workers.borrow().any_ready(),
         };
+        let holding = self.machine.held_term().is_some();
+        let allowed = ready && (holding || !self.standing_by);
         self.machine
             .handle(Instant::now(), Event::CampaignAllowed(allowed))
     }

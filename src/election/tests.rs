@@ -297,3 +297,33 @@ async fn when_ready_campaigns_only_with_a_ready_worker() {
     until(&a, |s| !leads(s) && !s.view.campaigning).await;
     assert_eq!(store.holder("e"), None);
 }
+
+/// Balancing's stand-by: a holding is kept until handed over; after that the replica does not
+/// campaign, even for a free election, until balancing lets it.
+#[tokio::test(start_paused = true)]
+async fn a_replica_standing_by_keeps_its_holding_then_does_not_campaign() {
+    let store = MemoryStore::new();
+    let cancel = CancellationToken::new();
+    let (a, b, first) = leader_and_follower(&store, &cancel).await;
+    a.stand_by(true).await.expect("running");
+    tokio::time::sleep(timing().lease_duration * 2).await;
+    assert_eq!(a.current().view.term, first.view.term, "a kept its holding");
+    assert!(leads(&a.current()));
+
+    a.resign(Some("b".into())).await.expect("a leads");
+    let taken = until(&b, leads).await;
+    // b too stands by, then leaves the election free.
+    b.stand_by(true).await.expect("running");
+    b.resign(None).await.expect("b leads");
+    until(&b, |s| !leads(s)).await;
+    tokio::time::sleep(timing().lease_duration * 2).await;
+    assert!(
+        !leads(&a.current()),
+        "a stood by while the election was free"
+    );
+
+    a.stand_by(false).await.expect("running");
+    let back = until(&a, leads).await;
+    assert!(back.view.term > taken.view.term);
+    cancel.cancel();
+}
