@@ -7,7 +7,25 @@
 //! only says who should campaign and who should hand over; each move is an ordinary graceful
 //! hand-off under the unchanged lease rules.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::Hasher,
+};
+
+/// The name of the group that daemons running `elections` form: `b-` and 16 hex digits of the
+/// FNV-1a hash of the sorted, distinct names. Daemons that run the same elections compute the
+/// same name, whatever their order on the command line or their version; the name fits a file
+/// name, an etcd key and a Kubernetes object name.
+pub fn group_name<'a>(elections: impl IntoIterator<Item = &'a str>) -> String {
+    let sorted: BTreeSet<&str> = elections.into_iter().collect();
+    let mut hasher = fnv::FnvHasher::default();
+    for name in sorted {
+        hasher.write(name.as_bytes());
+        // A separator no election name contains, so that ["ab"] and ["a", "b"] differ.
+        hasher.write(b"\n");
+    }
+    format!("b-{:016x}", hasher.finish())
+}
 
 /// A live member of the group, as the store shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -329,3 +329,13 @@ fn random_snapshot(rng: &mut StdRng) -> Snapshot {
     let holders: Vec<&str> = holders.iter().map(String::as_str).collect();
     snapshot(&members, &holders)
 }
+
+#[test]
+fn the_group_name_depends_on_the_set_of_elections_alone() {
+    let name = group_name(["e2", "e1", "e1"]);
+    assert_eq!(name, group_name(["e1", "e2"]));
+    assert_ne!(name, group_name(["e1"]));
+    assert_ne!(group_name(["ab"]), group_name(["a", "b"]));
+    // FNV-1a of "e1\ne2\n", computed apart: daemons of different builds agree.
+    assert_eq!(name, "b-4daaf0acb5174526");
+}

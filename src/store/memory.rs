@@ -7,7 +7,7 @@
 //! duration without renewal, and terms only grow.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -17,8 +17,10 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 
-use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store, StoreError};
-use crate::timing::Timing;
+use super::{
+    Acquired, Candidate, ErrorKind, Holding, Membership, Observation, Store, StoreError,
+};
+use crate::{balance::Member, timing::Timing};
 
 /// Errors of the in-memory store.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,8 @@ struct Shared {
 struct State {
     records: HashMap<String, Record>,
     partitioned: HashSet<String>,
+    /// Balancing groups: group to identity to what the member announced (`None`: nothing yet).
+    groups: HashMap<String, BTreeMap<String, Option<BTreeSet<String>>>>,
     /// Test hook: joining the key election panics once the value election is held.
     #[cfg(test)]
     panics: HashMap<String, String>,
@@ -190,8 +194,90 @@ impl Store for MemoryStore {
         Ok(Box::new(candidate))
     }
 
+    async fn enroll(
+        &self,
+        group: &str,
+        identity: &str,
+        _timing: Timing,
+    ) -> Result<Box<dyn Membership>, StoreError> {
+        self.lock()
+            .groups
+            .entry(group.to_owned())
+            .or_default()
+            .insert(identity.to_owned(), None);
+        self.shared.changed.send_modify(|v| *v += 1);
+        Ok(Box::new(MemoryMembership {
+            store: self.clone(),
+            group: group.to_owned(),
+            identity: identity.to_owned(),
+        }))
+    }
+
     fn describe(&self) -> String {
         "in-memory store".to_owned()
+    }
+}
+
+/// A member of a group in the in-memory store: live until it leaves or is dropped.
+struct MemoryMembership {
+    store: MemoryStore,
+    group: String,
+    identity: String,
+}
+
+impl MemoryMembership {
+    fn members(&self) -> Vec<Member> {
+        let state = self.store.lock();
+        let group = state.groups.get(&self.group).into_iter().flatten();
+        group
+            .filter_map(|(identity, eligible)| {
+                Some(Member {
+                    identity: identity.clone(),
+                    eligible: eligible.clone()?,
+                })
+            })
+            .collect()
+    }
+
+    fn set(&self, record: Option<Option<BTreeSet<String>>>) {
+        let mut state = self.store.lock();
+        let group = state.groups.entry(self.group.clone()).or_default();
+        match record {
+            Some(record) => group.insert(self.identity.clone(), record),
+            None => group.remove(&self.identity),
+        };
+        drop(state);
+        self.store.shared.changed.send_modify(|v| *v += 1);
+    }
+}
+
+#[async_trait]
+impl Membership for MemoryMembership {
+    async fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), StoreError> {
+        self.set(Some(Some(eligible.clone())));
+        Ok(())
+    }
+
+    async fn changed(&mut self, last_seen: &[Member]) -> Result<Vec<Member>, StoreError> {
+        let mut changes = self.store.shared.changed.subscribe();
+        loop {
+            let now = self.members();
+            if now != last_seen {
+                return Ok(now);
+            }
+            let _ = changes.changed().await;
+        }
+    }
+
+    async fn leave(&mut self) -> Result<(), StoreError> {
+        self.set(None);
+        Ok(())
+    }
+}
+
+impl Drop for MemoryMembership {
+    fn drop(&mut self) {
+        self.set(None);
     }
 }
 

@@ -4,10 +4,12 @@
 //! behavioural checks in `conformance`, built (with the in-memory store) for the crate's own
 //! tests and with the `test-util` feature.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use async_trait::async_trait;
 use tokio::time::Instant;
+
+use crate::balance::Member;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -75,8 +77,48 @@ pub trait Store: Send + Sync + 'static {
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError>;
 
+    /// Enroll `identity` in the balancing `group` (see [`crate::balance`]): from now until
+    /// [`Membership::leave`] or its drop, other members see it live. A member whose process
+    /// dies drops out within one lease duration.
+    ///
+    /// # Errors
+    /// The store cannot be reached or refuses, or another live member has the same identity.
+    async fn enroll(
+        &self,
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Result<Box<dyn Membership>, StoreError>;
+
     /// One line for logs: the backend and where it keeps its state.
     fn describe(&self) -> String;
+}
+
+/// This daemon's place in a balancing group. The store keeps it alive on its own (a held lock,
+/// a session lease, a renewed Lease) until [`Membership::leave`] or its drop.
+///
+/// Every future returned here is cancel-safe: the balancer drops [`Membership::changed`] when
+/// something else needs it, and calls again.
+#[async_trait]
+pub trait Membership: Send {
+    /// Publish the elections this member may lead now (its record in the group).
+    ///
+    /// # Errors
+    /// The store failed or refused; the balancer retries.
+    async fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), StoreError>;
+
+    /// The live members that have announced, sorted by identity, as soon as they differ from
+    /// `last_seen`. A member that left or whose membership expired is not among them.
+    ///
+    /// # Errors
+    /// The store failed or refused; the balancer retries with back-off.
+    async fn changed(&mut self, last_seen: &[Member]) -> Result<Vec<Member>, StoreError>;
+
+    /// Leave the group at once: others see this member gone on their next read.
+    ///
+    /// # Errors
+    /// The store could not be told; the membership then ends by expiry.
+    async fn leave(&mut self) -> Result<(), StoreError>;
 }
 
 /// This replica's seat in one election. The elector calls one method at a time.

@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use futures::StreamExt;
 use inotify::{EventStream, Inotify, WatchMask};
 use nix::{
@@ -22,7 +23,10 @@ use nix::{
 use serde::{Deserialize, Serialize};
 
 use super::{error::FileError, open_private};
-use crate::balance::Member;
+use crate::{
+    balance::Member,
+    store::{Membership, StoreError},
+};
 
 /// The record of a member: `G.group/ID.member`, replaced atomically.
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,7 +93,7 @@ impl FileMembership {
     }
 
     /// Publish the elections this member may lead.
-    pub fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), FileError> {
+    pub fn write_record(&mut self, eligible: &BTreeSet<String>) -> Result<(), FileError> {
         let record = Record {
             identity: self.identity.clone(),
             eligible: eligible.clone(),
@@ -171,7 +175,7 @@ impl FileMembership {
 
     /// The live members once they differ from `last_seen`; a change is noticed by inotify, and
     /// by a re-read every `recheck` in case a notification was lost.
-    pub async fn changed(&mut self, last_seen: &[Member]) -> Result<Vec<Member>, FileError> {
+    pub async fn next_change(&mut self, last_seen: &[Member]) -> Result<Vec<Member>, FileError> {
         loop {
             let now = self.members()?;
             if now != last_seen {
@@ -182,7 +186,7 @@ impl FileMembership {
     }
 
     /// Leave the group at once: others see this member gone on their next read.
-    pub fn leave(&mut self) {
+    pub fn drop_out(&mut self) {
         let _ = fs::remove_file(self.dir.join(format!("{}.member", self.identity)));
         self.lock = None;
     }
@@ -201,5 +205,21 @@ fn whole_file(kind: libc::c_int) -> libc::flock {
         l_start: 0,
         l_len: 0,
         l_pid: 0,
+    }
+}
+
+#[async_trait]
+impl Membership for FileMembership {
+    async fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), StoreError> {
+        Ok(self.write_record(eligible)?)
+    }
+
+    async fn changed(&mut self, last_seen: &[Member]) -> Result<Vec<Member>, StoreError> {
+        Ok(self.next_change(last_seen).await?)
+    }
+
+    async fn leave(&mut self) -> Result<(), StoreError> {
+        self.drop_out();
+        Ok(())
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use async_trait::async_trait;
 use inotify::{Inotify, WatchMask};
 
-use super::{Candidate, Store, StoreError};
+use super::{Candidate, Membership, Store, StoreError};
 use crate::timing::Timing;
 
 mod candidate;
@@ -136,7 +136,7 @@ impl FileStore {
     ///
     /// # Errors
     /// The directory is not usable, or another live process is a member as `identity`.
-    pub fn enroll(
+    pub fn enroll_member(
         &self,
         group: &str,
         identity: &str,
@@ -251,6 +251,15 @@ impl Store for FileStore {
         candidate.open_lock()?;
         candidate.read_state().await?;
         Ok(Box::new(candidate))
+    }
+
+    async fn enroll(
+        &self,
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Result<Box<dyn Membership>, StoreError> {
+        Ok(Box::new(self.enroll_member(group, identity, timing)?))
     }
 
     fn describe(&self) -> String {

@@ -280,10 +280,10 @@ fn identities(members: &[crate::balance::Member]) -> Vec<&str> {
 async fn members_see_each_other_and_what_each_may_lead() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
-    let mut a = store.enroll("g", "a", timing()).unwrap();
-    let mut b = store.enroll("g", "b", timing()).unwrap();
-    a.announce(&eligible(&["e1", "e2"])).unwrap();
-    b.announce(&eligible(&["e2"])).unwrap();
+    let mut a = store.enroll_member("g", "a", timing()).unwrap();
+    let mut b = store.enroll_member("g", "b", timing()).unwrap();
+    a.write_record(&eligible(&["e1", "e2"])).unwrap();
+    b.write_record(&eligible(&["e2"])).unwrap();
     let seen = a.members().unwrap();
     assert_eq!(identities(&seen), ["a", "b"]);
     assert_eq!(seen[1].eligible, eligible(&["e2"]));
@@ -294,18 +294,18 @@ async fn members_see_each_other_and_what_each_may_lead() {
 async fn a_member_that_leaves_or_whose_lock_is_closed_is_gone_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
-    let mut a = store.enroll("g", "a", timing()).unwrap();
-    let mut b = store.enroll("g", "b", timing()).unwrap();
-    let mut c = store.enroll("g", "c", timing()).unwrap();
+    let mut a = store.enroll_member("g", "a", timing()).unwrap();
+    let mut b = store.enroll_member("g", "b", timing()).unwrap();
+    let mut c = store.enroll_member("g", "c", timing()).unwrap();
     for m in [&mut a, &mut b, &mut c] {
-        m.announce(&eligible(&["e1"])).unwrap();
+        m.write_record(&eligible(&["e1"])).unwrap();
     }
     let all = a.members().unwrap();
     assert_eq!(identities(&all), ["a", "b", "c"]);
-    b.leave();
+    b.drop_out();
     // c's record stays behind, but its lock goes with its file, as when its process dies.
     drop(c);
-    let seen = tokio::time::timeout(Duration::from_secs(10), a.changed(&all))
+    let seen = tokio::time::timeout(Duration::from_secs(10), a.next_change(&all))
         .await
         .expect("the change is seen")
         .unwrap();
@@ -316,12 +316,12 @@ async fn a_member_that_leaves_or_whose_lock_is_closed_is_gone_at_once() {
 async fn a_join_wakes_a_member_waiting_for_a_change() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
-    let mut a = store.enroll("g", "a", timing()).unwrap();
-    a.announce(&eligible(&["e1"])).unwrap();
+    let mut a = store.enroll_member("g", "a", timing()).unwrap();
+    a.write_record(&eligible(&["e1"])).unwrap();
     let alone = a.members().unwrap();
-    let waiting = tokio::spawn(async move { a.changed(&alone).await });
-    let mut b = store.enroll("g", "b", timing()).unwrap();
-    b.announce(&eligible(&["e1"])).unwrap();
+    let waiting = tokio::spawn(async move { a.next_change(&alone).await });
+    let mut b = store.enroll_member("g", "b", timing()).unwrap();
+    b.write_record(&eligible(&["e1"])).unwrap();
     let seen = tokio::time::timeout(Duration::from_secs(10), waiting)
         .await
         .expect("the join is seen")
@@ -334,8 +334,8 @@ async fn a_join_wakes_a_member_waiting_for_a_change() {
 async fn one_identity_is_one_member() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
-    let _a = store.enroll("g", "a", timing()).unwrap();
-    let again = store.enroll("g", "a", timing()).err().expect("refused");
+    let _a = store.enroll_member("g", "a", timing()).unwrap();
+    let again = store.enroll_member("g", "a", timing()).err().expect("refused");
     assert!(matches!(again, FileError::MemberInUse { .. }), "{again}");
     assert!(again.to_string().contains("--identity"), "{again}");
 }
