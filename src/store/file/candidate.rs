@@ -303,6 +303,10 @@ impl FileCandidate {
             // holder, to learn whether that holder is alive: a dead holder's name is cleared.
             let probe = campaign && reserved.is_none() || !campaign && state.holder.is_some();
             if probe && self.try_lock()? {
+                // Until decided, the lock is this future's alone: if the call is cancelled at
+                // the read below, dropping `locked` unlocks, rather than leave the election
+                // locked by a replica that neither holds it nor knows it has it.
+                let locked = self.lock.take();
                 // Decide on the record as it is now that we hold the lock: it may have changed
                 // since the look above.
                 let state = match self.read_state().await {
@@ -316,6 +320,7 @@ impl FileCandidate {
                     self.close_lock();
                     continue;
                 }
+                self.lock = locked;
                 if campaign {
                     let taken = self.take_over(state.term);
                     if taken.is_err() {

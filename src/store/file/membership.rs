@@ -58,11 +58,14 @@ impl FileMembership {
             source,
         };
         let inotify = Inotify::init().map_err(watch_error)?;
+        // A member's lock is closed after writing (CLOSE_WRITE: it left or died), its record is
+        // renamed into place (MOVED_TO) or removed (DELETE). Not CLOSE_NOWRITE: reading the
+        // group closes files unwritten, and would wake this member for its own reads forever.
         inotify
             .watches()
             .add(
                 &dir,
-                WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE | WatchMask::MOVED_TO,
+                WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::DELETE,
             )
             .map_err(watch_error)?;
         let events = inotify

@@ -335,7 +335,82 @@ async fn one_identity_is_one_member() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
     let _a = store.enroll_member("g", "a", timing()).unwrap();
-    let again = store.enroll_member("g", "a", timing()).err().expect("refused");
+    let again = store
+        .enroll_member("g", "a", timing())
+        .err()
+        .expect("refused");
     assert!(matches!(again, FileError::MemberInUse { .. }), "{again}");
     assert!(again.to_string().contains("--identity"), "{again}");
+}
+
+#[test]
+fn a_member_waiting_for_a_change_does_not_wake_itself() {
+    use nix::sys::{
+        resource::{UsageWho, getrusage},
+        time::TimeValLike,
+    };
+    let cpu = || {
+        let usage = getrusage(UsageWho::RUSAGE_THREAD).unwrap();
+        let micros = usage.user_time().num_microseconds() + usage.system_time().num_microseconds();
+        Duration::from_micros(micros.unsigned_abs())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (timed_out, used) = runtime.block_on(async {
+        let mut a = store.enroll_member("g", "a", timing()).unwrap();
+        let mut b = store.enroll_member("g", "b", timing()).unwrap();
+        a.write_record(&eligible(&["e1"])).unwrap();
+        b.write_record(&eligible(&["e1"])).unwrap();
+        let both = a.members().unwrap();
+        let before = cpu();
+        let wait = tokio::time::timeout(Duration::from_millis(400), a.next_change(&both)).await;
+        (wait.is_err(), cpu() - before)
+    });
+    assert!(timed_out, "nothing changed, so the wait timed out");
+    // Its own reads of the group must not wake it: then it would re-read the group in a loop,
+    // burning this thread for the whole wait. Waiting costs CPU time only to set it up.
+    assert!(
+        used < Duration::from_millis(100),
+        "{used:?} of CPU time in a 400 ms wait"
+    );
+}
+
+#[tokio::test]
+async fn a_campaign_cancelled_while_it_locks_leaves_the_lock_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.join("e", "a", timing()).await.unwrap();
+    let lock_path = dir.path().join("e.lock");
+    let locked_elsewhere = || {
+        let probe = File::open(&lock_path).unwrap();
+        matches!(probe.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    };
+    {
+        // Drive a's campaign only until it has taken the lock and reads the record under it,
+        // then drop it there, as the elector drops a campaign when balancing says stand by.
+        let unseen = Observation::unseen();
+        let mut campaign = a.acquire(&unseen);
+        let mut polls = 0;
+        while !locked_elsewhere() {
+            polls += 1;
+            assert!(polls < 500, "the campaign never took the lock");
+            match futures::poll!(&mut campaign) {
+                std::task::Poll::Pending => tokio::time::sleep(Duration::from_millis(1)).await,
+                std::task::Poll::Ready(outcome) => {
+                    panic!("the campaign ended before it could be cancelled: {outcome:?}")
+                }
+            }
+        }
+    }
+    assert!(!locked_elsewhere(), "the cancelled campaign left e locked");
+    let mut b = store.join("e", "b", timing()).await.unwrap();
+    let won = tokio::time::timeout(Duration::from_secs(10), b.acquire(&Observation::unseen()))
+        .await
+        .expect("b is not shut out")
+        .unwrap();
+    assert!(matches!(won, Acquired::Held(_)), "{won:?}");
 }
