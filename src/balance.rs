@@ -27,6 +27,28 @@ pub fn group_name<'a>(elections: impl IntoIterator<Item = &'a str>) -> String {
     format!("b-{:016x}", hasher.finish())
 }
 
+/// The group as this member sees it, for `baton status` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group's name (see [`group_name`]).
+    pub group: String,
+    /// The live members, sorted by identity; empty until the store's membership is read.
+    pub members: Vec<MemberView>,
+}
+
+/// One member of the group, as this member sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Its identity.
+    pub identity: String,
+    /// How many elections it may lead.
+    pub eligible: usize,
+    /// How many elections it leads now.
+    pub leads: usize,
+    /// How many elections the plan gives it.
+    pub share: usize,
+}
+
 /// A live member of the group, as the store shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -101,15 +123,18 @@ impl Plan {
 ///
 /// 1. A holder that is a live member eligible for its election keeps it, for now.
 /// 2. Shares: of the E elections some member may lead, each of the M members gets `E / M`, and
-///    the `E % M` members that keep the most (ties: the lower identity) one more.
+///    `E % M` members one more: first those that keep more than `E / M` already, then the
+///    others; each group in identity order.
 /// 3. A member over its share keeps the elections that sort first and gives up the rest.
-/// 4. Each election given up or vacant, in name order, goes to the eligible member furthest
-///    under its share (then fewest elections, then the lower identity); failing that, to the
-///    eligible member with the fewest elections.
+/// 4. The elections given up or vacant, in name order, are dealt out in runs: the first
+///    member in identity order that is under its share and eligible takes the next one. An
+///    election nobody under its share may take stays with its holder, or if vacant goes to
+///    the eligible member with the fewest elections.
 ///
-/// Where every member may lead every election, the plan stays the same while its moves happen:
-/// a member giving up falls only to its share and a member taking rises only to its share, so
-/// the ranking of step 2 holds, and no election moves twice.
+/// Where every member may lead every election, the plan stays the same while its moves happen,
+/// in any order: a member taking one of its run, or giving up one of its surplus, changes
+/// neither the groups of step 2 nor the other runs of step 4. So members that read the store at
+/// different moments still agree on who takes what, and no election moves twice.
 pub fn plan(snapshot: &Snapshot) -> Plan {
     let members: BTreeMap<&str, &Member> = snapshot
         .members
@@ -148,11 +173,13 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         .filter(|(_, m)| !m.eligible.is_empty())
         .map(|(&id, _)| id)
         .collect();
-    ranked.sort_by(|a, b| kept[b].len().cmp(&kept[a].len()).then(a.cmp(b)));
     let (base, extra) = match ranked.len() {
         0 => (0, 0),
         m => (assignable / m, assignable % m),
     };
+    // Not by how much each keeps: that changes as members fill their shares, and the ranking
+    // must not. Only reaching past `base` does, and only for a member already ranked in.
+    ranked.sort_by_key(|m| (kept[m].len() <= base, *m));
     let share: BTreeMap<&str, usize> = ranked
         .iter()
         .enumerate()
@@ -185,20 +212,21 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
     }
     for (election, from) in moving {
         let count = |m: &str| kept[m].len();
-        let candidates = || {
-            members
-                .keys()
-                .copied()
-                .filter(|&m| Some(m) != from && eligible(m, election))
-        };
-        let under = candidates()
-            .filter(|&m| count(m) < share[m])
-            .min_by_key(|&m| (count(m) as isize - share[m] as isize, count(m), m));
+        let under = members
+            .keys()
+            .copied()
+            .find(|&m| count(m) < share[m] && eligible(m, election));
         let to = match from {
             // Given up, and nobody under its share may take it: the holder keeps it, since
             // moving it would only move the surplus.
             Some(_) => under.or(from),
-            None => under.or_else(|| candidates().min_by_key(|&m| (count(m), m))),
+            None => under.or_else(|| {
+                members
+                    .keys()
+                    .copied()
+                    .filter(|&m| eligible(m, election))
+                    .min_by_key(|&m| (count(m), m))
+            }),
         };
         if let Some(to) = to {
             kept.get_mut(to).expect("a member").push(election);
