@@ -202,8 +202,22 @@ async fn status(addr: &baton::config::AddrArgs) -> anyhow::Result<()> {
     let client = tokio::time::timeout(Duration::from_secs(10), Client::connect(addr.addr.clone()))
         .await
         .context("connecting to the daemon timed out")??;
-    for state in client.list().await? {
-        println!("{}", describe(&state));
+    let status = client.status().await?;
+    for state in &status.elections {
+        println!("{}", describe(state));
+    }
+    if let Some(group) = status.balance {
+        println!(
+            "balance group={} members={}",
+            group.group,
+            group.members.len()
+        );
+        for m in group.members {
+            println!(
+                "  member {} leads={} share={} eligible={}",
+                m.identity, m.leads, m.share, m.eligible
+            );
+        }
     }
     Ok(())
 }

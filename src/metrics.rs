@@ -57,6 +57,11 @@ struct ElectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabel {
+    group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StoreErrorLabels {
     election: String,
     kind: &'static str,
@@ -79,6 +84,14 @@ type HistogramFamily = Family<ElectionLabel, Histogram, fn() -> Histogram>;
 /// | `baton_renew_duration_seconds` | histogram | time of each successful renewal (`keep`) of the holding |
 /// | `baton_store_errors_total{kind}` | counter | failed store calls, by how the elector treats them: `lost`, `unavailable`, `invalid` |
 /// | `baton_subscribers` | gauge | workers subscribed to the election (open `WatchLeadership` streams with a worker name) |
+///
+/// With `--balance`, three more carry the balancing group's name instead:
+///
+/// | metric | type | meaning |
+/// |---|---|---|
+/// | `baton_balance_members` | gauge | live members of the group seen in the store |
+/// | `baton_balance_elections_led` | gauge | elections of the group this replica leads |
+/// | `baton_balance_share` | gauge | elections the group's plan gives this replica |
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -88,6 +101,7 @@ pub struct Metrics {
     renew: HistogramFamily,
     store_errors: Family<StoreErrorLabels, Counter>,
     subscribers: Family<ElectionLabel, Gauge>,
+    balance: [Family<GroupLabel, Gauge>; 3],
 }
 
 impl Default for Metrics {
@@ -137,8 +151,26 @@ impl Metrics {
             "Workers subscribed to the election (WatchLeadership streams with a worker name)",
             subscribers.clone(),
         );
+        let balance: [Family<GroupLabel, Gauge>; 3] = Default::default();
+        for (family, (name, help)) in balance.iter().zip([
+            (
+                "balance_members",
+                "Live members of the balancing group seen in the store",
+            ),
+            (
+                "balance_elections_led",
+                "Elections of the group this replica leads",
+            ),
+            (
+                "balance_share",
+                "Elections the group's plan gives this replica",
+            ),
+        ]) {
+            registry.register(name, help, family.clone());
+        }
         Metrics {
             registry,
+            balance,
             is_leader,
             term,
             transitions,
@@ -169,6 +201,22 @@ impl Metrics {
             unavailable: error("unavailable"),
             invalid: error("invalid"),
             subscribers: self.subscribers.get_or_create_owned(&label),
+        }
+    }
+
+    /// The series of balancing `group`.
+    pub fn balance(&self, group: &str) -> BalanceMetrics {
+        let label = GroupLabel {
+            group: group.to_owned(),
+        };
+        let [members, led, share] = self
+            .balance
+            .each_ref()
+            .map(|f| f.get_or_create_owned(&label));
+        BalanceMetrics {
+            members,
+            led,
+            share,
         }
     }
 
@@ -254,6 +302,27 @@ impl Default for ElectionMetrics {
             unavailable: Counter::default(),
             invalid: Counter::default(),
             subscribers: Gauge::default(),
+        }
+    }
+}
+
+/// Handles on the series of a balancing group; [`BalanceMetrics::default`] exports nowhere.
+#[derive(Debug, Clone, Default)]
+pub struct BalanceMetrics {
+    members: Gauge,
+    led: Gauge,
+    share: Gauge,
+}
+
+impl BalanceMetrics {
+    /// Record what the balancer sees: live members, elections led here, and this share.
+    pub fn seen(&self, members: usize, led: usize, share: usize) {
+        for (gauge, value) in [
+            (&self.members, members),
+            (&self.led, led),
+            (&self.share, share),
+        ] {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 }

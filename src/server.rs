@@ -7,10 +7,11 @@
 use std::{fmt, net::SocketAddr, pin::Pin, sync::Arc};
 
 use futures::Stream;
-use tokio::{net::unix::UCred, time::Instant};
+use tokio::{net::unix::UCred, sync::watch, time::Instant};
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 
 use crate::{
+    balance::GroupView,
     election::{Election, ElectionError, Leadership, Role},
     proto::{self, leadership_server::LeadershipServer},
 };
@@ -58,6 +59,7 @@ impl From<ApiError> for Status {
 #[derive(Clone)]
 pub struct LeadershipService {
     elections: Arc<[Election]>,
+    group: Option<watch::Receiver<GroupView>>,
 }
 
 impl LeadershipService {
@@ -65,7 +67,14 @@ impl LeadershipService {
     pub fn new(elections: Vec<Election>) -> Self {
         LeadershipService {
             elections: elections.into(),
+            group: None,
         }
+    }
+
+    /// Also answer with the balancing group that `group` shows (`--balance`).
+    pub fn with_group(mut self, group: watch::Receiver<GroupView>) -> Self {
+        self.group = Some(group);
+        self
     }
 
     /// The tonic server for this service. Requests are a few names: one over
@@ -255,7 +264,27 @@ impl proto::leadership_server::Leadership for LeadershipService {
             .iter()
             .map(|e| to_event(&e.current()))
             .collect();
-        Ok(Response::new(proto::ListLeadershipResponse { elections }))
+        let balance = self.group.as_ref().map(|group| {
+            let group = group.borrow();
+            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            proto::BalanceGroup {
+                group: group.group.clone(),
+                members: group
+                    .members
+                    .iter()
+                    .map(|m| proto::BalanceMember {
+                        identity: m.identity.clone(),
+                        eligible: count(m.eligible),
+                        leads: count(m.leads),
+                        share: count(m.share),
+                    })
+                    .collect(),
+            }
+        });
+        Ok(Response::new(proto::ListLeadershipResponse {
+            elections,
+            balance,
+        }))
     }
 
     async fn resign(
@@ -340,6 +369,7 @@ mod tests {
                 },
                 drain_timeout: Duration::from_secs(5),
                 campaign: CampaignMode::Always,
+                balanced: false,
             },
             cancel.child_token(),
         );

@@ -149,6 +149,15 @@ impl LeaderState {
     }
 }
 
+/// What [`Client::status`] answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonStatus {
+    /// Every election, in the order of the daemon's `--election` flags.
+    pub elections: Vec<LeaderState>,
+    /// With `--balance`: the group's members and what each leads.
+    pub balance: Option<proto::BalanceGroup>,
+}
+
 /// What [`Client::watch`] yields.
 #[derive(Debug)]
 pub enum WatchEvent {
@@ -227,19 +236,30 @@ impl Client {
     /// # Errors
     /// The call failed.
     pub async fn list(&self) -> Result<Vec<LeaderState>, ClientError> {
+        Ok(self.status().await?.elections)
+    }
+
+    /// Every election of the daemon and, with `--balance`, its balancing group.
+    ///
+    /// # Errors
+    /// The call failed.
+    pub async fn status(&self) -> Result<DaemonStatus, ClientError> {
         let response = self
             .rpc
             .clone()
             .list_leadership(proto::ListLeadershipRequest {})
             .await
-            .map_err(failed("ListLeadership"))?;
+            .map_err(failed("ListLeadership"))?
+            .into_inner();
         let now = Instant::now();
-        Ok(response
-            .into_inner()
-            .elections
-            .into_iter()
-            .map(|e| LeaderState::from_event(e, now))
-            .collect())
+        Ok(DaemonStatus {
+            elections: response
+                .elections
+                .into_iter()
+                .map(|e| LeaderState::from_event(e, now))
+                .collect(),
+            balance: response.balance,
+        })
     }
 
     /// Ask the daemon to step down from `election`, optionally for `successor`; returns the

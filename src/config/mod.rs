@@ -164,6 +164,11 @@ pub struct RunArgs {
     #[arg(long, env = "BATON_CAMPAIGN", value_enum, default_value_t = CampaignArg::Always)]
     pub campaign: CampaignArg,
 
+    /// Spread the elections evenly over the daemons that run the same elections on the same
+    /// store: each leads its fair share, and hands the rest over to the others.
+    #[arg(long, env = "BATON_BALANCE")]
+    pub balance: bool,
+
     /// File store: the lock directory, shared by the replicas on this host
     /// [default: $TMPDIR/baton].
     #[arg(long, env = "BATON_LOCK_DIR")]
@@ -300,6 +305,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// When to campaign.
     pub campaign: CampaignMode,
+    /// Spread the elections over the group of daemons that run them (`--balance`).
+    pub balance: bool,
     /// The store.
     pub store: StoreConfig,
 }

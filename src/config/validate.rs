@@ -239,6 +239,7 @@ impl RunArgs {
                 CampaignArg::Always => CampaignMode::Always,
                 CampaignArg::WhenReady => CampaignMode::WhenReady,
             },
+            balance: self.balance,
             store,
         })
     }

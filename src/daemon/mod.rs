@@ -22,6 +22,7 @@ use crate::{
     store::{Store, file::FileStore},
 };
 
+mod balancer;
 mod health;
 mod servers;
 mod shutdown;
@@ -172,9 +173,23 @@ pub async fn run_with_store(
     // What can still fail is built before any election starts: an error leaves no task behind.
     let api = Api::build(listener.into())?;
     let metrics = side.metrics_registry();
-    let elections = spawn_elections(&config, &store, metrics.as_deref());
+    let mut elections = spawn_elections(&config, &store, metrics.as_deref());
     let health = Health::start(elections.handles.clone());
-    let leadership = LeadershipService::new(elections.handles.clone());
+    let mut leadership = LeadershipService::new(elections.handles.clone());
+    if config.balance {
+        let group = crate::balance::group_name(config.elections.iter().map(String::as_str));
+        let balancer = balancer::Balancer::start(
+            store.clone(),
+            &config,
+            elections.handles.clone(),
+            metrics
+                .as_ref()
+                .map(|m| m.balance(&group))
+                .unwrap_or_default(),
+        );
+        leadership = leadership.with_group(balancer.view.clone());
+        elections.running.balancer = Some(balancer);
+    }
     let (local, tls) = (api.local.clone(), api.tls);
     let servers = Servers::start(api, side, leadership, &health.service, metrics);
     let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -212,6 +227,7 @@ fn spawn_elections(config: &Config, store: &Arc<dyn Store>, metrics: Option<&Met
                 timing: config.timing,
                 drain_timeout: config.drain_timeout,
                 campaign: config.campaign,
+                balanced: config.balance,
             },
             election_metrics,
             stop.child_token(),
@@ -221,7 +237,11 @@ fn spawn_elections(config: &Config, store: &Arc<dyn Store>, metrics: Option<&Met
     }
     Spawned {
         handles,
-        running: Elections { tasks, stop },
+        running: Elections {
+            tasks,
+            stop,
+            balancer: None,
+        },
     }
 }
 

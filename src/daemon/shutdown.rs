@@ -8,13 +8,15 @@ use futures::future::{join_all, select_all};
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{DaemonError, SERVER_GRACE, health::Health, servers::Servers};
+use super::{DaemonError, SERVER_GRACE, balancer::Balancer, health::Health, servers::Servers};
 use crate::config::Config;
 
 /// The running elections: their tasks, and what stops them.
 pub(super) struct Elections {
     pub(super) tasks: Vec<JoinHandle<()>>,
     pub(super) stop: CancellationToken,
+    /// With `--balance`: the balancer, which leaves the group before the elections step down.
+    pub(super) balancer: Option<Balancer>,
 }
 
 /// Serve until `shutdown` resolves, then stop everything in order.
@@ -28,8 +30,17 @@ pub(super) async fn serve_until(
     health: Health,
     servers: Servers,
 ) -> Result<(), DaemonError> {
-    let Elections { mut tasks, stop } = elections;
+    let Elections {
+        mut tasks,
+        stop,
+        balancer,
+    } = elections;
     let failed = wait(config, shutdown, &mut tasks).await;
+    // Leaving first lets the others plan without this member, so that each of its elections
+    // is awaited by the one member that should take it when it is released below.
+    if let Some(balancer) = balancer {
+        balancer.leave(config.timing.renew_deadline).await;
+    }
     tracing::info!("stopping: stepping down in every election");
     // The servers keep serving while the elections step down, so that workers hear of the loss
     // and can confirm their stop, and a scrape sees the step-down. Bounded: drain, then a

@@ -63,6 +63,8 @@ pub enum Reason {
     SteppingDown,
     /// With `--campaign when-ready`: no subscribed worker has declared itself ready.
     WaitingForReadyWorker,
+    /// With `--balance`: another member of the group should lead this election.
+    StandingBy,
     /// After a resign, this replica lets another take over before campaigning again.
     HoldingOff,
     /// The daemon is shutting down.
@@ -88,6 +90,7 @@ impl fmt::Display for Reason {
             Reason::WaitingForReadyWorker => {
                 f.write_str("not campaigning: no subscribed worker is ready")
             }
+            Reason::StandingBy => f.write_str("standing by: balancing gives it to another member"),
             Reason::HoldingOff => f.write_str("resigned: letting another replica take over"),
             Reason::ShuttingDown => f.write_str("shutting down"),
         }
@@ -190,10 +193,21 @@ pub enum Event {
     },
     /// The daemon is stopping.
     Shutdown,
-    /// Whether campaigning is allowed (readiness gating).
-    CampaignAllowed(bool),
+    /// Whether campaigning is allowed, and if not, why.
+    Gate(Gate),
     /// Every worker told about the current term has confirmed it stopped.
     Drained,
+}
+
+/// Whether the replica may campaign ([`Event::Gate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// It may.
+    Open,
+    /// With `--campaign when-ready`: not until a worker is ready.
+    NoReadyWorker,
+    /// With `--balance`: another member of the group should lead this election.
+    StandingBy,
 }
 
 /// What the machine asks the runtime to do.
@@ -229,14 +243,14 @@ pub struct Machine {
     timing: Timing,
     drain_timeout: Duration,
     phase: Phase,
-    campaign_allowed: bool,
+    gate: Gate,
     /// After a resign: do not campaign before this, unless another replica takes over.
     hold_off_until: Option<Instant>,
 }
 
 impl Machine {
     /// A machine that knows nothing yet.
-    pub fn new(timing: Timing, drain_timeout: Duration, campaign_allowed: bool) -> Self {
+    pub fn new(timing: Timing, drain_timeout: Duration, gate: Gate) -> Self {
         Machine {
             timing,
             drain_timeout,
@@ -244,7 +258,7 @@ impl Machine {
                 reason: Reason::Starting,
                 term: 0,
             },
-            campaign_allowed,
+            gate,
             hold_off_until: None,
         }
     }
@@ -272,9 +286,9 @@ impl Machine {
                 self.step_down(now, successor, false)
             }
             Event::Shutdown => self.step_down(now, None, true),
-            Event::CampaignAllowed(allowed) => {
-                self.campaign_allowed = allowed;
-                if allowed {
+            Event::Gate(gate) => {
+                self.gate = gate;
+                if gate == Gate::Open {
                     None
                 } else {
                     self.step_down(now, None, false)
@@ -329,7 +343,7 @@ impl Machine {
             Phase::Stopped { .. } => Activity::Stop,
             Phase::Leader { .. } | Phase::SteppingDown { .. } => Activity::Renew,
             Phase::Unknown { .. } | Phase::Follower { .. } => {
-                if self.campaign_allowed && self.hold_off_until.is_none() {
+                if self.gate == Gate::Open && self.hold_off_until.is_none() {
                     Activity::Campaign
                 } else {
                     Activity::Observe
@@ -385,8 +399,10 @@ impl Machine {
                     Reason::OtherLeads
                 } else if self.hold_off_until.is_some() {
                     Reason::HoldingOff
-                } else if !self.campaign_allowed {
+                } else if self.gate == Gate::NoReadyWorker {
                     Reason::WaitingForReadyWorker
+                } else if self.gate == Gate::StandingBy {
+                    Reason::StandingBy
                 } else {
                     Reason::NobodyLeads
                 };
@@ -464,7 +480,7 @@ impl Machine {
                         store_valid_until: holding.valid_until,
                     },
                 };
-                if self.campaign_allowed {
+                if self.gate == Gate::Open {
                     None
                 } else {
                     // Readiness went away while the campaign was in flight.

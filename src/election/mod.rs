@@ -52,6 +52,9 @@ pub struct ElectionConfig {
     pub drain_timeout: Duration,
     /// When to campaign.
     pub campaign: CampaignMode,
+    /// Start standing by (see [`Election::stand_by`]): a balanced daemon campaigns only where
+    /// its balancer says so.
+    pub balanced: bool,
 }
 
 /// The published state of one election.
@@ -129,10 +132,15 @@ impl Election {
         cancel: CancellationToken,
     ) -> (Election, JoinHandle<()>) {
         let name: Arc<str> = config.name.as_str().into();
+        let balanced = config.balanced;
         let machine = machine::Machine::new(
             config.timing,
             config.drain_timeout,
-            config.campaign == CampaignMode::Always,
+            match (config.campaign, config.balanced) {
+                (CampaignMode::WhenReady, _) => machine::Gate::NoReadyWorker,
+                (CampaignMode::Always, true) => machine::Gate::StandingBy,
+                (CampaignMode::Always, false) => machine::Gate::Open,
+            },
         );
         let initial = Leadership {
             election: name.clone(),
@@ -154,7 +162,7 @@ impl Election {
             cancel,
             shutdown_seen: false,
             metrics: metrics.clone(),
-            standing_by: false,
+            standing_by: balanced,
         };
         let task = tokio::spawn(runtime.run());
         let handle = Election {

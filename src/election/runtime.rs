@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     CampaignMode, ElectionConfig, ElectionError, Leadership, Request, Workers,
-    machine::{Activity, Command, Event, Machine, Role, View},
+    machine::{Activity, Command, Event, Gate, Machine, Role, View},
 };
 use crate::backoff::Backoff;
 use crate::{
@@ -268,9 +268,14 @@ impl Runtime {
             CampaignMode::WhenReady => self.workers.borrow().any_ready(),
         };
         let holding = self.machine.held_term().is_some();
-        let allowed = ready && (holding || !self.standing_by);
-        self.machine
-            .handle(Instant::now(), Event::CampaignAllowed(allowed))
+        let gate = if !ready {
+            Gate::NoReadyWorker
+        } else if self.standing_by && !holding {
+            Gate::StandingBy
+        } else {
+            Gate::Open
+        };
+        self.machine.handle(Instant::now(), Event::Gate(gate))
     }
 
     /// If stepping down and every worker confirmed, tell the machine; returns its release.

@@ -39,6 +39,7 @@ fn spawn_campaigning(
             timing: timing(),
             drain_timeout: Duration::from_secs(5),
             campaign,
+            balanced: false,
         },
         cancel.child_token(),
     )

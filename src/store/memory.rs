@@ -17,9 +17,7 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 
-use super::{
-    Acquired, Candidate, ErrorKind, Holding, Membership, Observation, Store, StoreError,
-};
+use super::{Acquired, Candidate, ErrorKind, Holding, Membership, Observation, Store, StoreError};
 use crate::{balance::Member, timing::Timing};
 
 /// Errors of the in-memory store.

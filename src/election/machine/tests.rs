@@ -16,7 +16,7 @@ const DRAIN: Duration = Duration::from_secs(5);
 const RELEASE: Option<Command> = Some(Command::Release { successor: None });
 
 fn leader_at(now: Instant, term: u64) -> Machine {
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     let holding = Holding {
         term,
         valid_until: now + timing().lease_duration,
@@ -39,7 +39,7 @@ fn observed(holder: Option<&str>, term: u64) -> Event {
 
 #[test]
 fn starts_unknown_and_campaigns() {
-    let m = Machine::new(timing(), DRAIN, true);
+    let m = Machine::new(timing(), DRAIN, Gate::Open);
     let v = m.view("me");
     assert_eq!(v.role, Role::Unknown);
     assert_eq!(v.leader, None);
@@ -50,7 +50,7 @@ fn starts_unknown_and_campaigns() {
 #[test]
 fn observation_makes_a_follower_naming_the_leader() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     m.handle(now, observed(Some("other"), 7));
     let v = m.view("me");
     assert_eq!(v.role, Role::Follower);
@@ -62,7 +62,7 @@ fn observation_makes_a_follower_naming_the_leader() {
 #[test]
 fn a_release_seen_clears_the_leader_name() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     m.handle(now, observed(Some("other"), 7));
     m.handle(now, observed(None, 7));
     let v = m.view("me");
@@ -199,7 +199,7 @@ fn drain_is_bounded_by_the_drain_timeout() {
 #[test]
 fn shutdown_of_a_follower_leaves_at_once() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     assert_eq!(m.handle(now, Event::Shutdown), RELEASE);
     assert_eq!(m.activity(), Activity::Stop);
 }
@@ -247,20 +247,20 @@ fn hold_off_ends_after_a_lease_duration_if_nobody_takes_over() {
 fn losing_readiness_steps_down_and_stops_campaigning() {
     let now = Instant::now();
     let mut m = leader_at(now, 1);
-    m.handle(now, Event::CampaignAllowed(false));
+    m.handle(now, Event::Gate(Gate::NoReadyWorker));
     assert!(m.draining());
     m.handle(now, Event::Drained);
     assert_eq!(m.activity(), Activity::Observe);
     assert_eq!(m.view("me").reason, Reason::WaitingForReadyWorker);
     assert!(!m.view("me").campaigning);
-    m.handle(now, Event::CampaignAllowed(true));
+    m.handle(now, Event::Gate(Gate::Open));
     assert_eq!(m.activity(), Activity::Campaign);
 }
 
 #[test]
 fn a_holding_won_while_not_ready_is_given_back() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, false);
+    let mut m = Machine::new(timing(), DRAIN, Gate::NoReadyWorker);
     m.handle(
         now,
         Event::Acquired(Holding {
@@ -275,7 +275,7 @@ fn a_holding_won_while_not_ready_is_given_back() {
 #[test]
 fn store_failure_of_a_follower_is_unknown_with_the_reason() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     m.handle(
         now,
         Event::StoreFailed {
@@ -333,7 +333,7 @@ fn a_known_term_is_kept_through_stepping_down_stopping_and_store_failures() {
 #[test]
 fn its_own_name_in_the_store_is_not_another_replica() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     m.handle(now, observed(Some("me"), 3));
     let v = m.view("me");
     assert_eq!(v.role, Role::Follower);
@@ -361,7 +361,7 @@ fn stale_answers_do_not_change_a_leader() {
 #[test]
 fn renewals_are_due_a_retry_period_after_the_last_proof() {
     let now = Instant::now();
-    let mut m = Machine::new(timing(), DRAIN, true);
+    let mut m = Machine::new(timing(), DRAIN, Gate::Open);
     assert_eq!(m.next_renewal(), None, "nothing held");
     // The store proved the holding 3 s before its answer was read.
     m.handle(

@@ -1,0 +1,440 @@
+//! The balancer of a `--balance` daemon: it enrolls in the group of daemons that run the same
+//! elections on the same store, announces what this daemon may lead, and turns the group's
+//! [`plan`] into what each election does: campaign, stand by, or hand over to a named successor.
+//! It only chooses who campaigns; every move is an ordinary graceful hand-off of the elector.
+//!
+//! ```text
+//!  Membership::changed ─┐
+//!  election views ──────┼─► Snapshot ─► plan ─► stand_by / resign(successor)
+//!  worker readiness ────┘                  └──► GroupView (status, metrics)
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::future::select_all;
+use tokio::{
+    sync::watch,
+    task::JoinHandle,
+    time::{Instant, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    backoff::Backoff,
+    balance::{GroupView, Member, MemberView, Plan, Seat, Snapshot, Step, group_name, plan},
+    config::Config,
+    election::{CampaignMode, Election, Role},
+    metrics::BalanceMetrics,
+    store::{Membership, Store, StoreError},
+    timing::Timing,
+};
+
+/// The longest pause between attempts to reach the store's membership.
+const RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// The running balancer.
+pub(super) struct Balancer {
+    /// What it shows.
+    pub(super) view: watch::Receiver<GroupView>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Start balancing `elections` over `store` as `identity`.
+    pub(super) fn start(
+        store: Arc<dyn Store>,
+        config: &Config,
+        elections: Vec<Election>,
+        metrics: BalanceMetrics,
+    ) -> Balancer {
+        let group = group_name(elections.iter().map(Election::name));
+        let (view, view_rx) = watch::channel(GroupView {
+            group: group.clone(),
+            members: Vec::new(),
+        });
+        let stop = CancellationToken::new();
+        let balancing = Balancing {
+            identity: config.identity.clone(),
+            group,
+            timing: config.timing,
+            campaign: config.campaign,
+            metrics,
+            seats: elections
+                .into_iter()
+                .map(|election| SeatState {
+                    changes: election.changes(),
+                    workers: election.workers(),
+                    election,
+                    standing_by: true,
+                    handing_over: None,
+                    last_holder: None,
+                    vacant_since: None,
+                    logged: false,
+                })
+                .collect(),
+            members: Vec::new(),
+            view,
+        };
+        let task = tokio::spawn(balancing.run(store, stop.clone()));
+        Balancer {
+            view: view_rx,
+            stop,
+            task,
+        }
+    }
+
+    /// Leave the group at once, so the others take over this member's elections as it steps
+    /// down; waits at most `bound`.
+    pub(super) async fn leave(self, bound: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(bound, self.task).await.is_err() {
+            tracing::warn!(?bound, "balance: leaving the group timed out");
+        }
+    }
+}
+
+/// One election as the balancer follows it.
+struct SeatState {
+    election: Election,
+    changes: watch::Receiver<crate::election::Leadership>,
+    workers: watch::Receiver<crate::election::Workers>,
+    /// What the balancer last told the election.
+    standing_by: bool,
+    /// The successor of a hand-over in progress.
+    handing_over: Option<String>,
+    /// The last holder seen, to tell a hand-over from a vacancy in the log.
+    last_holder: Option<String>,
+    /// Since when nobody holds it, as this member saw.
+    vacant_since: Option<Instant>,
+    /// This vacancy's campaign was logged (plans shift while seats fill: log it once).
+    logged: bool,
+}
+
+impl SeatState {
+    fn holder(&self) -> Option<String> {
+        self.changes.borrow().view.leader.clone()
+    }
+
+    /// Whether this member has heard from the store about the election yet.
+    fn known(&self) -> bool {
+        self.changes.borrow().view.role != Role::Unknown
+    }
+}
+
+/// What wakes the balancer.
+enum Wake {
+    Stop,
+    Members(Result<Vec<Member>, StoreError>),
+    Local,
+    Vacancy,
+    Retry,
+}
+
+struct Balancing {
+    identity: String,
+    group: String,
+    timing: Timing,
+    campaign: CampaignMode,
+    seats: Vec<SeatState>,
+    /// The live members, as last read from the store.
+    members: Vec<Member>,
+    view: watch::Sender<GroupView>,
+    metrics: BalanceMetrics,
+}
+
+impl Balancing {
+    async fn run(mut self, store: Arc<dyn Store>, stop: CancellationToken) {
+        let Some(mut membership) = self.enroll(&store, &stop).await else {
+            return;
+        };
+        tracing::info!(group = %self.group, identity = %self.identity, "balance: joined the group");
+        let mut announced: Option<BTreeSet<String>> = None;
+        let mut backoff = Backoff::new(self.timing.retry_period, RETRY_CAP);
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let eligible = self.eligible();
+            if announced.as_ref() != Some(&eligible) {
+                match membership.announce(&eligible).await {
+                    Ok(()) => announced = Some(eligible),
+                    Err(error) => {
+                        tracing::warn!(%error, "balance: cannot announce this member; retrying");
+                        retry_at = Some(Instant::now() + backoff.next_delay());
+                    }
+                }
+            }
+            self.apply().await;
+            match self.wait(membership.as_mut(), &stop, retry_at).await {
+                Wake::Stop => break,
+                Wake::Members(Ok(members)) => {
+                    backoff.reset();
+                    retry_at = None;
+                    self.log_membership(&members);
+                    self.members = members;
+                }
+                Wake::Members(Err(error)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, ?delay, "balance: cannot read the group; retrying");
+                    retry_at = Some(Instant::now() + delay);
+                }
+                Wake::Retry => retry_at = None,
+                Wake::Local | Wake::Vacancy => {}
+            }
+        }
+        match membership.leave().await {
+            Ok(()) => tracing::info!(group = %self.group, "balance: left the group"),
+            Err(error) => {
+                tracing::warn!(%error, "balance: could not leave the group; it ends by expiry")
+            }
+        }
+    }
+
+    /// Enroll, retrying with back-off while the store is down or refuses.
+    async fn enroll(
+        &self,
+        store: &Arc<dyn Store>,
+        stop: &CancellationToken,
+    ) -> Option<Box<dyn Membership>> {
+        let mut backoff = Backoff::new(self.timing.retry_period, RETRY_CAP);
+        loop {
+            let attempt = store.enroll(&self.group, &self.identity, self.timing);
+            let error = tokio::select! {
+                _ = stop.cancelled() => return None,
+                outcome = attempt => match outcome {
+                    Ok(membership) => return Some(membership),
+                    Err(error) => error,
+                },
+            };
+            let delay = backoff.next_delay();
+            tracing::warn!(%error, ?delay, group = %self.group, "balance: cannot join the group; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// The elections this member may lead: all, or with `--campaign when-ready` those with a
+    /// ready worker.
+    fn eligible(&mut self) -> BTreeSet<String> {
+        let campaign = self.campaign;
+        self.seats
+            .iter_mut()
+            .filter_map(|seat| {
+                let ready = seat.workers.borrow_and_update().any_ready();
+                (campaign == CampaignMode::Always || ready).then(|| seat.election.name().to_owned())
+            })
+            .collect()
+    }
+
+    /// Wait for the next thing that can change the plan.
+    async fn wait(
+        &mut self,
+        membership: &mut dyn Membership,
+        stop: &CancellationToken,
+        retry_at: Option<Instant>,
+    ) -> Wake {
+        let vacancy = self.next_vacancy_deadline();
+        let local = select_all(self.seats.iter_mut().flat_map(|seat| {
+            [
+                Box::pin(seat.changes.changed()) as Pin<Box<dyn Future<Output = _> + Send>>,
+                Box::pin(seat.workers.changed()),
+            ]
+        }));
+        tokio::select! {
+            _ = stop.cancelled() => Wake::Stop,
+            // After a store error, the next read waits out its back-off.
+            members = membership.changed(&self.members), if retry_at.is_none() => {
+                Wake::Members(members)
+            }
+            _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                Wake::Retry
+            }
+            _ = local => Wake::Local,
+            _ = sleep_until(vacancy.unwrap_or_else(Instant::now)), if vacancy.is_some() => {
+                Wake::Vacancy
+            }
+        }
+    }
+
+    /// When a seat planned for another member will have been vacant for one lease duration.
+    fn next_vacancy_deadline(&self) -> Option<Instant> {
+        self.seats
+            .iter()
+            .filter(|seat| seat.standing_by)
+            .filter_map(|seat| seat.vacant_since)
+            .map(|since| since + self.timing.lease_duration)
+            .filter(|deadline| *deadline > Instant::now())
+            .min()
+    }
+
+    /// Plan from what this member sees, and tell each election what to do.
+    async fn apply(&mut self) {
+        let now = Instant::now();
+        for seat in &mut self.seats {
+            seat.changes.borrow_and_update();
+            let holder = seat.holder();
+            match &holder {
+                None => {
+                    seat.vacant_since.get_or_insert(now);
+                }
+                Some(_) => {
+                    seat.vacant_since = None;
+                    seat.logged = false;
+                }
+            }
+            if holder.as_deref() != Some(&self.identity) {
+                seat.handing_over = None;
+            }
+        }
+        let snapshot = Snapshot {
+            members: self.members.clone(),
+            seats: self
+                .seats
+                .iter()
+                .map(|seat| Seat {
+                    election: seat.election.name().to_owned(),
+                    holder: seat.holder(),
+                })
+                .collect(),
+        };
+        let plan = plan(&snapshot);
+        self.publish(&snapshot, &plan);
+        let me = self.members.iter().find(|m| m.identity == self.identity);
+        let leads = snapshot
+            .seats
+            .iter()
+            .filter(|s| s.holder.as_deref() == Some(&self.identity))
+            .count();
+        let share = plan
+            .shares()
+            .get(self.identity.as_str())
+            .copied()
+            .unwrap_or(0);
+        for (seat, seen) in self.seats.iter_mut().zip(&snapshot.seats) {
+            let step = match me {
+                // Not a member (yet, or no more, as the store shows), or the election's holder
+                // is not known yet: campaign nowhere.
+                Some(_) if seat.known() => plan.step(&self.identity, seen),
+                _ if seen.holder.as_deref() == Some(&self.identity) => Step::Lead,
+                _ => Step::StandBy,
+            };
+            let eligible = me.is_some_and(|m| m.eligible.contains(&seen.election));
+            let stale_vacancy = seat
+                .vacant_since
+                .is_some_and(|since| now >= since + self.timing.lease_duration);
+            let stand_by = match &step {
+                Step::Lead => false,
+                // The planned owner did not take a vacant seat within one lease (it may have
+                // died and not yet dropped out): anyone eligible campaigns, so it is not left
+                // without a leader.
+                Step::StandBy => !(eligible && stale_vacancy),
+                Step::HandOver(_) => true,
+            };
+            if stand_by && !seat.standing_by && step == Step::StandBy {
+                tracing::debug!(election = %seen.election, "balance: standing by");
+            }
+            if !stand_by && seat.standing_by && seen.holder.as_deref() != Some(&self.identity) {
+                let reason = match (&seat.last_holder, &step) {
+                    (_, Step::StandBy) => "vacant for a lease; its planned leader did not take it",
+                    (Some(last), _) if !self.members.iter().any(|m| &m.identity == last) => {
+                        "its leader left the group"
+                    }
+                    (None, _) => "vacant",
+                    _ => "",
+                };
+                // A seat handed over to this member was logged by the member that gave it.
+                if !reason.is_empty() && !seat.logged {
+                    seat.logged = true;
+                    tracing::info!(
+                        election = %seen.election, leads, share, reason,
+                        "balance: campaigning"
+                    );
+                }
+            }
+            if stand_by != seat.standing_by {
+                if seat.election.stand_by(stand_by).await.is_err() {
+                    continue;
+                }
+                seat.standing_by = stand_by;
+            }
+            if let Step::HandOver(to) = step
+                && seat.handing_over.as_deref() != Some(&to)
+            {
+                tracing::info!(
+                    election = %seen.election, to = %to, leads, share,
+                    "balance: handing over (this member leads more than its share)"
+                );
+                seat.handing_over = Some(to.clone());
+                let election = seat.election.clone();
+                // The hand-off announces, drains the workers and releases to `to`; the view
+                // then shows the new holder, and the next plan follows.
+                tokio::spawn(async move {
+                    if let Err(error) = election.resign(Some(to)).await {
+                        tracing::debug!(%error, "balance: hand-over not started");
+                    }
+                });
+            }
+            if seen.holder.is_some() {
+                seat.last_holder = seen.holder.clone();
+            }
+        }
+    }
+
+    /// Publish the group's view.
+    fn publish(&self, snapshot: &Snapshot, plan: &Plan) {
+        let shares = plan.shares();
+        let members = self
+            .members
+            .iter()
+            .map(|m| MemberView {
+                identity: m.identity.clone(),
+                eligible: m.eligible.len(),
+                leads: snapshot
+                    .seats
+                    .iter()
+                    .filter(|s| s.holder.as_deref() == Some(&m.identity))
+                    .count(),
+                share: shares.get(m.identity.as_str()).copied().unwrap_or(0),
+            })
+            .collect::<Vec<MemberView>>();
+        let led = snapshot
+            .seats
+            .iter()
+            .filter(|s| s.holder.as_deref() == Some(&self.identity))
+            .count();
+        let share = shares.get(self.identity.as_str()).copied().unwrap_or(0);
+        self.metrics.seen(members.len(), led, share);
+        self.view.send_if_modified(|view| {
+            let changed = view.members != members;
+            view.members = members;
+            changed
+        });
+    }
+
+    /// One line per change of membership.
+    fn log_membership(&self, members: &[Member]) {
+        let names = |list: &[Member]| -> BTreeMap<String, usize> {
+            list.iter()
+                .map(|m| (m.identity.clone(), m.eligible.len()))
+                .collect()
+        };
+        let (before, after) = (names(&self.members), names(members));
+        let joined: Vec<&String> = after.keys().filter(|m| !before.contains_key(*m)).collect();
+        let left: Vec<&String> = before.keys().filter(|m| !after.contains_key(*m)).collect();
+        if !joined.is_empty() || !left.is_empty() {
+            tracing::info!(
+                group = %self.group,
+                members = after.len(),
+                ?joined,
+                ?left,
+                "balance: the group changed"
+            );
+        }
+    }
+}
