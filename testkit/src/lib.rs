@@ -1,11 +1,13 @@
 //! Baton's test harness, shared by the end-to-end tests and the benchmarks: real `baton`
 //! processes on `127.0.0.1:0` (or a Unix socket), real workers, real signals, and waiting on
 //! events (log lines, stream events) instead of sleeps. [`etcd`] runs a real etcd,
-//! [`k8s_api`] is a test double of the Kubernetes Lease API, and [`scenario`] holds the
-//! hand-off scenarios every store runs. A dev-dependency only: never built into the image.
+//! [`k8s_api`] is a test double of the Kubernetes Lease API, [`intervals`] checks that workers
+//! never overlap, and [`scenario`] holds the hand-off scenarios every store runs. A
+//! dev-dependency only: never built into the image.
 
 pub mod etcd;
 pub mod health;
+pub mod intervals;
 pub mod k8s_api;
 pub mod pki;
 pub mod ports;
