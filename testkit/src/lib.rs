@@ -2,9 +2,10 @@
 //! processes on `127.0.0.1:0` (or a Unix socket), real workers, real signals, and waiting on
 //! events (log lines, stream events) instead of sleeps. [`etcd`] runs a real etcd,
 //! [`k8s_api`] is a test double of the Kubernetes Lease API, [`intervals`] checks that workers
-//! never overlap, and [`scenario`] holds the hand-off scenarios every store runs. A
-//! dev-dependency only: never built into the image.
+//! never overlap, [`scenario`] holds the hand-off scenarios every store runs, and [`balance`]
+//! runs a balanced group of daemons. A dev-dependency only: never built into the image.
 
+pub mod balance;
 pub mod etcd;
 pub mod health;
 pub mod intervals;

@@ -66,6 +66,18 @@ impl Backend {
     /// Start daemon `identity` of `election` on this store, with `extra` flags, and wait until
     /// it serves.
     pub fn daemon(&self, identity: &str, election: &str, extra: &[&str]) -> Daemon {
+        self.daemon_on(identity, "127.0.0.1:0", election, extra)
+    }
+
+    /// [`Backend::daemon`] on a given `listen` address (to restart one where its workers
+    /// expect it).
+    pub fn daemon_on(
+        &self,
+        identity: &str,
+        listen: &str,
+        election: &str,
+        extra: &[&str],
+    ) -> Daemon {
         let mut args: Vec<String> = Vec::new();
         let mut command: Command = baton();
         match self {
@@ -94,7 +106,7 @@ impl Backend {
         args.extend(["--election".into(), election.into()]);
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start_command(identity, command, &args)
+        Daemon::start_command_on(identity, command, listen, &args)
     }
 
     /// The Kubernetes service account token daemon `identity` was last started with.
