@@ -3,10 +3,11 @@
 //! elections, each with a timer worker (`testkit::balance`), on `testkit::SHORT_TIMING` (3 s
 //! lease, 500 ms retry period). Each round, with a and b at 15/15:
 //!
-//! - **join**: c starts; until every daemon shows 10/10/10 with each election's work running
-//!   on its holder's worker only; and how many elections moved (the minimum is 10);
-//! - **death**: `kill -9` of c; until a and b settle at 15/15 again; how many moved (the
-//!   minimum is 10, c's).
+//! - **join**: c starts; until every daemon shows 10/10/10 (agreed), and until each election's
+//!   work runs on its holder's worker only (working; c's worker, started once, reconnects to
+//!   c's next incarnation with the client's back-off); how many elections moved (minimum 10);
+//! - **death**: `kill -9` of c; until a and b settle at 15/15 again, agreed and working; how
+//!   many moved (the minimum is 10, c's).
 //!
 //! ```text
 //! cargo bench --all-features --bench balance          # 5 rounds per store
@@ -47,31 +48,41 @@ async fn store(backend: Backend, n: usize) {
     let t = Instant::now();
     group.join("a");
     group.join("b");
-    let (took, mut holders) = group.settle(t, "a and b").await;
-    println!("{name}: a and b over 30 elections settled in {took:.2?} from the first start");
-    let (mut join, mut death) = (Vec::new(), Vec::new());
+    let settled = group.settle(t, "a and b").await;
+    println!("{name}: a and b over 30 elections, from the first start: {settled}");
+    let mut holders = settled.holders;
+    let (mut join, mut join_working) = (Vec::new(), Vec::new());
+    let (mut death, mut death_working) = (Vec::new(), Vec::new());
     let (mut join_moves, mut death_moves) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
         group.join("c");
-        let (took, joined) = group.settle(t, "join of c").await;
-        join.push(took);
-        join_moves.push(moves(&holders, &joined));
+        let settled = group.settle(t, "join of c").await;
+        join.push(settled.agreed);
+        join_working.push(settled.working);
+        join_moves.push(moves(&holders, &settled.holders));
+        let joined = settled.holders;
 
         let t = Instant::now();
         group.kill_9("c");
-        let (took, survived) = group.settle(t, "death of c").await;
-        death.push(took);
-        death_moves.push(moves(&joined, &survived));
-        holders = survived;
+        let settled = group.settle(t, "death of c").await;
+        death.push(settled.agreed);
+        death_working.push(settled.working);
+        death_moves.push(moves(&joined, &settled.holders));
+        holders = settled.holders;
     }
     group.check_safety();
-    println!("{name} join (2 -> 3 members) to settled: {}", summary(join));
+    println!(
+        "{name} join (2 -> 3 members) to daemons agreed: {}",
+        summary(join)
+    );
+    println!("{name} join to work running: {}", summary(join_working));
     println!("{name} join: elections moved per join (minimum 10): {join_moves:?}");
     println!(
-        "{name} death (kill -9, 3 -> 2) to settled: {}",
+        "{name} death (kill -9, 3 -> 2) to daemons agreed: {}",
         summary(death)
     );
+    println!("{name} death to work running: {}", summary(death_working));
     println!("{name} death: elections moved per death (minimum 10): {death_moves:?}");
 }
 

@@ -124,16 +124,16 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
     for id in ["a", "b", "c"] {
         group.join(id);
     }
-    let (took, spread_out) = group.settle(t, "spread").await;
+    let settled = group.settle(t, "spread").await;
+    let spread_out = settled.holders.clone();
     assert_eq!(spread(&group, &spread_out), [10, 10, 10], "{spread_out:?}");
-    println!(
-        "{store}: spread: 3 daemons x 30 elections settled in {took:.2?} from the first start"
-    );
+    println!("{store}: spread: 3 daemons x 30 elections from the first start: {settled}");
 
     // Death: only the dead member's elections move.
     let t = Instant::now();
     group.kill_9("c");
-    let (took, survived) = group.settle(t, "death").await;
+    let settled = group.settle(t, "death").await;
+    let survived = settled.holders.clone();
     assert_eq!(spread(&group, &survived), [15, 15], "{survived:?}");
     let moved_on_death = moved(&spread_out, &survived);
     assert!(
@@ -141,13 +141,14 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
         "a death moved a survivor's election: {moved_on_death:?}"
     );
     assert_eq!(moved_on_death.len(), 10);
-    println!("{store}: death: kill -9 of c, a and b settled at 15/15 in {took:.2?}");
+    println!("{store}: death: kill -9 of c, a and b at 15/15: {settled}");
 
     // Rejoin: exactly 10 elections move to c, each by hand-over.
     let logged = hand_over_counts(&group, &["a", "b"]);
     let (t, mono) = (Instant::now(), mono_now());
     group.join("c");
-    let (took, rejoined) = group.settle(t, "rejoin").await;
+    let settled = group.settle(t, "rejoin").await;
+    let rejoined = settled.holders.clone();
     assert_eq!(spread(&group, &rejoined), [10, 10, 10], "{rejoined:?}");
     let moved_on_join = moved(&survived, &rejoined);
     assert_eq!(
@@ -163,20 +164,21 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
         assert_eq!(field(line, "to"), Some("c"), "{line}");
     }
     println!(
-        "{store}: rejoin: c back, 10/10/10 in {took:.2?}, {} moves, all hand-overs",
+        "{store}: rejoin: c back, 10/10/10 by {} hand-overs: {settled}",
         moved_on_join.len()
     );
 
     // Graceful stop: a's elections move by hand-over, evenly.
     let (t, mono) = (Instant::now(), mono_now());
     group.sigterm("a");
-    let (took, stopped) = group.settle(t, "graceful stop").await;
+    let settled = group.settle(t, "graceful stop").await;
+    let stopped = settled.holders.clone();
     assert_eq!(spread(&group, &stopped), [15, 15], "{stopped:?}");
     let moved_on_stop = moved(&rejoined, &stopped);
     assert_eq!(moved_on_stop.len(), 10, "moves on stop: {moved_on_stop:?}");
     assert!(moved_on_stop.iter().all(|e| rejoined[e] == "a"));
     assert_moves_by_hand_over(&group, mono, 10, &["a"], &["b", "c"]);
-    println!("{store}: graceful stop: SIGTERM of a, b and c settled at 15/15 in {took:.2?}");
+    println!("{store}: graceful stop: SIGTERM of a, b and c at 15/15: {settled}");
 
     group.check_safety();
 }
@@ -224,14 +226,15 @@ async fn churn(backend: &Backend) {
             }
         };
         let what = format!("step {step} (seed {seed}): {change}");
-        let (took, holders) = group.settle(t, &what).await;
+        let settled = group.settle(t, &what).await;
+        let holders = settled.holders.clone();
         let counts = group.counts(&holders);
         let (min, max) = (
             counts.values().min().unwrap(),
             counts.values().max().unwrap(),
         );
         assert!(max - min <= 1, "{what}: {counts:?}");
-        println!("{store}: {what}: settled in {took:.2?} at {counts:?}");
+        println!("{store}: {what}: {counts:?}, {settled}");
     }
     group.check_safety();
 }
@@ -248,7 +251,8 @@ async fn when_ready(backend: &Backend) {
     for id in ["a", "b", "c"] {
         group.join(id);
     }
-    let (took, holders) = group.settle(t, "spread").await;
+    let settled = group.settle(t, "spread").await;
+    let holders = settled.holders.clone();
     assert_eq!(spread(&group, &holders), [10, 10, 10], "{holders:?}");
     assert_not_on_c(&holders, &unready);
     let c_sees = group.status("c").await.unwrap().balance.unwrap();
@@ -258,14 +262,15 @@ async fn when_ready(backend: &Backend) {
         .map(|m| (m.identity.as_str(), m.eligible))
         .collect();
     assert_eq!(eligible, BTreeMap::from([("a", 30), ("b", 30), ("c", 25)]));
-    println!("{store}: when-ready: 10/10/10 in {took:.2?}, c eligible for 25");
+    println!("{store}: when-ready: 10/10/10, c eligible for 25: {settled}");
 
     let t = Instant::now();
     group.kill_9("a");
-    let (took, holders) = group.settle(t, "death of a").await;
+    let settled = group.settle(t, "death of a").await;
+    let holders = settled.holders.clone();
     assert_eq!(spread(&group, &holders), [15, 15], "{holders:?}");
     assert_not_on_c(&holders, &unready);
-    println!("{store}: when-ready: kill -9 of a, 15/15 in {took:.2?}");
+    println!("{store}: when-ready: kill -9 of a, 15/15: {settled}");
 
     // Only c is left, ready for 25: it takes those and never the other 5.
     group.kill_9("b");

@@ -39,6 +39,27 @@ struct Member {
 /// Each election's holder, as the daemons agree once settled.
 pub type Holders = BTreeMap<String, String>;
 
+/// What [`Group::settle`] saw.
+pub struct Settled {
+    /// How long until the daemons agreed on the settled plan.
+    pub agreed: Duration,
+    /// How long until each election's work ran on its holder's worker only: `agreed` plus the
+    /// hand-offs' last steps, and a worker's reconnection to a daemon that (re)started (the
+    /// client's back-off reaches 5 s while its daemon is down).
+    pub working: Duration,
+    pub holders: Holders,
+}
+
+impl std::fmt::Display for Settled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daemons agreed in {:.2?}, work running in {:.2?}",
+            self.agreed, self.working
+        )
+    }
+}
+
 /// A balanced group on `backend`.
 pub struct Group<'a> {
     // Field order is drop order: processes first, then their sockets' directory.
@@ -174,15 +195,31 @@ impl<'a> Group<'a> {
     }
 
     /// Wait until the group has settled: every live daemon shows the same holder of every
-    /// election, a live member; shows the live members, each leading its planned share; and
-    /// each election's holder's worker, and no other, runs its work. Returns how long it took
-    /// from `since` and the holders. Panics after [`SETTLE_BOUND`], with what each daemon shows.
-    pub async fn settle(&self, since: Instant, what: &str) -> (Duration, Holders) {
+    /// election, a live member, and the live members, each leading its planned share; then
+    /// until each election's work runs on its holder's worker, and no other. Panics after
+    /// [`SETTLE_BOUND`], with what each daemon shows.
+    pub async fn settle(&self, since: Instant, what: &str) -> Settled {
         let mut last = String::new();
+        let mut agreed_at: Option<Duration> = None;
         while since.elapsed() < SETTLE_BOUND {
-            match self.settled().await {
-                Ok(holders) => return (since.elapsed(), holders),
-                Err(why) => last = why,
+            match self.agreed().await {
+                Ok(holders) => {
+                    let agreed = *agreed_at.get_or_insert(since.elapsed());
+                    match self.working(&holders) {
+                        Ok(()) => {
+                            return Settled {
+                                agreed,
+                                working: since.elapsed(),
+                                holders,
+                            };
+                        }
+                        Err(why) => last = why,
+                    }
+                }
+                Err(why) => {
+                    agreed_at = None;
+                    last = why;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -192,8 +229,8 @@ impl<'a> Group<'a> {
         ));
     }
 
-    /// The holders once settled, or why not.
-    async fn settled(&self) -> Result<Holders, String> {
+    /// The holders once the daemons agree, or why not.
+    async fn agreed(&self) -> Result<Holders, String> {
         let live = self.live();
         let mut agreed: Option<Holders> = None;
         for id in &live {
@@ -206,13 +243,17 @@ impl<'a> Group<'a> {
                 _ => agreed = Some(holders),
             }
         }
-        let holders = agreed.ok_or("no live member")?;
+        agreed.ok_or_else(|| "no live member".to_owned())
+    }
+
+    /// Whether each election's work runs on its holder's worker, and no other.
+    fn working(&self, holders: &Holders) -> Result<(), String> {
         let running: BTreeMap<&String, BTreeSet<String>> = self
             .members
             .iter()
             .map(|(id, m)| (id, running_work(&m.worker)))
             .collect();
-        for (election, holder) in &holders {
+        for (election, holder) in holders {
             let on: Vec<&&String> = running
                 .iter()
                 .filter(|(_, open)| open.contains(election))
@@ -224,7 +265,7 @@ impl<'a> Group<'a> {
                 ));
             }
         }
-        Ok(holders)
+        Ok(())
     }
 
     /// What daemon `id` shows in `baton status`.
