@@ -17,7 +17,7 @@
 //! Without `--bench` in argv (as under `cargo test --all-targets`) it makes 1 round per store.
 //! The workers' intervals are checked for overlap at the end of each store's run.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use testkit::{
     balance::{Group, Holders},

@@ -5,10 +5,7 @@
 //! is a hand-over, and that no election's workers ever overlap and terms grow. Settle times are
 //! printed (bounded by `testkit::balance::SETTLE_BOUND` only); `benches/balance.rs` measures them.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use testkit::{
@@ -16,6 +13,7 @@ use testkit::{
     field, mono_now,
     scenario::Backend,
 };
+use tokio::time::Instant;
 
 /// One test at a time: a group is 3 or 4 daemons of 25-30 elections on 2 cores, and on the file
 /// store each election of a daemon holds an inotify instance, of the 128 a user has by default

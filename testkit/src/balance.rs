@@ -6,11 +6,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use baton::client::{Client, DaemonStatus};
 use nix::sys::signal::Signal;
+use tokio::time::Instant;
 
 use crate::{
     Daemon, Proc, example, field,
