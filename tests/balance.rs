@@ -95,6 +95,18 @@ fn hand_over_counts(group: &Group, ids: &[&str]) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// Assert that every worker stop after CLOCK_MONOTONIC `t0` was a hand-over: no move is abrupt
+/// when no member died.
+fn assert_no_abrupt_ending(group: &Group, t0: i128, during: &str) {
+    for (id, line) in group.stops_after(t0) {
+        assert_eq!(
+            field(&line, "ending"),
+            Some("hand-over"),
+            "{during}: {id}'s worker: {line}"
+        );
+    }
+}
+
 /// Assert that every worker stop after `t0` was a hand-over by `from` (one of them), `n` in
 /// all, and that exactly `n` works started after `t0`, all on `to` (some of them).
 fn assert_moves_by_hand_over(group: &Group, t0: i128, n: usize, from: &[&str], to: &[&str]) {
@@ -125,6 +137,8 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
     let settled = group.settle(t, "spread").await;
     let spread_out = settled.holders.clone();
     assert_eq!(spread(&group, &spread_out), [10, 10, 10], "{spread_out:?}");
+    // Nobody died: whatever moved while the members joined moved by hand-over.
+    assert_no_abrupt_ending(&group, 0, "the spread");
     println!("{store}: spread: 3 daemons x 30 elections from the first start: {settled}");
 
     // Death: only the dead member's elections move.
@@ -183,8 +197,8 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
 
 /// 20 random joins and leaves (SIGTERM or `kill -9`) among 4 identities, with 25 elections so
 /// that shares are uneven (8/8/9, 6/6/6/7, 12/13), seeded (`BATON_BALANCE_SEED` to replay):
-/// after each settles, max − min ≤ 1; over the whole run no election's workers overlap and terms
-/// grow.
+/// after each settles, max − min ≤ 1, and after each join or SIGTERM every work that stopped
+/// ended by hand-over; over the whole run no election's workers overlap and terms grow.
 async fn churn(backend: &Backend) {
     let store = backend.name();
     let seed: u64 = std::env::var("BATON_BALANCE_SEED")
@@ -208,7 +222,8 @@ async fn churn(backend: &Backend) {
             .filter(|id| !live.iter().any(|l| l == id))
             .collect();
         let join = live.len() <= 1 || (!down.is_empty() && rng.random_bool(0.5));
-        let t = Instant::now();
+        let (t, mono) = (Instant::now(), mono_now());
+        let mut died = false;
         let change = if join {
             let id = down[rng.random_range(0..down.len())];
             group.join(id);
@@ -216,6 +231,7 @@ async fn churn(backend: &Backend) {
         } else {
             let id = live[rng.random_range(0..live.len())].clone();
             if rng.random_bool(0.5) {
+                died = true;
                 group.kill_9(&id);
                 format!("kill -9 of {id}")
             } else {
@@ -232,6 +248,9 @@ async fn churn(backend: &Backend) {
             counts.values().max().unwrap(),
         );
         assert!(max - min <= 1, "{what}: {counts:?}");
+        if !died {
+            assert_no_abrupt_ending(&group, mono, &what);
+        }
         println!("{store}: {what}: {counts:?}, {settled}");
     }
     group.check_safety();
