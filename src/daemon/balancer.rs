@@ -438,3 +438,6 @@ impl Balancing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
