@@ -366,9 +366,14 @@ impl Balancing {
             if let Step::HandOver(to) = step
                 && seat.handing_over.as_deref() != Some(&to)
             {
+                let reason = if eligible {
+                    "this member leads more than its share"
+                } else {
+                    "no worker is ready for it here"
+                };
                 tracing::info!(
-                    election = %seen.election, to = %to, leads, share,
-                    "balance: handing over (this member leads more than its share)"
+                    election = %seen.election, to = %to, leads, share, reason,
+                    "balance: handing over"
                 );
                 seat.handing_over = Some(to.clone());
                 let election = seat.election.clone();
