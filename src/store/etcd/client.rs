@@ -93,6 +93,20 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// The TTL of a session lease: `--lease-duration` in whole seconds, rounded up.
+pub(super) fn session_ttl_secs(timing: Timing) -> i64 {
+    timing.lease_duration.as_secs_f64().ceil().max(1.0) as i64
+}
+
+/// The per-request timeout: the retry period, within [`MIN_REQUEST_TIMEOUT`] and the renew
+/// deadline.
+pub(super) fn request_timeout(timing: Timing) -> Duration {
+    timing
+        .retry_period
+        .max(MIN_REQUEST_TIMEOUT)
+        .min(timing.renew_deadline)
+}
+
 pub(super) fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, EtcdError> {
     std::fs::read(path).map_err(|source| EtcdError::ReadFile {
         flag,
@@ -177,11 +191,8 @@ impl Store for EtcdStore {
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
         let client = self.client().await?;
-        let request_timeout = timing
-            .retry_period
-            .max(MIN_REQUEST_TIMEOUT)
-            .min(timing.renew_deadline);
-        let ttl_secs = timing.lease_duration.as_secs_f64().ceil().max(1.0) as i64;
+        let request_timeout = request_timeout(timing);
+        let ttl_secs = session_ttl_secs(timing);
         let endpoints = self.endpoints.join(",");
         let session = Session::start(&client, ttl_secs, request_timeout, &endpoints).await?;
         Ok(Box::new(EtcdCandidate {
