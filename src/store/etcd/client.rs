@@ -9,9 +9,10 @@ use tokio::{sync::Mutex, time::timeout};
 
 use super::config::EtcdConfig;
 use super::error::EtcdError;
+use super::membership::{EtcdMembership, member_range};
 use super::queue::EtcdCandidate;
 use super::session::Session;
-use crate::store::{Candidate, Store, StoreError};
+use crate::store::{Candidate, Membership, Store, StoreError};
 use crate::timing::Timing;
 
 /// How long connecting to an endpoint may take before the attempt counts as failed.
@@ -30,6 +31,8 @@ pub(super) const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 ///  <prefix><election>/<lease hex>   one key per candidate, value = identity, bound to the
 ///                                   candidate's session lease; created only if absent
 ///  <prefix><election>.successor     Baton only: a reservation for a named successor (below)
+///  <prefix>_members/<group>/<id>    Baton only: a member of a balancing group, bound to the
+///                                   member's own session lease (`membership`)
 ///
 ///  queue (by create revision):   [ 41: a ] [ 57: b ] [ 63: x (etcdctl) ]
 ///                                    │         │ watches 41 until it is deleted
@@ -210,17 +213,17 @@ impl Store for EtcdStore {
         }))
     }
 
-    // Placeholder until this store's membership is built (issue 18, on its branch).
     async fn enroll(
         &self,
-        _group: &str,
-        _identity: &str,
-        _timing: Timing,
-    ) -> Result<Box<dyn crate::store::Membership>, StoreError> {
-        Err(StoreError::Timeout {
-            op: "enroll (not built yet)",
-            after: std::time::Duration::ZERO,
-        })
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Result<Box<dyn Membership>, StoreError> {
+        let client = self.client().await?;
+        let range = member_range(&self.prefix, group);
+        let endpoints = self.endpoints.join(",");
+        let membership = EtcdMembership::enroll(client, endpoints, range, identity, timing).await?;
+        Ok(Box::new(membership))
     }
 
     fn describe(&self) -> String {
