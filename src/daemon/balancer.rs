@@ -34,7 +34,8 @@ use crate::{
     timing::Timing,
 };
 
-/// The longest pause between attempts to reach the store's membership.
+/// The longest pause between attempts to reach the store's membership; a restarted member
+/// whose old membership has not expired yet retries at least once a lease.
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// The running balancer.
@@ -185,7 +186,10 @@ impl Balancing {
         };
         tracing::info!(group = %self.group, identity = %self.identity, "balance: joined the group");
         let mut announced: Option<BTreeSet<String>> = None;
-        let mut backoff = Backoff::new(self.timing.retry_period, RETRY_CAP);
+        let mut backoff = Backoff::new(
+            self.timing.retry_period,
+            RETRY_CAP.min(self.timing.lease_duration),
+        );
         let mut retry_at: Option<Instant> = None;
         loop {
             let eligible = self.eligible();
@@ -230,7 +234,10 @@ impl Balancing {
         store: &Arc<dyn Store>,
         stop: &CancellationToken,
     ) -> Option<Box<dyn Membership>> {
-        let mut backoff = Backoff::new(self.timing.retry_period, RETRY_CAP);
+        let mut backoff = Backoff::new(
+            self.timing.retry_period,
+            RETRY_CAP.min(self.timing.lease_duration),
+        );
         loop {
             let attempt = store.enroll(&self.group, &self.identity, self.timing);
             let error = tokio::select! {
