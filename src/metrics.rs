@@ -447,4 +447,21 @@ mod tests {
             "baton_subscribers{election=\"orders\"} 2"
         );
     }
+
+    #[test]
+    fn a_balancing_group_shows_its_members_and_this_replica_s_share() {
+        let metrics = Metrics::new();
+        let plain = metrics.render().unwrap();
+        assert!(!plain.contains("baton_balance_members{"), "{plain}");
+        metrics.balance("b-1").seen(3, 9, 10);
+        let text = metrics.render().unwrap();
+        for (series, value) in [
+            ("baton_balance_members", 3),
+            ("baton_balance_elections_led", 9),
+            ("baton_balance_share", 10),
+        ] {
+            let prefix = format!("{series}{{group=\"b-1\"}}");
+            assert_eq!(line(&text, &prefix), format!("{prefix} {value}"));
+        }
+    }
 }

@@ -1,15 +1,18 @@
 //! The etcd store against a real etcd (Debian's `etcd-server` 3.4): the shared conformance
 //! suite, interoperation with `etcdctl elect` both ways, crash fail-over, graceful hand-off with
-//! workers, an etcd outage under a leader, TLS and user authentication.
+//! workers, an etcd outage under a leader, TLS and user authentication, and the members of a
+//! balancing group.
 //!
 //! Every wait is on an event (a stream event, a log line, a printed line), bounded by
 //! `testkit::SOON`; safety (no overlap) is asserted exactly, latency never.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use baton::{
+    balance::{Member, group_name},
     client::{Role, WatchEvent},
     store::{
+        ErrorKind, Membership, Observation, Store, Timing,
         conformance::Suite,
         etcd::{EtcdConfig, EtcdStore},
     },
@@ -599,4 +602,231 @@ async fn a_paused_leaders_worker_stops_before_the_standby_takes_over() {
     let new_start: i128 = field(&new_start, "mono").unwrap().parse().unwrap();
     assert_stopped_before(&wa, new_start);
     a.proc.signal(Signal::SIGCONT);
+}
+
+// Balancing groups (`--balance`): a member key per identity on the member's own session lease.
+
+/// A lease far longer than any wait below, so that only a leave (or a revoke) can explain a
+/// member seen gone within `testkit::SOON`, never its expiry.
+fn long_timing() -> Timing {
+    Timing {
+        lease_duration: Duration::from_secs(60),
+        renew_deadline: Duration::from_secs(40),
+        retry_period: Duration::from_secs(1),
+    }
+}
+
+fn eligible(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+fn identities(members: &[Member]) -> Vec<&str> {
+    members.iter().map(|m| m.identity.as_str()).collect()
+}
+
+/// `what` within `testkit::SOON`, or the test fails naming it.
+async fn soon<T, E: std::fmt::Display>(what: &str, call: impl Future<Output = Result<T, E>>) -> T {
+    match tokio::time::timeout(testkit::SOON, call).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(error)) => panic!("{what}: {error}"),
+        Err(_) => panic!("{what}: not within {:?}", testkit::SOON),
+    }
+}
+
+async fn enroll(
+    store: &EtcdStore,
+    group: &str,
+    identity: &str,
+    timing: Timing,
+) -> Box<dyn Membership> {
+    soon(
+        &format!("{identity} enrolls"),
+        store.enroll(group, identity, timing),
+    )
+    .await
+}
+
+/// A fresh etcd, a store on it (prefix `baton/`), and the group of daemons that run `elections`.
+fn balancing_on_etcd(elections: &[&str]) -> (Etcd, EtcdStore, String) {
+    let etcd = Etcd::start();
+    let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
+    let group = group_name(elections.iter().copied());
+    (etcd, store, group)
+}
+
+/// `identity` enrolled in `group` and announced as eligible for `names`.
+async fn member(
+    store: &EtcdStore,
+    group: &str,
+    identity: &str,
+    names: &[&str],
+    timing: Timing,
+) -> Box<dyn Membership> {
+    let mut member = enroll(store, group, identity, timing).await;
+    soon(
+        &format!("{identity} announces"),
+        member.announce(&eligible(names)),
+    )
+    .await;
+    member
+}
+
+/// The lease of `identity`'s member key in `group`.
+async fn member_lease(client: &mut etcd_client::Client, group: &str, identity: &str) -> i64 {
+    let keys = queue(client, &format!("baton/_members/{group}/{identity}")).await;
+    keys.first()
+        .unwrap_or_else(|| panic!("{identity}'s member key"))
+        .2
+}
+
+/// The remaining TTL of `lease`: -1 once it is gone.
+async fn lease_ttl(client: &mut etcd_client::Client, lease: i64) -> i64 {
+    client
+        .lease_time_to_live(lease, None)
+        .await
+        .expect("time to live")
+        .ttl()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_members_see_each_other_and_what_each_may_lead() {
+    let (etcd, store, group) = balancing_on_etcd(&["e1", "e2"]);
+    let mut a = member(&store, &group, "a", &["e1", "e2"], short_timing()).await;
+    let mut b = member(&store, &group, "b", &["e2"], short_timing()).await;
+    // Enrolled, but not announced: not a member the plan may count on yet.
+    let _c = enroll(&store, &group, "c", short_timing()).await;
+
+    let seen = soon("a reads the group", a.changed(&[])).await;
+    assert_eq!(identities(&seen), ["a", "b"]);
+    assert_eq!(seen[0].eligible, eligible(&["e1", "e2"]));
+    assert_eq!(seen[1].eligible, eligible(&["e2"]));
+    assert_eq!(soon("b reads the group", b.changed(&[])).await, seen);
+
+    // One key per member under the prefix, on a lease, holding its record.
+    let mut client = etcd_client(&etcd).await;
+    let keys = queue(&mut client, &format!("baton/_members/{group}/")).await;
+    let (key, value, lease, _) = &keys[1];
+    assert_eq!(key, &format!("baton/_members/{group}/b"));
+    assert_ne!(*lease, 0, "b's key is not on a lease");
+    let record: serde_json::Value = serde_json::from_str(value).expect("b's record is JSON");
+    assert_eq!(
+        record,
+        serde_json::json!({"identity": "b", "eligible": ["e2"]})
+    );
+    // An election named like the group (a group name is a valid election name) sees no
+    // member key as a candidate.
+    let mut seat = store.join(&group, "x", short_timing()).await.expect("join");
+    let observed = soon("observe", seat.observe(&Observation::unseen())).await;
+    assert_eq!(observed.holder, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_wake_a_waiting_member_at_once() {
+    let (etcd, store, group) = balancing_on_etcd(&["e1"]);
+    let mut a = member(&store, &group, "a", &["e1"], long_timing()).await;
+    let alone = soon("a reads the group", a.changed(&[])).await;
+    assert_eq!(identities(&alone), ["a"]);
+
+    // a waits (it read, saw nothing new, and watches) before b joins.
+    let mut waiting = Box::pin(a.changed(&alone));
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(early.is_err(), "a saw a change before any: {early:?}");
+    let mut b = member(&store, &group, "b", &["e1"], long_timing()).await;
+    let both = soon("a sees b join", waiting).await;
+    assert_eq!(identities(&both), ["a", "b"]);
+
+    let mut client = etcd_client(&etcd).await;
+    let b_lease = member_lease(&mut client, &group, "b").await;
+    let mut waiting = Box::pin(a.changed(&both));
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(early.is_err(), "a saw a change before any: {early:?}");
+    soon("b leaves", b.leave()).await;
+    let left = soon("a sees b leave", waiting).await;
+    assert_eq!(identities(&left), ["a"]);
+    // Gone by the leave, with its lease, not by expiry (60 s).
+    let ttl = lease_ttl(&mut client, b_lease).await;
+    assert_eq!(ttl, -1, "b's member lease outlived its leave");
+}
+
+/// A member whose process dies stops renewing: it drops out when its lease expires (printed),
+/// and not before, however long its process lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_dies_drops_out_within_one_lease_and_a_live_one_stays() {
+    let (etcd, store, group) = balancing_on_etcd(&["e1"]);
+    let timing = short_timing();
+    let mut a = member(&store, &group, "a", &["e1"], timing).await;
+    let b = member(&store, &group, "b", &["e1"], timing).await;
+    let both = soon("a reads the group", a.changed(&[])).await;
+    assert_eq!(identities(&both), ["a", "b"]);
+
+    // Twice the lease and more: the membership is kept alive on its own.
+    let mut waiting = Box::pin(a.changed(&both));
+    let stayed = timing.lease_duration * 2 + Duration::from_secs(1);
+    let early = tokio::time::timeout(stayed, &mut waiting).await;
+    assert!(early.is_err(), "a live member dropped out: {early:?}");
+
+    let mut client = etcd_client(&etcd).await;
+    let b_lease = member_lease(&mut client, &group, "b").await;
+    // Dropped without leaving, as a process that dies: nothing renews its lease any more.
+    let died = tokio::time::Instant::now();
+    drop(b);
+    let seen = soon("a sees b drop out", waiting).await;
+    println!(
+        "b dropped out {:?} after it died (lease {:?})",
+        died.elapsed(),
+        timing.lease_duration
+    );
+    assert_eq!(identities(&seen), ["a"]);
+    let ttl = lease_ttl(&mut client, b_lease).await;
+    assert_eq!(ttl, -1, "b went while its lease lived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_is_one_member_while_it_lives() {
+    let (_etcd, store, group) = balancing_on_etcd(&["e1"]);
+    let mut a = member(&store, &group, "a", &["e1"], long_timing()).await;
+
+    let again = store.enroll(&group, "a", long_timing()).await;
+    let error = again.err().expect("a second member as a is refused");
+    let text = error.to_string();
+    assert!(text.contains("--identity"), "{text}");
+    assert!(
+        text.contains(&format!("baton/_members/{group}/a")),
+        "{text}"
+    );
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    // The refused one took nothing from the live one.
+    let seen = soon("a reads the group", a.changed(&[])).await;
+    assert_eq!(identities(&seen), ["a"]);
+    assert_eq!(seen[0].eligible, eligible(&["e1"]));
+
+    // Once a left, its identity is free at once (its lease lasts 60 s).
+    soon("a leaves", a.leave()).await;
+    let _again = enroll(&store, &group, "a", long_timing()).await;
+}
+
+/// A member whose key vanished while it lives (its lease revoked by hand, as when etcd expired
+/// it during a partition) puts it back on a new session, and the others see it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_lease_was_revoked_enrolls_again_on_a_new_one() {
+    let (etcd, store, group) = balancing_on_etcd(&["e1"]);
+    let mut a = member(&store, &group, "a", &["e1"], long_timing()).await;
+    let mut b = member(&store, &group, "b", &["e2"], long_timing()).await;
+    let both = soon("b reads the group", b.changed(&[])).await;
+    assert_eq!(identities(&both), ["a", "b"]);
+
+    let mut client = etcd_client(&etcd).await;
+    let old_lease = member_lease(&mut client, &group, "a").await;
+    etcd.ctl(&["lease", "revoke", &format!("{old_lease:x}")]);
+    let alone = soon("b sees a gone", b.changed(&both)).await;
+    assert_eq!(identities(&alone), ["b"]);
+
+    // a, reading the group, finds its key gone and writes it again; it then waits, as nothing
+    // changed from where it stands.
+    let back = tokio::select! {
+        seen = a.changed(&both) => panic!("a saw a change of its own group: {seen:?}"),
+        back = soon("b sees a back", b.changed(&alone)) => back,
+    };
+    assert_eq!(back, both);
+    assert_ne!(member_lease(&mut client, &group, "a").await, old_lease);
 }

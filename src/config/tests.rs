@@ -316,3 +316,9 @@ fn election_names() {
         assert!(!valid_election_name(bad), "{bad}");
     }
 }
+
+#[test]
+fn balance_is_off_unless_asked() {
+    assert!(!run(&[]).unwrap().balance);
+    assert!(run(&["--election", "a,b", "--balance"]).unwrap().balance);
+}

@@ -19,7 +19,7 @@ use std::{
 use futures::future::select_all;
 use tokio::{
     sync::watch,
-    task::JoinHandle,
+    task::{JoinHandle, JoinSet},
     time::{Instant, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,8 @@ use crate::{
     timing::Timing,
 };
 
-/// The longest pause between attempts to reach the store's membership.
+/// The longest pause between attempts to reach the store's membership; a restarted member
+/// whose old membership has not expired yet retries at least once a lease.
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// The running balancer.
@@ -80,6 +81,7 @@ impl Balancer {
                 .collect(),
             members: Vec::new(),
             view,
+            hand_overs: JoinSet::new(),
         };
         let task = tokio::spawn(balancing.run(store, stop.clone()));
         Balancer {
@@ -127,6 +129,33 @@ impl SeatState {
     }
 }
 
+/// What this member leads and should lead, for the log.
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    leads: usize,
+    share: usize,
+}
+
+/// One line when this member starts campaigning for an election it does not hold, once per
+/// vacancy. A seat handed over to this member was logged by the member that gave it.
+fn log_campaign(seat: &mut SeatState, step: &Step, members: &[Member], tally: Tally) {
+    let reason = match (&seat.last_holder, step) {
+        (_, Step::StandBy) => "vacant for a lease; its planned leader did not take it",
+        (Some(last), _) if !members.iter().any(|m| &m.identity == last) => {
+            "its leader left the group"
+        }
+        (None, _) => "vacant",
+        _ => return,
+    };
+    if !seat.logged {
+        seat.logged = true;
+        tracing::info!(
+            election = %seat.election.name(), leads = tally.leads, share = tally.share, reason,
+            "balance: campaigning"
+        );
+    }
+}
+
 /// What wakes the balancer.
 enum Wake {
     Stop,
@@ -146,6 +175,8 @@ struct Balancing {
     members: Vec<Member>,
     view: watch::Sender<GroupView>,
     metrics: BalanceMetrics,
+    /// Resigns to a successor in progress; aborted if the balancer stops.
+    hand_overs: JoinSet<()>,
 }
 
 impl Balancing {
@@ -155,7 +186,10 @@ impl Balancing {
         };
         tracing::info!(group = %self.group, identity = %self.identity, "balance: joined the group");
         let mut announced: Option<BTreeSet<String>> = None;
-        let mut backoff = Backoff::new(self.timing.retry_period, RETRY_CAP);
+        let mut backoff = Backoff::new(
+            self.timing.retry_period,
+            RETRY_CAP.min(self.timing.lease_duration),
+        );
         let mut retry_at: Option<Instant> = None;
         loop {
             let eligible = self.eligible();
@@ -200,7 +234,10 @@ impl Balancing {
         store: &Arc<dyn Store>,
         stop: &CancellationToken,
     ) -> Option<Box<dyn Membership>> {
-        let mut backoff = Backoff::new(self.timing.retry_period, RETRY_CAP);
+        let mut backoff = Backoff::new(
+            self.timing.retry_period,
+            RETRY_CAP.min(self.timing.lease_duration),
+        );
         loop {
             let attempt = store.enroll(&self.group, &self.identity, self.timing);
             let error = tokio::select! {
@@ -276,46 +313,22 @@ impl Balancing {
     /// Plan from what this member sees, and tell each election what to do.
     async fn apply(&mut self) {
         let now = Instant::now();
-        for seat in &mut self.seats {
-            seat.changes.borrow_and_update();
-            let holder = seat.holder();
-            match &holder {
-                None => {
-                    seat.vacant_since.get_or_insert(now);
-                }
-                Some(_) => {
-                    seat.vacant_since = None;
-                    seat.logged = false;
-                }
-            }
-            if holder.as_deref() != Some(&self.identity) {
-                seat.handing_over = None;
-            }
-        }
-        let snapshot = Snapshot {
-            members: self.members.clone(),
-            seats: self
-                .seats
-                .iter()
-                .map(|seat| Seat {
-                    election: seat.election.name().to_owned(),
-                    holder: seat.holder(),
-                })
-                .collect(),
-        };
+        let snapshot = self.observe(now);
         let plan = plan(&snapshot);
         self.publish(&snapshot, &plan);
         let me = self.members.iter().find(|m| m.identity == self.identity);
-        let leads = snapshot
-            .seats
-            .iter()
-            .filter(|s| s.holder.as_deref() == Some(&self.identity))
-            .count();
-        let share = plan
-            .shares()
-            .get(self.identity.as_str())
-            .copied()
-            .unwrap_or(0);
+        let tally = Tally {
+            leads: snapshot
+                .seats
+                .iter()
+                .filter(|s| s.holder.as_deref() == Some(&self.identity))
+                .count(),
+            share: plan
+                .shares()
+                .get(self.identity.as_str())
+                .copied()
+                .unwrap_or(0),
+        };
         for (seat, seen) in self.seats.iter_mut().zip(&snapshot.seats) {
             let step = match me {
                 // Not a member (yet, or no more, as the store shows), or the election's holder
@@ -336,26 +349,8 @@ impl Balancing {
                 Step::StandBy => !(eligible && stale_vacancy),
                 Step::HandOver(_) => true,
             };
-            if stand_by && !seat.standing_by && step == Step::StandBy {
-                tracing::debug!(election = %seen.election, "balance: standing by");
-            }
             if !stand_by && seat.standing_by && seen.holder.as_deref() != Some(&self.identity) {
-                let reason = match (&seat.last_holder, &step) {
-                    (_, Step::StandBy) => "vacant for a lease; its planned leader did not take it",
-                    (Some(last), _) if !self.members.iter().any(|m| &m.identity == last) => {
-                        "its leader left the group"
-                    }
-                    (None, _) => "vacant",
-                    _ => "",
-                };
-                // A seat handed over to this member was logged by the member that gave it.
-                if !reason.is_empty() && !seat.logged {
-                    seat.logged = true;
-                    tracing::info!(
-                        election = %seen.election, leads, share, reason,
-                        "balance: campaigning"
-                    );
-                }
+                log_campaign(seat, &step, &self.members, tally);
             }
             if stand_by != seat.standing_by {
                 if seat.election.stand_by(stand_by).await.is_err() {
@@ -366,15 +361,20 @@ impl Balancing {
             if let Step::HandOver(to) = step
                 && seat.handing_over.as_deref() != Some(&to)
             {
+                let reason = if eligible {
+                    "this member leads more than its share"
+                } else {
+                    "no worker is ready for it here"
+                };
                 tracing::info!(
-                    election = %seen.election, to = %to, leads, share,
-                    "balance: handing over (this member leads more than its share)"
+                    election = %seen.election, to = %to, leads = tally.leads, share = tally.share,
+                    reason, "balance: handing over"
                 );
                 seat.handing_over = Some(to.clone());
                 let election = seat.election.clone();
                 // The hand-off announces, drains the workers and releases to `to`; the view
                 // then shows the new holder, and the next plan follows.
-                tokio::spawn(async move {
+                self.hand_overs.spawn(async move {
                     if let Err(error) = election.resign(Some(to)).await {
                         tracing::debug!(%error, "balance: hand-over not started");
                     }
@@ -383,6 +383,39 @@ impl Balancing {
             if seen.holder.is_some() {
                 seat.last_holder = seen.holder.clone();
             }
+        }
+        // Finished hand-overs: their outcome was logged.
+        while self.hand_overs.try_join_next().is_some() {}
+    }
+
+    /// Read each election's holder as this member sees it, noting vacancies.
+    fn observe(&mut self, now: Instant) -> Snapshot {
+        for seat in &mut self.seats {
+            seat.changes.borrow_and_update();
+            let holder = seat.holder();
+            match &holder {
+                None => {
+                    seat.vacant_since.get_or_insert(now);
+                }
+                Some(_) => {
+                    seat.vacant_since = None;
+                    seat.logged = false;
+                }
+            }
+            if holder.as_deref() != Some(&self.identity) {
+                seat.handing_over = None;
+            }
+        }
+        Snapshot {
+            members: self.members.clone(),
+            seats: self
+                .seats
+                .iter()
+                .map(|seat| Seat {
+                    election: seat.election.name().to_owned(),
+                    holder: seat.holder(),
+                })
+                .collect(),
         }
     }
 
@@ -438,3 +471,6 @@ impl Balancing {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,9 +9,10 @@ use tokio::{sync::Mutex, time::timeout};
 
 use super::config::EtcdConfig;
 use super::error::EtcdError;
+use super::membership::{EtcdMembership, member_range};
 use super::queue::EtcdCandidate;
 use super::session::Session;
-use crate::store::{Candidate, Store, StoreError};
+use crate::store::{Candidate, Membership, Store, StoreError};
 use crate::timing::Timing;
 
 /// How long connecting to an endpoint may take before the attempt counts as failed.
@@ -30,6 +31,8 @@ pub(super) const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 ///  <prefix><election>/<lease hex>   one key per candidate, value = identity, bound to the
 ///                                   candidate's session lease; created only if absent
 ///  <prefix><election>.successor     Baton only: a reservation for a named successor (below)
+///  <prefix>_members/<group>/<id>    Baton only: a member of a balancing group, bound to the
+///                                   member's own session lease (`membership`)
 ///
 ///  queue (by create revision):   [ 41: a ] [ 57: b ] [ 63: x (etcdctl) ]
 ///                                    │         │ watches 41 until it is deleted
@@ -91,6 +94,20 @@ impl std::fmt::Debug for EtcdStore {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
+}
+
+/// The TTL of a session lease: `--lease-duration` in whole seconds, rounded up.
+pub(super) fn session_ttl_secs(timing: Timing) -> i64 {
+    timing.lease_duration.as_secs_f64().ceil().max(1.0) as i64
+}
+
+/// The per-request timeout: the retry period, within [`MIN_REQUEST_TIMEOUT`] and the renew
+/// deadline.
+pub(super) fn request_timeout(timing: Timing) -> Duration {
+    timing
+        .retry_period
+        .max(MIN_REQUEST_TIMEOUT)
+        .min(timing.renew_deadline)
 }
 
 pub(super) fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, EtcdError> {
@@ -177,11 +194,8 @@ impl Store for EtcdStore {
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
         let client = self.client().await?;
-        let request_timeout = timing
-            .retry_period
-            .max(MIN_REQUEST_TIMEOUT)
-            .min(timing.renew_deadline);
-        let ttl_secs = timing.lease_duration.as_secs_f64().ceil().max(1.0) as i64;
+        let request_timeout = request_timeout(timing);
+        let ttl_secs = session_ttl_secs(timing);
         let endpoints = self.endpoints.join(",");
         let session = Session::start(&client, ttl_secs, request_timeout, &endpoints).await?;
         Ok(Box::new(EtcdCandidate {
@@ -199,17 +213,17 @@ impl Store for EtcdStore {
         }))
     }
 
-    // Placeholder until this store's membership is built (issue 18, on its branch).
     async fn enroll(
         &self,
-        _group: &str,
-        _identity: &str,
-        _timing: Timing,
-    ) -> Result<Box<dyn crate::store::Membership>, StoreError> {
-        Err(StoreError::Timeout {
-            op: "enroll (not built yet)",
-            after: std::time::Duration::ZERO,
-        })
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Result<Box<dyn Membership>, StoreError> {
+        let client = self.client().await?;
+        let range = member_range(&self.prefix, group);
+        let endpoints = self.endpoints.join(",");
+        let membership = EtcdMembership::enroll(client, endpoints, range, identity, timing).await?;
+        Ok(Box::new(membership))
     }
 
     fn describe(&self) -> String {

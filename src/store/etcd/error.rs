@@ -95,14 +95,81 @@ pub enum EtcdError {
         #[source]
         source: etcd_client::Error,
     },
+    /// The member key of a balancing group could not be written (enroll, announce).
+    #[error("cannot write member key {key}: {}", explain(source))]
+    WriteMember {
+        /// The member key.
+        key: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// Another live daemon is a member of the group under this identity.
+    #[error(
+        "member key {key} is held by another daemon (lease {lease:x}): another daemon runs with \
+         this --identity in the group; give each daemon its own identity (a crashed daemon's \
+         key goes when its lease expires)"
+    )]
+    MemberInUse {
+        /// The member key.
+        key: String,
+        /// The lease the key is bound to.
+        lease: i64,
+    },
+    /// The members of a balancing group could not be read.
+    #[error("cannot read member keys {range}: {}", explain(source))]
+    ReadMembers {
+        /// The key range of the group.
+        range: String,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A member key holds something other than a member record.
+    #[error(
+        "member key {key} does not hold a member record (JSON with identity and eligible): \
+         {source}; delete it if no Baton daemon wrote it"
+    )]
+    CorruptMember {
+        /// The member key.
+        key: String,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A member key holds the record of another identity than the one it is named after.
+    #[error(
+        "member key {key} holds the record of {identity:?}; delete it if no Baton daemon wrote it"
+    )]
+    MisnamedMember {
+        /// The member key.
+        key: String,
+        /// The identity in the record.
+        identity: String,
+    },
+    /// The member's session lease could not be revoked when leaving the group.
+    #[error(
+        "cannot revoke member lease {lease:x} (leaving the group): {}",
+        explain(source)
+    )]
+    Leave {
+        /// The lease.
+        lease: i64,
+        /// Why.
+        #[source]
+        source: etcd_client::Error,
+    },
 }
 
 impl EtcdError {
-    /// Unreadable files need a person; everything else (unreachable, slow, refused, TLS, bad
-    /// password) is retried with back-off and reported as the reason.
+    /// Unreadable files and records Baton cannot read need a person; everything else
+    /// (unreachable, slow, refused, TLS, bad password, an identity in use) is retried with
+    /// back-off and reported as the reason.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            EtcdError::ReadFile { .. } => ErrorKind::Invalid,
+            EtcdError::ReadFile { .. }
+            | EtcdError::CorruptMember { .. }
+            | EtcdError::MisnamedMember { .. } => ErrorKind::Invalid,
             _ => ErrorKind::Unavailable,
         }
     }

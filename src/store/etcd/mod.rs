@@ -14,6 +14,8 @@ mod client;
 #[cfg(feature = "etcd")]
 mod error;
 #[cfg(feature = "etcd")]
+mod membership;
+#[cfg(feature = "etcd")]
 mod queue;
 #[cfg(feature = "etcd")]
 mod revoke;

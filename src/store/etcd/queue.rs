@@ -71,6 +71,20 @@ pub(super) fn first_kv(response: Option<&TxnOpResponse>) -> Option<KeyValue> {
     }
 }
 
+/// Run one request, failing with [`StoreError::Timeout`] after `limit`.
+pub(super) async fn call_within<T>(
+    limit: Duration,
+    op: &'static str,
+    request: impl Future<Output = Result<T, etcd_client::Error>>,
+    wrap: impl FnOnce(etcd_client::Error) -> EtcdError,
+) -> Result<T, StoreError> {
+    match timeout(limit, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => Err(wrap(source).into()),
+        Err(_) => Err(StoreError::Timeout { op, after: limit }),
+    }
+}
+
 impl EtcdCandidate {
     /// Our key: the queue prefix and the session lease in lowercase hex, as etcd's recipe names
     /// it.
@@ -85,14 +99,7 @@ impl EtcdCandidate {
         request: impl Future<Output = Result<T, etcd_client::Error>>,
         wrap: impl FnOnce(etcd_client::Error) -> EtcdError,
     ) -> Result<T, StoreError> {
-        match timeout(self.request_timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(wrap(source).into()),
-            Err(_) => Err(StoreError::Timeout {
-                op,
-                after: self.request_timeout,
-            }),
-        }
+        call_within(self.request_timeout, op, request, wrap).await
     }
 
     pub(super) async fn txn(
