@@ -175,6 +175,9 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
     for line in &logged {
         assert_eq!(field(line, "to"), Some("c"), "{line}");
     }
+    // One log line per move: each was logged by the member that gave it, so c, given all ten,
+    // should log no campaign of its own (checked last, so that the rest runs first).
+    let campaigns = group.log_lines_of_current("c", "balance: campaigning");
     println!(
         "{store}: rejoin: c back, 10/10/10 by {} hand-overs: {settled}",
         moved_on_join.len()
@@ -193,6 +196,10 @@ async fn spread_death_rejoin_and_stop(backend: &Backend) {
     println!("{store}: graceful stop: SIGTERM of a, b and c at 15/15: {settled}");
 
     group.check_safety();
+    assert!(
+        campaigns.is_empty(),
+        "rejoin: c logged moves handed to it: {campaigns:#?}"
+    );
 }
 
 /// 20 random joins and leaves (SIGTERM or `kill -9`) among 4 identities, with 25 elections so

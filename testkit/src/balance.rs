@@ -406,6 +406,18 @@ impl<'a> Group<'a> {
             .collect()
     }
 
+    /// The log lines of `identity`'s running daemon that contain `text`.
+    pub fn log_lines_of_current(&self, identity: &str, text: &str) -> Vec<String> {
+        let daemon = self.members[identity].daemon.as_ref().expect("running");
+        daemon
+            .proc
+            .stderr
+            .all()
+            .into_iter()
+            .filter(|l| l.contains(text))
+            .collect()
+    }
+
     /// The `unix:PATH` daemon `identity` serves on.
     pub fn addr(&self, identity: &str) -> &str {
         &self.members[identity].listen
