@@ -910,7 +910,7 @@ mod membership {
         balance::{Member, group_name},
         store::{
             ErrorKind, Membership, StoreError, Timing,
-            kubernetes::{GROUP_LABEL, member_lease_name},
+            kubernetes::{ELIGIBLE_ANNOTATION, GROUP_LABEL, member_lease_name},
         },
     };
     use serde::Deserialize as _;
@@ -977,6 +977,16 @@ mod membership {
     async fn members_see_each_other_and_a_leave_at_once() {
         let cluster = Cluster::new();
         let (sa, sb) = (store(&cluster, "a").await, store(&cluster, "b").await);
+        // A live member of another group, in the same namespace: never counted.
+        cluster.api.put(
+            NS,
+            json!({
+                "metadata": {"name": "b-other.c",
+                             "labels": {GROUP_LABEL: group_name(["e3"])},
+                             "annotations": {ELIGIBLE_ANNOTATION: "[\"e1\"]"}},
+                "spec": {"holderIdentity": "c", "leaseDurationSeconds": 120},
+            }),
+        );
         let mut a = enroll(&sa, "a", long_lease()).await;
         let mut b = enroll(&sb, "b", long_lease()).await;
         // Enrolled, not announced: not yet a member anyone counts.
