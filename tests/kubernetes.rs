@@ -1093,6 +1093,32 @@ mod membership {
         until_members(&mut c, &[member("same", &["e1"])]).await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_never_deletes_a_lease_another_process_took_over() {
+        let cluster = Cluster::new();
+        let store = store(&cluster, "a").await;
+        // No renewal within the test: the leave itself meets the changed record.
+        let timing = Timing {
+            retry_period: Duration::from_secs(60),
+            ..long_lease()
+        };
+        let mut a = enroll(&store, "a", timing).await;
+        let name = member_lease_name(&group(), "a");
+        // Another process with the same identity took the Lease over (its own acquireTime).
+        let mut lease = cluster.api.lease(NS, &name).expect("a's lease");
+        lease["spec"]["acquireTime"] = json!("2020-01-01T00:00:00.000000Z");
+        cluster.api.put(NS, lease);
+        a.leave().await.expect("leave");
+        let after = cluster
+            .api
+            .lease(NS, &name)
+            .expect("the other process's lease stays");
+        assert_eq!(
+            after["spec"]["acquireTime"],
+            json!("2020-01-01T00:00:00.000000Z")
+        );
+    }
+
     /// The Role of `kubectl kustomize deploy/overlays/balanced`.
     fn balanced_role() -> serde_json::Value {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/balanced");
