@@ -1119,6 +1119,32 @@ mod membership {
         );
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_lets_a_renewal_in_flight_finish() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("a", true);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        let timing = Timing {
+            retry_period: Duration::from_millis(50),
+            ..short_timing()
+        };
+        let mut a = enroll(&store, "a", timing).await;
+        cluster.api.set_latency(Duration::from_millis(300));
+        wait_until("a renewal in flight", || {
+            cluster.api.stats(&token).in_flight > 0
+        })
+        .await;
+        a.leave().await.expect("leave");
+        let stats = cluster.api.stats(&token);
+        assert_eq!(stats.abandoned, 0, "{stats:?}");
+        assert_eq!(
+            cluster.api.lease(NS, &member_lease_name(&group(), "a")),
+            None
+        );
+    }
+
     /// The Role of `kubectl kustomize deploy/overlays/balanced`.
     fn balanced_role() -> serde_json::Value {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/balanced");

@@ -521,8 +521,15 @@ impl Membership for LeaseMembership {
     }
 
     async fn leave(&mut self) -> Result<(), StoreError> {
+        // A renewal in flight may finish first (cut off, the API server would log a 5xx
+        // "context canceled"), within half the renew deadline; then renewals stop.
+        let budget = self.lease.timing.renew_deadline / 2;
+        let own = timeout(budget, self.own.lock()).await;
         self.renewer.abort();
-        let mut own = self.own.lock().await;
+        let mut own = match own {
+            Ok(own) => own,
+            Err(_) => self.own.lock().await,
+        };
         self.lease.delete(&mut own).await
     }
 }
