@@ -187,23 +187,26 @@ impl MemberLease {
         let mut seen: Option<Seen> = None;
         loop {
             let now = Instant::now();
-            let mut lease = fresh.clone();
-            match &seen {
-                // A record that looks live: look again after a retry period, or at its expiry.
+            // What to write: a create (no record), a take-over on the version seen (a free
+            // record, or one unchanged for its lease duration), or nothing yet (it looks live:
+            // look again after a retry period, or at its expiry).
+            let write = match &seen {
+                None => Some(None),
                 Some(s)
-                    if s.record.holder().is_some()
-                        && now < s.expiry(self.timing.lease_duration) =>
+                    if s.record.holder().is_none()
+                        || now >= s.expiry(self.timing.lease_duration) =>
                 {
+                    Some(s.lease.metadata.resource_version.clone())
+                }
+                Some(s) => {
                     let expiry = s.expiry(self.timing.lease_duration);
                     sleep(self.timing.retry_period.min(expiry - now)).await;
+                    None
                 }
-                // Expired (by our observation) or free: take it over, on the version we saw.
-                Some(s) => {
-                    lease.metadata.resource_version = s.lease.metadata.resource_version.clone()
-                }
-                None => {}
-            }
-            if seen.is_none() || lease.metadata.resource_version.is_some() {
+            };
+            if let Some(version) = write {
+                let mut lease = fresh.clone();
+                lease.metadata.resource_version = version;
                 match self.write(&lease).await {
                     Ok(written) => return Ok(written),
                     Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {}
@@ -220,13 +223,7 @@ impl MemberLease {
                 .as_ref()
                 .is_some_and(|s| s.changed_at != next.changed_at);
             if changed && next.record.holder().is_some() {
-                return Err(KubernetesError::MemberInUse {
-                    group: self.group.clone(),
-                    identity: self.identity.clone(),
-                    namespace: self.namespace.clone(),
-                    lease: self.name.clone(),
-                }
-                .into());
+                return Err(self.in_use());
             }
             seen = Some(next);
         }
@@ -242,7 +239,7 @@ impl MemberLease {
         eligible: Option<&BTreeSet<String>>,
     ) -> Result<(), StoreError> {
         if own.displaced {
-            return Err(self.displaced());
+            return Err(self.in_use());
         }
         for _ in 0..CAS_ATTEMPTS {
             let mut lease = own.lease.clone();
@@ -275,7 +272,7 @@ impl MemberLease {
                 Some(current) if self.is_ours(own, &current) => own.lease = current,
                 Some(_) => {
                     own.displaced = true;
-                    return Err(self.displaced());
+                    return Err(self.in_use());
                 }
                 None => own.lease.metadata.resource_version = None,
             }
@@ -336,7 +333,8 @@ impl MemberLease {
         holder == Some(self.identity.as_str()) && acquire_time(current) == acquire_time(&own.lease)
     }
 
-    fn displaced(&self) -> StoreError {
+    /// Another live process has this member's identity.
+    fn in_use(&self) -> StoreError {
         KubernetesError::MemberInUse {
             group: self.group.clone(),
             identity: self.identity.clone(),
