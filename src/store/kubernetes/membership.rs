@@ -19,6 +19,9 @@
 //!   ([`KubernetesError::MemberInUse`], naming `--identity`) when it changes, or takes it over
 //!   (compare-and-swap) once it has not changed for its lease duration. A process that died
 //!   and restarts with the same identity thus rejoins within one lease, as its elections do.
+//! - **Reading** counts a member live until its record has not changed for its lease duration
+//!   since this process saw it change. A newcomer cannot tell a dead member's last renewal from
+//!   a live one's, so a member that died just before it looked counts for up to one lease.
 //! - **Leaving** stops the renewals and deletes the Lease (conditioned on the version last
 //!   written), so others see it gone at once. A dropped membership stops renewing only: its
 //!   Lease expires after one lease duration, as a dead process's does.
