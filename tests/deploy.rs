@@ -655,6 +655,11 @@ fn the_kafka_bridge_daemon_args_are_valid_for_the_cli() {
     check_daemon_cli(&render("deploy/overlays/kafka-bridge").1, Store::Kubernetes);
 }
 
+#[test]
+fn the_balanced_daemon_args_are_valid_for_the_cli() {
+    check_daemon_cli(&render("deploy/overlays/balanced").1, Store::Kubernetes);
+}
+
 /// etcd is not a default feature (its client needs `protoc`): this runs with `--features etcd`
 /// (scripts/test-all.sh runs every feature).
 #[cfg(feature = "etcd")]
