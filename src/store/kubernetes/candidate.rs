@@ -34,7 +34,7 @@ impl LeaseCandidate {
             };
         };
         let record = &seen.record;
-        let expiry = seen.changed_at + self.lease_duration_of(record);
+        let expiry = seen.expiry(self.timing.lease_duration);
         let term = record.term();
         match record.holder() {
             // Whoever it is (client-go, or an earlier process of our own identity): respected

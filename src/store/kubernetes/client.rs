@@ -8,8 +8,9 @@ use base64::Engine as _;
 use kube::{Api, Client};
 
 use super::error::KubernetesError;
+use super::membership::{LeaseMembership, MemberLease, member_lease_name};
 use super::record::LeaseCandidate;
-use crate::store::{Candidate, Store, StoreError};
+use crate::store::{Candidate, Membership, Store, StoreError};
 use crate::timing::Timing;
 
 /// Where a pod finds its own namespace.
@@ -60,9 +61,17 @@ const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/
 ///   client-go ignores annotations: a client-go candidate may take a reserved Lease at once,
 ///   which steers the hand-over but never breaks exclusivity.
 ///
+/// ## Balancing
+/// A daemon with `--balance` also keeps a member Lease of its group, labelled
+/// `baton.dev/balance-group` and renewed every retry period; members find each other by a
+/// label-selector list and watch of Leases and judge them expired by the observed-time rule
+/// above (the `membership` module states its rules).
+///
 /// ## Access
 /// The service account needs `get`, `list`, `watch`, `create` and `update` on
-/// `leases.coordination.k8s.io` in the namespace (the Role in `deploy/`). A `403 Forbidden` is
+/// `leases.coordination.k8s.io` in the namespace (the Role in `deploy/`); with `--balance`,
+/// also `list` and `watch` of the namespace's Leases and `update` and `delete` of its member
+/// Lease (the `balanced` overlay). A `403 Forbidden` is
 /// reported with the verb, namespace and account ([`KubernetesError::Forbidden`]); the elector
 /// reports UNKNOWN (health NOT_SERVING) and retries with back-off.
 #[derive(Clone)]
@@ -205,6 +214,16 @@ pub(super) fn http_client(mut config: kube::Config) -> Result<Client, kube::Erro
     Ok(Client::new(service, config.default_namespace))
 }
 
+/// `leaseDurationSeconds` for `timing`: whole seconds, rounded up, so that others wait at least
+/// as long as the writer may hold.
+fn lease_seconds(timing: Timing) -> i32 {
+    timing
+        .lease_duration
+        .as_millis()
+        .div_ceil(1000)
+        .clamp(1, i32::MAX as u128) as i32
+}
+
 /// Who the credentials of `config` name, for error messages: the `sub` claim of a service
 /// account token (`system:serviceaccount:NS:NAME`), decoded without verification.
 pub(super) fn principal(config: &kube::Config) -> String {
@@ -246,12 +265,7 @@ impl Store for KubernetesStore {
         identity: &str,
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
-        // Whole seconds, rounded up: followers wait at least as long as the leader may hold.
-        let lease_seconds = timing
-            .lease_duration
-            .as_millis()
-            .div_ceil(1000)
-            .clamp(1, i32::MAX as u128) as i32;
+        let lease_seconds = lease_seconds(timing);
         Ok(Box::new(LeaseCandidate {
             api: Api::namespaced(self.client.clone(), &self.namespace),
             namespace: self.namespace.clone(),
@@ -274,17 +288,23 @@ impl Store for KubernetesStore {
         }))
     }
 
-    // Placeholder until this store's membership is built (issue 18, on its branch).
     async fn enroll(
         &self,
-        _group: &str,
-        _identity: &str,
-        _timing: Timing,
-    ) -> Result<Box<dyn crate::store::Membership>, StoreError> {
-        Err(StoreError::Timeout {
-            op: "enroll (not built yet)",
-            after: std::time::Duration::ZERO,
-        })
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Result<Box<dyn Membership>, StoreError> {
+        let lease = MemberLease {
+            api: Api::namespaced(self.client.clone(), &self.namespace),
+            namespace: self.namespace.clone(),
+            principal: self.principal.clone(),
+            group: group.to_owned(),
+            identity: identity.to_owned(),
+            name: member_lease_name(group, identity),
+            timing,
+            lease_seconds: lease_seconds(timing),
+        };
+        Ok(Box::new(LeaseMembership::enroll(lease).await?))
     }
 
     fn describe(&self) -> String {

@@ -98,7 +98,7 @@ pub fn check_names(
 
 /// Whether `name` is a DNS-1123 subdomain (`dots`, at most 253 characters: a Lease name) or
 /// label (no dots, at most 63: a namespace).
-fn valid_dns_name(name: &str, dots: bool) -> bool {
+pub(super) fn valid_dns_name(name: &str, dots: bool) -> bool {
     let bytes = name.as_bytes();
     let max = if dots { 253 } else { 63 };
     let edge = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();

@@ -39,7 +39,8 @@ pub enum KubernetesError {
     #[error(
         "{principal} may not {verb} {RESOURCE} in namespace {namespace:?} (403 Forbidden: \
          {message}); grant get, list, watch, create and update on leases in that namespace \
-         (see the Role and RoleBinding in deploy/)"
+         (see the Role and RoleBinding in deploy/; with --balance, also list and watch of all \
+         leases and delete: deploy/overlays/balanced)"
     )]
     Forbidden {
         /// The refused verb (`get`, `list`, `watch`, `create`, `update`).
@@ -107,6 +108,22 @@ pub enum KubernetesError {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// Another live member of the balancing group has this identity: its member Lease was
+    /// renewed while this daemon waited to see it expire.
+    #[error(
+        "member lease {namespace}/{lease} of balancing group {group} is renewed by another \
+         process with --identity {identity:?}: give each daemon its own --identity"
+    )]
+    MemberInUse {
+        /// The balancing group.
+        group: String,
+        /// The identity in use.
+        identity: String,
+        /// The namespace.
+        namespace: String,
+        /// The member Lease.
+        lease: String,
+    },
     /// `leaseTransitions` cannot grow any more (it is an int32).
     #[error("lease {namespace}/{lease}: leaseTransitions is at its maximum; delete the Lease")]
     TermExhausted {
@@ -118,6 +135,43 @@ pub enum KubernetesError {
 }
 
 impl KubernetesError {
+    /// Map a kube error of the call `verb` on `lease` to ours: a 403 or 401 names the account,
+    /// a 409 is a lost compare-and-swap.
+    pub(super) fn of_call(
+        verb: &'static str,
+        namespace: &str,
+        lease: &str,
+        principal: &str,
+        error: kube::Error,
+    ) -> Self {
+        match error {
+            kube::Error::Api(status) if status.code == 403 => KubernetesError::Forbidden {
+                verb,
+                namespace: namespace.to_owned(),
+                principal: principal.to_owned(),
+                message: status.message,
+            },
+            kube::Error::Api(status) if status.code == 401 => KubernetesError::Unauthorized {
+                verb,
+                namespace: namespace.to_owned(),
+                principal: principal.to_owned(),
+                message: status.message,
+            },
+            kube::Error::Api(status) if status.code == 409 => KubernetesError::Conflict {
+                verb,
+                namespace: namespace.to_owned(),
+                lease: lease.to_owned(),
+                source: status,
+            },
+            source => KubernetesError::Api {
+                verb,
+                namespace: namespace.to_owned(),
+                lease: lease.to_owned(),
+                source: Box::new(source),
+            },
+        }
+    }
+
     /// Refusals and failures may pass (RBAC gets fixed, servers come back); configuration and an
     /// exhausted term need a person.
     pub fn kind(&self) -> ErrorKind {
@@ -130,6 +184,7 @@ impl KubernetesError {
             | KubernetesError::Unauthorized { .. }
             | KubernetesError::Conflict { .. }
             | KubernetesError::Aborted { .. }
+            | KubernetesError::MemberInUse { .. }
             | KubernetesError::Api { .. } => ErrorKind::Unavailable,
         }
     }

@@ -16,6 +16,8 @@ mod error;
 #[cfg(feature = "kubernetes")]
 mod lease_watch;
 #[cfg(feature = "kubernetes")]
+mod membership;
+#[cfg(feature = "kubernetes")]
 mod record;
 #[cfg(feature = "kubernetes")]
 mod request;
@@ -25,5 +27,7 @@ pub use client::{KubernetesStore, USER_AGENT};
 pub use config::{KubernetesConfigError, check_lease_duration, check_names};
 #[cfg(feature = "kubernetes")]
 pub use error::KubernetesError;
+#[cfg(feature = "kubernetes")]
+pub use membership::{ELIGIBLE_ANNOTATION, GROUP_LABEL, member_lease_name};
 #[cfg(feature = "kubernetes")]
 pub use record::{SUCCESSOR_ANNOTATION, SUCCESSOR_TERM_ANNOTATION};

@@ -1,7 +1,7 @@
 //! What a candidate keeps of the Lease: the record Baton judges (holder, term, successor
 //! reservation), when it was first seen here, and the candidate's own state.
 
-use std::pin::Pin;
+use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use k8s_openapi::{
@@ -74,6 +74,33 @@ pub(super) struct Seen {
     pub(super) record: Record,
     /// Local monotonic time at which the record was first seen as it is now.
     pub(super) changed_at: Instant,
+}
+
+impl Seen {
+    /// `lease` as seen now, after `previous`: the observed-time rule of every Lease this store
+    /// judges. The record keeps the time it was first seen as it is; any change restarts it.
+    pub(super) fn observe(previous: Option<&Seen>, lease: Lease) -> Seen {
+        let record = Record::of(&lease);
+        let changed_at = match previous {
+            Some(seen) if seen.record == record => seen.changed_at,
+            _ => Instant::now(),
+        };
+        Seen {
+            lease,
+            record,
+            changed_at,
+        }
+    }
+
+    /// When the record expires unless it changes: its `leaseDurationSeconds` after it was first
+    /// seen as it is (`default` when it names no valid duration, rather than "expired at once").
+    pub(super) fn expiry(&self, default: Duration) -> Instant {
+        let duration = match self.record.spec.lease_duration_seconds {
+            Some(s) if s > 0 => Duration::from_secs(s as u64),
+            _ => default,
+        };
+        self.changed_at + duration
+    }
 }
 
 /// What a list or a write answered.

@@ -5,49 +5,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::ListParams;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 use super::error::KubernetesError;
-use super::record::{Answer, Held, InFlight, LeaseCandidate, Record, Seen};
+use super::record::{Answer, Held, InFlight, LeaseCandidate, Seen};
 use crate::store::StoreError;
 
 impl LeaseCandidate {
-    pub(super) fn lease_duration_of(&self, record: &Record) -> Duration {
-        match record.spec.lease_duration_seconds {
-            Some(s) if s > 0 => Duration::from_secs(s as u64),
-            // No valid duration written: assume ours rather than "expired at once".
-            _ => self.timing.lease_duration,
-        }
-    }
-
     /// Map a kube error of `verb` to ours.
     pub(super) fn fail(&self, verb: &'static str, error: kube::Error) -> KubernetesError {
-        match error {
-            kube::Error::Api(status) if status.code == 403 => KubernetesError::Forbidden {
-                verb,
-                namespace: self.namespace.clone(),
-                principal: self.principal.clone(),
-                message: status.message,
-            },
-            kube::Error::Api(status) if status.code == 401 => KubernetesError::Unauthorized {
-                verb,
-                namespace: self.namespace.clone(),
-                principal: self.principal.clone(),
-                message: status.message,
-            },
-            kube::Error::Api(status) if status.code == 409 => KubernetesError::Conflict {
-                verb,
-                namespace: self.namespace.clone(),
-                lease: self.name.clone(),
-                source: status,
-            },
-            source => KubernetesError::Api {
-                verb,
-                namespace: self.namespace.clone(),
-                lease: self.name.clone(),
-                source: Box::new(source),
-            },
-        }
+        KubernetesError::of_call(verb, &self.namespace, &self.name, &self.principal, error)
     }
 
     /// Send one request (a list or a write) as a task of its own, bounded by the renew deadline,
@@ -149,17 +116,9 @@ impl LeaseCandidate {
         if let Some(rv) = &lease.metadata.resource_version {
             self.resume_from = Some(rv.clone());
         }
-        let record = Record::of(&lease);
-        self.highest_term = self.highest_term.max(record.transitions());
-        let changed_at = match &self.seen {
-            Some(seen) if seen.record == record => seen.changed_at,
-            _ => Instant::now(),
-        };
-        self.seen = Some(Seen {
-            lease,
-            record,
-            changed_at,
-        });
+        let seen = Seen::observe(self.seen.as_ref(), lease);
+        self.highest_term = self.highest_term.max(seen.record.transitions());
+        self.seen = Some(seen);
         self.settle_attempt();
     }
 

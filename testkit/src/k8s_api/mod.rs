@@ -10,8 +10,12 @@
 //!
 //! Behaviours kept:
 //! - Paths `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]`: `GET` one, `GET`
-//!   list (with `fieldSelector` on `metadata.name` / `metadata.namespace`), `GET ?watch=true`,
-//!   `POST` (create), `PUT` (replace), `DELETE`.
+//!   list (with `fieldSelector` on `metadata.name` / `metadata.namespace`, and `labelSelector`
+//!   equality, inequality and existence terms), `GET ?watch=true` (the same selectors),
+//!   `POST` (create), `PUT` (replace), `DELETE` (with `preconditions.resourceVersion` in its
+//!   DeleteOptions: `409 Conflict` when the Lease has another version). A watch with a label
+//!   selector judges each event's object as it is now: a Lease whose labels change is not
+//!   turned into `ADDED`/`DELETED` as the real server does (Baton never relabels a Lease).
 //! - A cluster-wide `resourceVersion` that grows on every write; a list carries the current one.
 //!   A no-op update (nothing but the version differs) changes nothing and sends no event.
 //! - `PUT` is a compare-and-swap when the body carries `metadata.resourceVersion`: a stale one is
@@ -29,7 +33,9 @@
 //!   Bookmarks are not sent (they are optional in the real API too).
 //! - Bearer tokens with per-namespace grants, changeable at run time, and optionally a Role's
 //!   rules ([`ApiServer::apply_role`]: verbs, `resourceNames`; a list or watch counts as a
-//!   request for the name its `metadata.name` field selector gives): an unknown token is `401`,
+//!   request for the name its `metadata.name` field selector gives, and one without that
+//!   field selector, such as a label-selector list, only matches rules without
+//!   `resourceNames`, as in the real API): an unknown token is `401`,
 //!   a refused request is `403` with the real message (`User "..." cannot VERB
 //!   resource "leases" in API group "coordination.k8s.io" in the namespace "..."`).
 //! - Every error body is a `v1.Status` with `code`, `reason`, `message` and `details`.
@@ -882,8 +888,74 @@ fn parse_field_selector(selector: Option<&String>) -> Result<Option<String>, Res
     Ok(name)
 }
 
-fn matches(event_ns: &str, event_name: &str, namespace: &str, name: &Option<String>) -> bool {
-    event_ns == namespace && name.as_deref().is_none_or(|n| n == event_name)
+/// `key=value`, `key==value`, `key!=value`, `key`, `!key` terms, comma-separated (all must
+/// hold), as the API server parses a `labelSelector`; `key!=value` also matches objects without
+/// the label. Set-based terms (`in`, `notin`) are not served here: `400`.
+#[derive(Default)]
+struct LabelSelector(Vec<(String, Requirement)>);
+
+enum Requirement {
+    Equals(String),
+    Differs(String),
+    Exists,
+    Absent,
+}
+
+fn parse_label_selector(selector: Option<&String>) -> Result<LabelSelector, Response> {
+    let mut terms = Vec::new();
+    for term in selector
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        let (key, requirement) = if let Some((k, v)) = term.split_once("!=") {
+            (k, Requirement::Differs(v.trim().to_owned()))
+        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            (k, Requirement::Equals(v.trim().to_owned()))
+        } else if let Some(k) = term.strip_prefix('!') {
+            (k, Requirement::Absent)
+        } else {
+            (term, Requirement::Exists)
+        };
+        let key = key.trim();
+        if key.is_empty() || key.contains(' ') {
+            return Err(status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("unable to parse requirement: {term:?}"),
+                json!({}),
+            ));
+        }
+        terms.push((key.to_owned(), requirement));
+    }
+    Ok(LabelSelector(terms))
+}
+
+/// Which objects a list or watch returns: its namespace, the name a field selector gives, and
+/// the labels a label selector asks for.
+struct Filter {
+    namespace: String,
+    name: Option<String>,
+    labels: LabelSelector,
+}
+
+impl Filter {
+    fn admits(&self, namespace: &str, name: &str, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        namespace == self.namespace
+            && self.name.as_deref().is_none_or(|n| n == name)
+            && self.labels.0.iter().all(|(key, requirement)| {
+                let value = labels[key.as_str()].as_str();
+                match requirement {
+                    Requirement::Equals(v) => value == Some(v.as_str()),
+                    Requirement::Differs(v) => value != Some(v.as_str()),
+                    Requirement::Exists => value.is_some(),
+                    Requirement::Absent => value.is_none(),
+                }
+            })
+    }
 }
 
 /// `GET` (list, watch) and `POST` on the collection.
@@ -904,20 +976,30 @@ async fn collection(
         Ok(name) => name,
         Err(response) => return response,
     };
-    // RBAC authorises a list or watch limited to `metadata.name=X` as a request for X.
+    let labels = match parse_label_selector(query.get("labelSelector")) {
+        Ok(labels) => labels,
+        Err(response) => return response,
+    };
+    // RBAC authorises a list or watch limited to `metadata.name=X` as a request for X; a label
+    // selector names nothing, so only a rule without resourceNames allows it.
     let token = match authorise(&shared, &headers, verb, &namespace, name.as_deref()) {
         Ok(token) => token,
         Err(response) => return response,
     };
+    let filter = Filter {
+        namespace,
+        name,
+        labels,
+    };
     if watching {
-        return start_watch(shared, namespace, name, &query);
+        return start_watch(shared, filter, &query);
     }
     wait_at_gate(&shared, &token).await;
     let inner = shared.lock();
     let items: Vec<Value> = inner
         .leases
         .iter()
-        .filter(|((ns, n), _)| matches(ns, n, &namespace, &name))
+        .filter(|((ns, n), lease)| filter.admits(ns, n, lease))
         .map(|(_, lease)| lease.clone())
         .collect();
     ok(
@@ -956,12 +1038,7 @@ async fn wait_at_gate(shared: &Shared, token: &str) {
     }
 }
 
-fn start_watch(
-    shared: Arc<Shared>,
-    namespace: String,
-    name: Option<String>,
-    query: &HashMap<String, String>,
-) -> Response {
+fn start_watch(shared: Arc<Shared>, filter: Filter, query: &HashMap<String, String>) -> Response {
     let from = query
         .get("resourceVersion")
         .filter(|v| !v.is_empty() && v.as_str() != "0")
@@ -985,7 +1062,7 @@ fn start_watch(
         match from {
             None => {
                 for ((ns, n), lease) in &inner.leases {
-                    if matches(ns, n, &namespace, &name) {
+                    if filter.admits(ns, n, lease) {
                         initial.push(line("ADDED", lease));
                     }
                 }
@@ -1019,7 +1096,7 @@ fn start_watch(
             }
             Some(Ok(rv)) => {
                 for event in inner.history.iter().filter(|e| e.rv > rv) {
-                    if matches(&event.namespace, &event.name, &namespace, &name) {
+                    if filter.admits(&event.namespace, &event.name, &event.object) {
                         initial.push(line(event.kind, &event.object));
                     }
                 }
@@ -1042,7 +1119,7 @@ fn start_watch(
                 _ = tx.closed() => return,
                 event = live.recv() => match event {
                     Ok(event) => {
-                        if matches(&event.namespace, &event.name, &namespace, &name)
+                        if filter.admits(&event.namespace, &event.name, &event.object)
                             && tx.send(line(event.kind, &event.object)).await.is_err()
                         {
                             return;
@@ -1197,7 +1274,33 @@ async fn item(
             None => not_found(),
         },
         "delete" => {
+            // DeleteOptions may carry `preconditions.resourceVersion`: a compare-and-delete.
+            let wanted = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|options| {
+                    options["preconditions"]["resourceVersion"]
+                        .as_str()
+                        .map(str::to_owned)
+                });
             let mut inner = shared.lock();
+            let Some(stored) = inner.leases.get(&key) else {
+                return not_found();
+            };
+            let stored_rv = stored["metadata"]["resourceVersion"].as_str().unwrap_or("");
+            if let Some(wanted) = wanted.filter(|w| w != stored_rv) {
+                let message = format!(
+                    "Operation cannot be fulfilled on {}: the ResourceVersion in the precondition ({wanted}) does not match the ResourceVersion in record ({stored_rv}). The object might have been modified",
+                    resource(Some(&name))
+                );
+                drop(inner);
+                count_conflict(&shared, &token);
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &message,
+                    details(Some(&name)),
+                );
+            }
             let Some(mut lease) = inner.leases.remove(&key) else {
                 return not_found();
             };
@@ -1296,4 +1399,70 @@ fn update(shared: &Shared, token: &str, namespace: &str, name: &str, body: &Byte
         &lease,
     );
     ok(StatusCode::OK, &lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(labels: &str) -> Filter {
+        Filter {
+            namespace: "ns".to_owned(),
+            name: None,
+            labels: parse_label_selector(Some(&labels.to_owned()))
+                .unwrap_or_else(|_| panic!("{labels:?} parses")),
+        }
+    }
+
+    #[test]
+    fn label_selectors_match_as_the_api_server_s() {
+        let lease = json!({"metadata": {"labels": {"g": "b-1", "x": "y"}}});
+        let bare = json!({"metadata": {}});
+        for (selector, on_lease, on_bare) in [
+            ("", true, true),
+            ("g=b-1", true, false),
+            ("g==b-1", true, false),
+            ("g=b-2", false, false),
+            ("g!=b-2", true, true),
+            ("g=b-1,x=y", true, false),
+            ("g=b-1,x=z", false, false),
+            ("g", true, false),
+            ("!g", false, true),
+        ] {
+            let f = filter(selector);
+            assert_eq!(
+                f.admits("ns", "l", &lease),
+                on_lease,
+                "{selector:?} on the lease"
+            );
+            assert_eq!(
+                f.admits("ns", "l", &bare),
+                on_bare,
+                "{selector:?} on no labels"
+            );
+            assert!(
+                !f.admits("other", "l", &bare) || !on_bare,
+                "{selector:?}: namespace"
+            );
+        }
+        assert!(parse_label_selector(Some(&"=v".to_owned())).is_err());
+    }
+
+    #[test]
+    fn a_rule_with_resource_names_allows_no_list_without_a_name() {
+        let rule = Rule {
+            verbs: ["list", "watch"].map(str::to_owned).into(),
+            names: ["a"].map(str::to_owned).into(),
+        };
+        assert!(rule.allows("list", Some("a")));
+        assert!(
+            !rule.allows("list", None),
+            "a label-selector list names nothing"
+        );
+        let open = Rule {
+            verbs: ["list"].map(str::to_owned).into(),
+            names: HashSet::new(),
+        };
+        assert!(open.allows("list", None));
+    }
 }
