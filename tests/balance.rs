@@ -221,6 +221,7 @@ async fn churn(backend: &Backend) {
         group.join(id);
     }
     group.settle(t, "the start").await;
+    let mut kills = 0;
     for step in 1..=20 {
         let live = group.live();
         let down: Vec<&str> = pool
@@ -237,7 +238,9 @@ async fn churn(backend: &Backend) {
             format!("{id} joins")
         } else {
             let id = live[rng.random_range(0..live.len())].clone();
-            if rng.random_bool(0.5) {
+            // At least one kill -9 in the run, whatever the seed.
+            if rng.random_bool(0.5) || (kills == 0 && step >= 10) {
+                kills += 1;
                 died = true;
                 group.kill_9(&id);
                 format!("kill -9 of {id}")
