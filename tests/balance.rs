@@ -268,7 +268,8 @@ async fn churn(backend: &Backend) {
 
 /// With `--campaign when-ready`, c's worker is not ready for e26..e30 (which sort last, so a plan
 /// blind to readiness would give them to c): they never move to c, not on the spread, nor when a
-/// and then b die (then they stay vacant rather than go to c).
+/// and then b die (then they stay vacant rather than go to c). c may still lead 10 of its 25, so
+/// the shares stay fair: 10/10/10, then 15/15.
 async fn when_ready(backend: &Backend) {
     let store = backend.name();
     let unready = ["e26", "e27", "e28", "e29", "e30"];
@@ -280,8 +281,12 @@ async fn when_ready(backend: &Backend) {
     }
     let settled = group.settle(t, "spread").await;
     let holders = settled.holders.clone();
-    assert_eq!(spread(&group, &holders), [10, 10, 10], "{holders:?}");
     assert_not_on_c(&holders, &unready);
+    // Fair shares are checked last, so that the rest runs whatever they are.
+    let mut unfair = Vec::new();
+    if spread(&group, &holders) != [10, 10, 10] {
+        unfair.push(format!("spread: {holders:?}"));
+    }
     let c_sees = group.status("c").await.unwrap().balance.unwrap();
     let eligible: BTreeMap<&str, u32> = c_sees
         .members
@@ -289,15 +294,23 @@ async fn when_ready(backend: &Backend) {
         .map(|m| (m.identity.as_str(), m.eligible))
         .collect();
     assert_eq!(eligible, BTreeMap::from([("a", 30), ("b", 30), ("c", 25)]));
-    println!("{store}: when-ready: 10/10/10, c eligible for 25: {settled}");
+    println!(
+        "{store}: when-ready: {:?}, c eligible for 25: {settled}",
+        group.counts(&holders)
+    );
 
     let t = Instant::now();
     group.kill_9("a");
     let settled = group.settle(t, "death of a").await;
     let holders = settled.holders.clone();
-    assert_eq!(spread(&group, &holders), [15, 15], "{holders:?}");
     assert_not_on_c(&holders, &unready);
-    println!("{store}: when-ready: kill -9 of a, 15/15: {settled}");
+    if spread(&group, &holders) != [15, 15] {
+        unfair.push(format!("death of a: {holders:?}"));
+    }
+    println!(
+        "{store}: when-ready: kill -9 of a, {:?}: {settled}",
+        group.counts(&holders)
+    );
 
     // Only c is left, ready for 25: it takes those and never the other 5.
     group.kill_9("b");
@@ -337,6 +350,10 @@ async fn when_ready(backend: &Backend) {
         assert_eq!(on_c, 0, "{election} ran on c");
     }
     group.check_safety();
+    assert!(
+        unfair.is_empty(),
+        "not floor/ceil of E/M where c could take its share: {unfair:#?}"
+    );
 }
 
 fn assert_not_on_c(holders: &Holders, unready: &[&str]) {
