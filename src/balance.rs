@@ -125,7 +125,9 @@ impl Plan {
 /// 2. Shares: of the E elections some member may lead, each of the M members gets `E / M`, and
 ///    `E % M` members one more: first those that keep more than `E / M` already, then the
 ///    others; each group in identity order.
-/// 3. A member over its share keeps the elections that sort first and gives up the rest.
+/// 3. A member over its share gives up its surplus: first what a member under its share may
+///    take, last-sorted first; it keeps what no such member may take. (Where every member may
+///    lead every election: it keeps the elections that sort first.)
 /// 4. The elections given up or vacant, in name order, are dealt out in runs: the first
 ///    member in identity order that is under its share and eligible takes the next one. An
 ///    election nobody under its share may take stays with its holder, or if vacant goes to
@@ -192,13 +194,8 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         )
         .collect();
 
-    // Step 3: over-share members give up what sorts last (their lists are in name order).
-    let mut given_up = Vec::new();
-    for (member, elections) in &mut kept {
-        if elections.len() > share[member] {
-            given_up.extend(elections.drain(share[member]..).map(|e| (e, Some(*member))));
-        }
-    }
+    // Step 3: the surplus.
+    let given_up = give_up(&mut kept, &share, eligible);
     let mut moving: Vec<(&str, Option<&str>)> = pool.into_iter().map(|e| (e, None)).collect();
     moving.extend(given_up);
     moving.sort();
@@ -234,6 +231,34 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         owners.insert(election.to_owned(), to.map(str::to_owned));
     }
     Plan { owners }
+}
+
+/// Step 3 of [`plan`]: each member over its share gives up its surplus, what a member under
+/// its share may take first (last-sorted first), and keeps the rest; returns what it gave up,
+/// with the member.
+fn give_up<'a>(
+    kept: &mut BTreeMap<&'a str, Vec<&'a str>>,
+    share: &BTreeMap<&'a str, usize>,
+    eligible: impl Fn(&str, &str) -> bool,
+) -> Vec<(&'a str, Option<&'a str>)> {
+    let under: Vec<&str> = kept
+        .iter()
+        .filter(|(m, elections)| elections.len() < share[*m])
+        .map(|(m, _)| *m)
+        .collect();
+    let mut given_up = Vec::new();
+    for (&member, elections) in kept.iter_mut() {
+        let surplus = elections.len().saturating_sub(share[member]);
+        if surplus == 0 {
+            continue;
+        }
+        // Kept first: what nobody under its share may take, then the rest in name order.
+        elections.sort_by_key(|e| (under.iter().any(|&u| eligible(u, e)), *e));
+        let keep = elections.len() - surplus;
+        given_up.extend(elections.drain(keep..).map(|e| (e, Some(member))));
+        elections.sort();
+    }
+    given_up
 }
 
 #[cfg(test)]

@@ -345,3 +345,33 @@ fn the_group_name_depends_on_the_set_of_elections_alone() {
     // FNV-1a of "e1\ne2\n", computed apart: daemons of different builds agree.
     assert_eq!(name, "b-4daaf0acb5174526");
 }
+
+/// Found by the when-ready test of tests/balance.rs: c may lead only e00..e24, and a's surplus
+/// sorted last (e25, e26, e28) is what c may not take.
+#[test]
+fn a_surplus_gives_up_first_what_a_member_under_its_share_may_take() {
+    let all = names(30);
+    let mut s = snapshot(&["a", "b", "c"], &[""; 30]);
+    s.members[2] = member("c", &all[..25]);
+    let held = [
+        ("a", &[0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 25, 26, 28][..]),
+        ("b", &[3, 4, 5, 9, 16, 17, 18, 19, 20, 21, 27, 29]),
+        ("c", &[14, 15, 22, 23, 24]),
+    ];
+    for (holder, indices) in held {
+        for &i in indices {
+            s.seats[i].holder = Some(holder.to_owned());
+        }
+    }
+    let plan = plan(&s);
+    assert_eq!(
+        plan.shares(),
+        BTreeMap::from([("a", 10), ("b", 10), ("c", 10)])
+    );
+    assert_eq!(moves(&s, &plan).len(), 5);
+    for (election, owner) in &plan.owners {
+        if owner.as_deref() == Some("c") {
+            assert!(all[..25].contains(election), "{election} given to c");
+        }
+    }
+}
