@@ -11,7 +11,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -26,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     backoff::Backoff,
-    balance::{GroupView, Member, MemberView, Plan, Seat, Snapshot, Step, group_name, plan},
+    balance::{GroupView, Member, MemberView, Plan, Seat, Snapshot, Step, plan},
     config::Config,
-    election::{CampaignMode, Election, Role},
+    election::{CampaignMode, Election, Leadership, Role, Workers},
     metrics::BalanceMetrics,
     store::{Membership, Store, StoreError},
     timing::Timing,
@@ -47,14 +46,14 @@ pub(super) struct Balancer {
 }
 
 impl Balancer {
-    /// Start balancing `elections` over `store` as `identity`.
+    /// Start balancing `elections` in `group` (their [`crate::balance::group_name`]) over `store`.
     pub(super) fn start(
         store: Arc<dyn Store>,
         config: &Config,
+        group: String,
         elections: Vec<Election>,
         metrics: BalanceMetrics,
     ) -> Balancer {
-        let group = group_name(elections.iter().map(Election::name));
         let (view, view_rx) = watch::channel(GroupView {
             group: group.clone(),
             members: Vec::new(),
@@ -77,6 +76,7 @@ impl Balancer {
                     last_holder: None,
                     vacant_since: None,
                     logged: false,
+                    seen: Seen::default(),
                 })
                 .collect(),
             members: Vec::new(),
@@ -92,20 +92,31 @@ impl Balancer {
     }
 
     /// Leave the group at once, so the others take over this member's elections as it steps
-    /// down; waits at most `bound`.
-    pub(super) async fn leave(self, bound: Duration) {
+    /// down; waits at most `bound`, then stops the balancer where it is (the membership then
+    /// ends by expiry).
+    pub(super) async fn leave(mut self, bound: Duration) {
         self.stop.cancel();
-        if tokio::time::timeout(bound, self.task).await.is_err() {
+        if tokio::time::timeout(bound, &mut self.task).await.is_err() {
             tracing::warn!(?bound, "balance: leaving the group timed out");
+            self.task.abort();
+            let _ = (&mut self.task).await;
         }
+    }
+}
+
+impl Drop for Balancer {
+    /// The balancer never outlives its handle.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.task.abort();
     }
 }
 
 /// One election as the balancer follows it.
 struct SeatState {
     election: Election,
-    changes: watch::Receiver<crate::election::Leadership>,
-    workers: watch::Receiver<crate::election::Workers>,
+    changes: watch::Receiver<Leadership>,
+    workers: watch::Receiver<Workers>,
     /// What the balancer last told the election.
     standing_by: bool,
     /// The successor of a hand-over in progress.
@@ -116,9 +127,46 @@ struct SeatState {
     vacant_since: Option<Instant>,
     /// This vacancy's campaign was logged (plans shift while seats fill: log it once).
     logged: bool,
+    /// What the last plan read of the election; only a change of it wakes the balancer.
+    seen: Seen,
+}
+
+/// What a plan reads of one election: a renewal (a new validity) changes none of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Seen {
+    known: bool,
+    leader: Option<String>,
+    term: u64,
+    ready: bool,
+}
+
+impl Seen {
+    fn of(changes: &watch::Receiver<Leadership>, workers: &watch::Receiver<Workers>) -> Seen {
+        let state = changes.borrow();
+        Seen {
+            known: state.view.role != Role::Unknown,
+            leader: state.view.leader.clone(),
+            term: state.view.term,
+            ready: workers.borrow().any_ready(),
+        }
+    }
 }
 
 impl SeatState {
+    /// Resolves when what the plan reads of this election differs from what the last plan
+    /// read; fails when the election has ended.
+    async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        loop {
+            if Seen::of(&self.changes, &self.workers) != self.seen {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = self.changes.changed() => changed?,
+                changed = self.workers.changed() => changed?,
+            }
+        }
+    }
+
     fn holder(&self) -> Option<String> {
         self.changes.borrow().view.leader.clone()
     }
@@ -144,7 +192,9 @@ fn log_campaign(seat: &mut SeatState, step: &Step, members: &[Member], tally: Ta
         (Some(last), _) if !members.iter().any(|m| &m.identity == last) => {
             "its leader left the group"
         }
-        (None, _) => "vacant",
+        // Never held. A seat held before whose holder this member never saw (it just started)
+        // is most likely being handed to it, which the giver logs.
+        (None, _) if seat.seen.term == 0 => "vacant",
         _ => return,
     };
     if !seat.logged {
@@ -163,6 +213,8 @@ enum Wake {
     Local,
     Vacancy,
     Retry,
+    /// An election's task has ended: the daemon is stopping.
+    Ended,
 }
 
 struct Balancing {
@@ -193,16 +245,23 @@ impl Balancing {
         let mut retry_at: Option<Instant> = None;
         loop {
             let eligible = self.eligible();
-            if announced.as_ref() != Some(&eligible) {
-                match membership.announce(&eligible).await {
-                    Ok(()) => announced = Some(eligible),
-                    Err(error) => {
-                        tracing::warn!(%error, "balance: cannot announce this member; retrying");
-                        retry_at = Some(Instant::now() + backoff.next_delay());
+            let step = async {
+                // After a store error, the next attempt waits out its back-off.
+                if retry_at.is_none() && announced.as_ref() != Some(&eligible) {
+                    match membership.announce(&eligible).await {
+                        Ok(()) => announced = Some(eligible.clone()),
+                        Err(error) => {
+                            tracing::warn!(%error, "balance: cannot announce this member; retrying");
+                            retry_at = Some(Instant::now() + backoff.next_delay());
+                        }
                     }
                 }
+                self.apply(&eligible).await;
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                () = step => {}
             }
-            self.apply().await;
             match self.wait(membership.as_mut(), &stop, retry_at).await {
                 Wake::Stop => break,
                 Wake::Members(Ok(members)) => {
@@ -218,6 +277,10 @@ impl Balancing {
                 }
                 Wake::Retry => retry_at = None,
                 Wake::Local | Wake::Vacancy => {}
+                Wake::Ended => {
+                    tracing::warn!("balance: an election has ended; leaving the group");
+                    break;
+                }
             }
         }
         match membership.leave().await {
@@ -258,14 +321,13 @@ impl Balancing {
 
     /// The elections this member may lead: all, or with `--campaign when-ready` those with a
     /// ready worker.
-    fn eligible(&mut self) -> BTreeSet<String> {
-        let campaign = self.campaign;
+    fn eligible(&self) -> BTreeSet<String> {
         self.seats
-            .iter_mut()
-            .filter_map(|seat| {
-                let ready = seat.workers.borrow_and_update().any_ready();
-                (campaign == CampaignMode::Always || ready).then(|| seat.election.name().to_owned())
+            .iter()
+            .filter(|seat| {
+                self.campaign == CampaignMode::Always || seat.workers.borrow().any_ready()
             })
+            .map(|seat| seat.election.name().to_owned())
             .collect()
     }
 
@@ -277,12 +339,7 @@ impl Balancing {
         retry_at: Option<Instant>,
     ) -> Wake {
         let vacancy = self.next_vacancy_deadline();
-        let local = select_all(self.seats.iter_mut().flat_map(|seat| {
-            [
-                Box::pin(seat.changes.changed()) as Pin<Box<dyn Future<Output = _> + Send>>,
-                Box::pin(seat.workers.changed()),
-            ]
-        }));
+        let local = select_all(self.seats.iter_mut().map(|seat| Box::pin(seat.changed())));
         tokio::select! {
             _ = stop.cancelled() => Wake::Stop,
             // After a store error, the next read waits out its back-off.
@@ -292,7 +349,10 @@ impl Balancing {
             _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                 Wake::Retry
             }
-            _ = local => Wake::Local,
+            (changed, _, _) = local => match changed {
+                Ok(()) => Wake::Local,
+                Err(_) => Wake::Ended,
+            },
             _ = sleep_until(vacancy.unwrap_or_else(Instant::now)), if vacancy.is_some() => {
                 Wake::Vacancy
             }
@@ -311,7 +371,7 @@ impl Balancing {
     }
 
     /// Plan from what this member sees, and tell each election what to do.
-    async fn apply(&mut self) {
+    async fn apply(&mut self, local: &BTreeSet<String>) {
         let now = Instant::now();
         let snapshot = self.observe(now);
         let plan = plan(&snapshot);
@@ -337,7 +397,9 @@ impl Balancing {
                 _ if seen.holder.as_deref() == Some(&self.identity) => Step::Lead,
                 _ => Step::StandBy,
             };
-            let eligible = me.is_some_and(|m| m.eligible.contains(&seen.election));
+            // What this member knows of itself, not what the group shows: a member the group does
+            // not show (its record unreadable, say) still fills a vacancy nobody else fills.
+            let eligible = local.contains(&seen.election);
             let stale_vacancy = seat
                 .vacant_since
                 .is_some_and(|since| now >= since + self.timing.lease_duration);
@@ -392,6 +454,8 @@ impl Balancing {
     fn observe(&mut self, now: Instant) -> Snapshot {
         for seat in &mut self.seats {
             seat.changes.borrow_and_update();
+            seat.workers.borrow_and_update();
+            seat.seen = Seen::of(&seat.changes, &seat.workers);
             let holder = seat.holder();
             match &holder {
                 None => {

@@ -181,6 +181,7 @@ pub async fn run_with_store(
         let balancer = balancer::Balancer::start(
             store.clone(),
             &config,
+            group.clone(),
             elections.handles.clone(),
             metrics
                 .as_ref()

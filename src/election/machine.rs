@@ -288,10 +288,12 @@ impl Machine {
             Event::Shutdown => self.step_down(now, None, true),
             Event::Gate(gate) => {
                 self.gate = gate;
-                if gate == Gate::Open {
-                    None
-                } else {
+                // A worker no longer ready ends the holding; standing by only stops campaigns
+                // (balancing ends a holding by a resign to a named successor).
+                if gate == Gate::NoReadyWorker {
                     self.step_down(now, None, false)
+                } else {
+                    None
                 }
             }
             Event::Drained => self.finish_stepping_down(),

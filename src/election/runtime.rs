@@ -98,13 +98,6 @@ impl Runtime {
             if let Some(command) = self.on_wake(wake) {
                 self.obey(command).await;
             }
-            // A holding kept while standing by has ended: stop campaigning now.
-            if self.standing_by
-                && self.machine.held_term().is_none()
-                && let Some(command) = self.apply_gate()
-            {
-                self.obey(command).await;
-            }
         }
         self.publish();
         tracing::info!(election = %self.config.name, "election stopped");
@@ -267,10 +260,9 @@ impl Runtime {
             CampaignMode::Always => true,
             CampaignMode::WhenReady => self.workers.borrow().any_ready(),
         };
-        let holding = self.machine.held_term().is_some();
         let gate = if !ready {
             Gate::NoReadyWorker
-        } else if self.standing_by && !holding {
+        } else if self.standing_by {
             Gate::StandingBy
         } else {
             Gate::Open

@@ -64,9 +64,11 @@ fn start(store: &MemoryStore, identity: &str) -> Running {
             )
         })
         .unzip();
+    let group = crate::balance::group_name(ELECTIONS);
     let balancer = Balancer::start(
         Arc::new(store.clone()),
         &config,
+        group,
         handles,
         BalanceMetrics::default(),
     );

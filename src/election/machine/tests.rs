@@ -258,6 +258,31 @@ fn losing_readiness_steps_down_and_stops_campaigning() {
 }
 
 #[test]
+fn standing_by_keeps_a_holding_and_no_campaign_follows_its_end() {
+    let now = Instant::now();
+    let mut m = leader_at(now, 1);
+    assert_eq!(m.handle(now, Event::Gate(Gate::StandingBy)), None);
+    assert_eq!(m.view("me").role, Role::Leader);
+    // The holding ends otherwise (here: no renewal within the renew deadline).
+    let failed = Event::StoreFailed {
+        kind: ErrorKind::Unavailable,
+        reason: "connection refused".into(),
+    };
+    m.handle(now + secs(2), failed);
+    assert_eq!(m.tick(now + secs(10)), Some(Command::Abandon));
+    assert_eq!(
+        m.activity(),
+        Activity::Observe,
+        "no campaign while standing by"
+    );
+    m.handle(now + secs(11), observed(None, 1));
+    assert_eq!(m.activity(), Activity::Observe);
+    assert_eq!(m.view("me").reason, Reason::StandingBy);
+    m.handle(now + secs(11), Event::Gate(Gate::Open));
+    assert_eq!(m.activity(), Activity::Campaign);
+}
+
+#[test]
 fn a_holding_won_while_not_ready_is_given_back() {
     let now = Instant::now();
     let mut m = Machine::new(timing(), DRAIN, Gate::NoReadyWorker);
