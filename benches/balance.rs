@@ -21,17 +21,10 @@ use tokio::time::Instant;
 
 use testkit::{
     balance::{Group, Holders},
+    bench_runs,
     scenario::Backend,
     summary,
 };
-
-fn runs() -> usize {
-    let full = std::env::args().any(|a| a == "--bench");
-    std::env::var("BATON_BENCH_RUNS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(if full { 5 } else { 1 })
-}
 
 /// How many elections changed holder.
 fn moves(before: &Holders, after: &Holders) -> usize {
@@ -88,7 +81,7 @@ async fn store(backend: Backend, n: usize) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n = runs();
+    let n = bench_runs(1, 5);
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {

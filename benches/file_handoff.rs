@@ -23,18 +23,10 @@ use baton::client::{Client, Role, WatchEvent};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 use testkit::{
-    Proc, field, mono_now,
+    Proc, bench_runs, field, mono_now,
     scenario::{Backend, leader_and_follower, sigterm_hand_off},
     status_kib, summary, timer_worker,
 };
-
-fn runs() -> usize {
-    let full = std::env::args().any(|a| a == "--bench");
-    std::env::var("BATON_BENCH_RUNS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(if full { 20 } else { 3 })
-}
 
 fn mono_of(worker: &Proc, prefix: &str) -> i128 {
     let line = worker.stdout.wait_for(prefix, |l| l.starts_with(prefix));
@@ -102,7 +94,7 @@ async fn start_round() -> (Duration, u64) {
 
 #[tokio::main]
 async fn main() {
-    let n = runs();
+    let n = bench_runs(3, 20);
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {

@@ -414,6 +414,16 @@ pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// How many rounds a bench runs: `BATON_BENCH_RUNS`, else `full` under `cargo bench` (which
+/// passes `--bench`) and `quick` when the bench runs as a test.
+pub fn bench_runs(quick: usize, full: usize) -> usize {
+    let bench = std::env::args().any(|a| a == "--bench");
+    std::env::var("BATON_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if bench { full } else { quick })
+}
+
 /// "p50=.. p99=.. min=.. max=.. n=.." of durations, in milliseconds.
 pub fn summary(mut samples: Vec<Duration>) -> String {
     samples.sort();
