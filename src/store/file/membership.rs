@@ -2,11 +2,13 @@
 //! (an open file description lock) for the member's life, and a record beside it naming the
 //! elections the member may lead. The kernel drops the lock when the member's process dies, so
 //! a death is seen at once, with no lease to wait for. Others test the lock with `F_OFD_GETLK`,
-//! which takes nothing, so a probe never makes an enrolling member look taken.
+//! which takes nothing, so a probe never makes an enrolling member look taken. A member's files
+//! are named by [`member_stem`], never by the raw identity, which may hold `/` or `..`.
 
 use std::{
     collections::BTreeSet,
     fs::{self, File},
+    hash::Hasher as _,
     io,
     path::{Path, PathBuf},
     time::Duration,
@@ -28,7 +30,30 @@ use crate::{
     store::{Membership, StoreError},
 };
 
-/// The record of a member: `G.group/ID.member`, replaced atomically.
+/// The longest identity used as it is in a file name: with `.member.new` and a leading `.` it
+/// stays far below `NAME_MAX` (255 bytes).
+const PLAIN_STEM_MAX: usize = 100;
+
+/// The stem of `identity`'s files in the group's directory (`STEM.lock`, `STEM.member`): the
+/// identity itself when it is at most [`PLAIN_STEM_MAX`] bytes of `[A-Za-z0-9._-]` and does not
+/// start with `.`; else `~` and the 16-hex FNV-1a hash of the identity. `~` never occurs in a
+/// plain stem, so the two forms never collide, and no stem can leave the directory.
+fn member_stem(identity: &str) -> String {
+    let plain = identity.len() <= PLAIN_STEM_MAX
+        && !identity.is_empty()
+        && !identity.starts_with('.')
+        && identity
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if plain {
+        return identity.to_owned();
+    }
+    let mut hasher = fnv::FnvHasher::default();
+    hasher.write(identity.as_bytes());
+    format!("~{:016x}", hasher.finish())
+}
+
+/// The record of a member: `G.group/STEM.member`, replaced atomically.
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
     identity: String,
@@ -39,6 +64,8 @@ struct Record {
 pub struct FileMembership {
     dir: PathBuf,
     identity: String,
+    /// The stem of this member's file names (see [`member_stem`]).
+    stem: String,
     /// Held exclusively while this member lives; closing it (or dying) leaves the group.
     lock: Option<File>,
     events: EventStream<Vec<u8>>,
@@ -71,7 +98,8 @@ impl FileMembership {
         let events = inotify
             .into_event_stream(vec![0u8; 4096])
             .map_err(watch_error)?;
-        let lock_path = dir.join(format!("{identity}.lock"));
+        let stem = member_stem(identity);
+        let lock_path = dir.join(format!("{stem}.lock"));
         let lock_error = |source| FileError::Lock {
             path: lock_path.clone(),
             source,
@@ -89,6 +117,7 @@ impl FileMembership {
         Ok(FileMembership {
             dir,
             identity: identity.to_owned(),
+            stem,
             lock: Some(lock),
             events,
             recheck,
@@ -101,8 +130,8 @@ impl FileMembership {
             identity: self.identity.clone(),
             eligible: eligible.clone(),
         };
-        let path = self.dir.join(format!("{}.member", self.identity));
-        let staged = self.dir.join(format!(".{}.member.new", self.identity));
+        let path = self.dir.join(format!("{}.member", self.stem));
+        let staged = self.dir.join(format!(".{}.member.new", self.stem));
         let write_error = |source| FileError::State {
             op: "write",
             path: path.clone(),
@@ -124,10 +153,10 @@ impl FileMembership {
         let mut members = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(read_error)? {
             let name = entry.map_err(read_error)?.file_name();
-            let Some(identity) = name.to_str().and_then(|n| n.strip_suffix(".member")) else {
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".member")) else {
                 continue;
             };
-            if identity.starts_with('.') || !self.is_live(identity)? {
+            if stem.starts_with('.') || !self.is_live(stem)? {
                 continue;
             }
             let path = self.dir.join(&name);
@@ -147,6 +176,14 @@ impl FileMembership {
                     });
                 }
             };
+            // The lock that proved it live is the one named like this file: a record of another
+            // identity would borrow that lock's life.
+            if member_stem(&record.identity) != stem {
+                return Err(FileError::MisnamedMember {
+                    path,
+                    identity: record.identity,
+                });
+            }
             members.push(Member {
                 identity: record.identity,
                 eligible: record.eligible,
@@ -156,12 +193,12 @@ impl FileMembership {
         Ok(members)
     }
 
-    /// Whether `identity`'s member lock is held: by this member, or by a live process.
-    fn is_live(&self, identity: &str) -> Result<bool, FileError> {
-        if identity == self.identity {
+    /// Whether the member lock `STEM.lock` is held: by this member, or by a live process.
+    fn is_live(&self, stem: &str) -> Result<bool, FileError> {
+        if stem == self.stem {
             return Ok(self.lock.is_some());
         }
-        let path = self.dir.join(format!("{identity}.lock"));
+        let path = self.dir.join(format!("{stem}.lock"));
         let file = match open_private(&path, false) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -190,7 +227,7 @@ impl FileMembership {
 
     /// Leave the group at once: others see this member gone on their next read.
     pub fn drop_out(&mut self) {
-        let _ = fs::remove_file(self.dir.join(format!("{}.member", self.identity)));
+        let _ = fs::remove_file(self.dir.join(format!("{}.member", self.stem)));
         self.lock = None;
     }
 
