@@ -291,6 +291,31 @@ async fn members_see_each_other_and_what_each_may_lead() {
 }
 
 #[tokio::test]
+async fn members_announce_see_each_other_and_leave_through_the_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.enroll("g", "a", timing()).await.unwrap();
+    let mut b = store.enroll("g", "b", timing()).await.unwrap();
+    a.announce(&eligible(&["e1", "e2"])).await.unwrap();
+    b.announce(&eligible(&["e1"])).await.unwrap();
+    b.announce(&eligible(&["e2"])).await.unwrap();
+    let mut seen = Vec::new();
+    while identities(&seen) != ["a", "b"] {
+        seen = tokio::time::timeout(Duration::from_secs(10), a.changed(&seen))
+            .await
+            .expect("both are seen")
+            .unwrap();
+    }
+    assert_eq!(seen[1].eligible, eligible(&["e2"]), "the last announce");
+    b.leave().await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(10), a.changed(&seen))
+        .await
+        .expect("the leave is seen")
+        .unwrap();
+    assert_eq!(identities(&after), ["a"]);
+}
+
+#[tokio::test]
 async fn a_member_that_leaves_or_whose_lock_is_closed_is_gone_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
