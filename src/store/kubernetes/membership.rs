@@ -44,7 +44,7 @@ use kube::{
 use tokio::{
     sync::Mutex,
     task::JoinHandle,
-    time::{Instant, sleep, timeout},
+    time::{Instant, sleep, sleep_until, timeout},
 };
 
 use super::config::valid_dns_name;
@@ -140,9 +140,12 @@ impl MemberLease {
         self.bounded("list", self.api.list(&params)).await
     }
 
-    /// This member's Lease now, if it exists.
+    /// This member's Lease now, if it exists, labelled or not: a Lease of this name without the
+    /// group's label still blocks a create. A list by name, not a get: a Role that grants the
+    /// group's list need not grant get of every member Lease (deploy/overlays/balanced does not).
     async fn read(&self) -> Result<Option<Lease>, StoreError> {
-        let list = self.list().await?;
+        let params = ListParams::default().fields(&format!("metadata.name={}", self.name));
+        let list = self.bounded("list", self.api.list(&params)).await?;
         let name = Some(self.name.as_str());
         Ok(list
             .items
@@ -188,6 +191,9 @@ impl MemberLease {
     async fn join(&self) -> Result<Lease, StoreError> {
         let fresh = self.record(now_micro());
         let mut seen: Option<Seen> = None;
+        // No write before this: a retry period after the last conflict, so that a Lease that
+        // keeps refusing the write costs a request per period, not a burst.
+        let mut not_before = Instant::now();
         loop {
             let now = Instant::now();
             // What to write: a create (no record), a take-over on the version seen (a free
@@ -208,11 +214,14 @@ impl MemberLease {
                 }
             };
             if let Some(version) = write {
+                sleep_until(not_before).await;
                 let mut lease = fresh.clone();
                 lease.metadata.resource_version = version;
                 match self.write(&lease).await {
                     Ok(written) => return Ok(written),
-                    Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {}
+                    Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {
+                        not_before = Instant::now() + self.timing.retry_period;
+                    }
                     Err(e) if is_not_found(&e) => {}
                     Err(e) => return Err(e),
                 }
