@@ -77,6 +77,13 @@ pub enum EtcdError {
         #[source]
         source: etcd_client::Error,
     },
+    /// A watch stream ended without an error: etcd (or a proxy before it) closed it. The
+    /// caller reads again and watches anew.
+    #[error("watch on {key} ended: the server closed the stream")]
+    WatchEnded {
+        /// The watched key or range.
+        key: String,
+    },
     /// The candidate key could not be deleted (resign, release, stepping aside).
     #[error("cannot delete candidate key {key}: {}", explain(source))]
     Resign {

@@ -8,7 +8,7 @@ use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{api::PostParams, core::Status};
+use kube::api::PostParams;
 use tokio::time::Instant;
 
 use super::error::KubernetesError;
@@ -243,14 +243,9 @@ impl LeaseCandidate {
             }
         }
         // Someone keeps editing the Lease under us; the elector retries.
-        Err(KubernetesError::Conflict {
-            verb: "update",
+        Err(KubernetesError::Contended {
             namespace: self.namespace.clone(),
             lease: self.name.clone(),
-            source: Box::new(Status::failure(
-                "the Lease kept changing while it still named us",
-                "Conflict",
-            )),
         }
         .into())
     }

@@ -81,6 +81,18 @@ pub enum KubernetesError {
         #[source]
         source: Box<Status>,
     },
+    /// Every compare-and-swap of a write lost, each time to a change that left the Lease ours
+    /// (another client keeps editing it): this call gives up, and its caller retries.
+    #[error(
+        "lease {namespace}/{lease} kept changing under our writes: another client keeps \
+         editing it"
+    )]
+    Contended {
+        /// The namespace.
+        namespace: String,
+        /// The Lease.
+        lease: String,
+    },
     /// Any other failure of an API call (network, server error, bad answer).
     #[error("cannot {verb} lease {namespace}/{lease}: {source}")]
     Api {
@@ -183,6 +195,7 @@ impl KubernetesError {
             KubernetesError::Forbidden { .. }
             | KubernetesError::Unauthorized { .. }
             | KubernetesError::Conflict { .. }
+            | KubernetesError::Contended { .. }
             | KubernetesError::Aborted { .. }
             | KubernetesError::MemberInUse { .. }
             | KubernetesError::Api { .. } => ErrorKind::Unavailable,

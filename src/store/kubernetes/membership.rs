@@ -261,7 +261,8 @@ impl MemberLease {
             spec.lease_duration_seconds = Some(self.lease_seconds);
             spec.renew_time = Some(now_micro());
             if let Some(eligible) = eligible {
-                let json = serde_json::to_string(eligible).unwrap_or_else(|_| "[]".to_owned());
+                let json = serde_json::to_string(eligible)
+                    .expect("a set of strings always serializes as a JSON array");
                 lease
                     .metadata
                     .annotations
@@ -289,14 +290,9 @@ impl MemberLease {
                 None => own.lease.metadata.resource_version = None,
             }
         }
-        Err(KubernetesError::Conflict {
-            verb: "update",
+        Err(KubernetesError::Contended {
             namespace: self.namespace.clone(),
             lease: self.name.clone(),
-            source: Box::new(kube::core::Status::failure(
-                "the member Lease kept changing",
-                "Conflict",
-            )),
         }
         .into())
     }
