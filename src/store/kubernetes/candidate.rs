@@ -11,7 +11,7 @@ use k8s_openapi::{
 use kube::api::PostParams;
 use tokio::time::Instant;
 
-use super::error::KubernetesError;
+use super::error::{KubernetesError, is_not_found};
 use super::record::{
     Answer, Attempt, Held, LeaseCandidate, SUCCESSOR_ANNOTATION, SUCCESSOR_TERM_ANNOTATION,
     Verdict, now_micro,
@@ -233,8 +233,7 @@ impl LeaseCandidate {
                 Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {
                     self.refresh().await?;
                 }
-                Err(StoreError::Kubernetes(KubernetesError::Api { source, .. })) if matches!(&*source, kube::Error::Api(status) if status.code == 404) =>
-                {
+                Err(e) if is_not_found(&e) => {
                     self.seen = None;
                     self.held = None;
                     return Err(self.lost());

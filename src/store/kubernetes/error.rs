@@ -3,7 +3,7 @@
 
 use kube::core::Status;
 
-use crate::store::ErrorKind;
+use crate::store::{ErrorKind, StoreError};
 
 /// The resource, as RBAC and error messages name it.
 const RESOURCE: &str = "leases.coordination.k8s.io";
@@ -201,4 +201,10 @@ impl KubernetesError {
             | KubernetesError::Api { .. } => ErrorKind::Unavailable,
         }
     }
+}
+
+/// Whether a call on a Lease was answered `404 Not Found`.
+pub(super) fn is_not_found(error: &StoreError) -> bool {
+    matches!(error, StoreError::Kubernetes(KubernetesError::Api { source, .. })
+        if matches!(&**source, kube::Error::Api(status) if status.code == 404))
 }

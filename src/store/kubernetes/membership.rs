@@ -48,7 +48,7 @@ use tokio::{
 };
 
 use super::config::valid_dns_name;
-use super::error::KubernetesError;
+use super::error::{KubernetesError, is_not_found};
 use super::lease_watch::{self, Event, OpenWatch, WATCH_SECONDS};
 use super::record::{Seen, now_micro};
 use crate::{
@@ -80,12 +80,6 @@ pub fn member_lease_name(group: &str, identity: &str) -> String {
     let mut hasher = fnv::FnvHasher::default();
     hasher.write(identity.as_bytes());
     format!("{group}-{:016x}", hasher.finish())
-}
-
-/// Whether the API answered `404 Not Found`.
-fn is_not_found(error: &StoreError) -> bool {
-    matches!(error, StoreError::Kubernetes(KubernetesError::Api { source, .. })
-        if matches!(&**source, kube::Error::Api(s) if s.code == 404))
 }
 
 /// Where a member's Lease lives and who writes it: shared by the membership and its renewals.
