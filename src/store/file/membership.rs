@@ -169,7 +169,13 @@ impl FileMembership {
         loop {
             let group = self.group.clone();
             let own_live = self.lock.is_some();
-            let now = blocking(&self.group.dir, move || group.members(own_live)).await?;
+            let read = tokio::task::spawn_blocking(move || group.members(own_live)).await;
+            let now = read.unwrap_or_else(|e| {
+                Err(FileError::LockDir {
+                    path: self.group.dir.clone(),
+                    source: io::Error::other(e),
+                })
+            })?;
             if now != last_seen {
                 return Ok(now);
             }
@@ -217,19 +223,6 @@ impl FileMembership {
             eligible: eligible.clone(),
         }
     }
-}
-
-/// Run the blocking `read` of the group in `dir` on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    dir: &Path,
-    read: impl FnOnce() -> Result<T, FileError> + Send + 'static,
-) -> Result<T, FileError> {
-    tokio::task::spawn_blocking(read).await.unwrap_or_else(|e| {
-        Err(FileError::LockDir {
-            path: dir.to_owned(),
-            source: io::Error::other(e),
-        })
-    })
 }
 
 impl Group {
