@@ -1093,6 +1093,69 @@ mod membership {
         until_members(&mut c, &[member("same", &["e1"])]).await;
     }
 
+    /// A Lease of the member's name but without the group's label (left by hand, or by another
+    /// program) is the member's record all the same: enroll waits for it as for a live member,
+    /// a request per retry period, instead of creating again and again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unlabelled_lease_of_the_member_s_name_costs_no_burst_of_requests() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("a", true);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        cluster.api.put(
+            NS,
+            json!({
+                "metadata": {"name": member_lease_name(&group(), "a")},
+                "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 120},
+            }),
+        );
+        let timing = long_lease();
+        let watched = Duration::from_secs(2);
+        let enrolled = tokio::time::timeout(watched, store.enroll(&group(), "a", timing)).await;
+        assert!(
+            enrolled.is_err(),
+            "the record looks live for 120 s: enroll waits"
+        );
+        let stats = cluster.api.stats(&token);
+        let requests: u64 = stats.requests.values().sum();
+        println!(
+            "requests while enroll waited {watched:?}: {:?}",
+            stats.requests
+        );
+        // One create, then a read per retry period (4 in 2 s), and slack for a slow machine.
+        let most = 2 + (watched.as_millis() / timing.retry_period.as_millis()) as u64 + 2;
+        assert!(
+            requests <= most,
+            "{requests} requests in {watched:?}: {:?}",
+            stats.requests
+        );
+    }
+
+    /// An unlabelled Lease of the member's name is read like any member record: once unchanged
+    /// for its lease duration it is taken over, and carries the group's label from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unlabelled_lease_of_the_member_s_name_is_taken_over_once_expired() {
+        let cluster = Cluster::new();
+        let store = store(&cluster, "a").await;
+        let name = member_lease_name(&group(), "a");
+        cluster.api.put(
+            NS,
+            json!({
+                "metadata": {"name": name},
+                "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 3},
+            }),
+        );
+        let mut a = tokio::time::timeout(SOON, enroll(&store, "a", short_timing()))
+            .await
+            .expect("taken over within SOON");
+        let lease = cluster.api.lease(NS, &name).expect("a's member lease");
+        assert_eq!(lease["metadata"]["labels"][GROUP_LABEL], json!(group()));
+        assert_eq!(lease["spec"]["holderIdentity"], json!("a"));
+        a.announce(&eligible(&["e1"])).await.expect("announce");
+        until_members(&mut a, &[member("a", &["e1"])]).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leave_never_deletes_a_lease_another_process_took_over() {
         let cluster = Cluster::new();
@@ -1194,6 +1257,30 @@ mod membership {
             .expect("create is not limited by name");
         let error = other.announce(&names).await.expect_err("update refused");
         assert!(error.to_string().contains("may not update"), "{error}");
+    }
+
+    /// A replica that died leaves its member Lease behind; restarted, it reads that Lease (by a
+    /// list, which the Role grants: it grants no get of member Leases) and takes it over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_balanced_role_lets_a_restarted_replica_rejoin() {
+        let cluster = Cluster::new();
+        let (token, kubeconfig) = cluster.account("baton", true);
+        cluster.api.apply_role(&token, &balanced_role()["rules"]);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+            .await
+            .expect("store");
+        let group = group_name(["timer-a", "timer-b", "timer-c"]);
+        let died = store
+            .enroll(&group, "baton-1", short_timing())
+            .await
+            .expect("enroll");
+        drop(died);
+        let mut again = tokio::time::timeout(SOON, store.enroll(&group, "baton-1", short_timing()))
+            .await
+            .expect("rejoined within SOON")
+            .expect("rejoined");
+        again.leave().await.expect("leave");
+        assert_eq!(cluster.api.stats(&token).forbidden, 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,13 @@ pub enum EtcdError {
         #[source]
         source: etcd_client::Error,
     },
+    /// The keep-alive stream of the session lease ended without an error: etcd (or a proxy
+    /// before it) closed it. The next renewal opens a new one.
+    #[error("the keep-alive stream of etcd lease {lease:x} ended: the server closed it")]
+    KeepAliveEnded {
+        /// The lease.
+        lease: i64,
+    },
     /// The candidate key could not be created.
     #[error("cannot create candidate key {key}: {}", explain(source))]
     Campaign {
@@ -76,6 +83,13 @@ pub enum EtcdError {
         /// Why.
         #[source]
         source: etcd_client::Error,
+    },
+    /// A watch stream ended without an error: etcd (or a proxy before it) closed it. The
+    /// caller reads again and watches anew.
+    #[error("watch on {key} ended: the server closed the stream")]
+    WatchEnded {
+        /// The watched key or range.
+        key: String,
     },
     /// The candidate key could not be deleted (resign, release, stepping aside).
     #[error("cannot delete candidate key {key}: {}", explain(source))]

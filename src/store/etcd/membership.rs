@@ -293,7 +293,7 @@ impl EtcdMembership {
                 },
                 None => stream.message().await,
             };
-            let ended = match message {
+            let error = match message {
                 Ok(Some(response)) if response.canceled() => {
                     // Could not start at our revision (compacted): read again, watch anew.
                     self.watch = None;
@@ -302,11 +302,13 @@ impl EtcdMembership {
                 Ok(Some(response)) if !response.events().is_empty() => return Ok(()),
                 // Created, or a progress notification.
                 Ok(Some(_)) => continue,
-                Ok(None) => etcd_client::Error::WatchError("the watch stream ended".to_owned()),
-                Err(source) => source,
+                Ok(None) => EtcdError::WatchEnded {
+                    key: self.range.clone(),
+                },
+                Err(source) => watch_error(&self.range)(source),
             };
             self.watch = None;
-            return Err(watch_error(&self.range)(ended).into());
+            return Err(error.into());
         }
     }
 }

@@ -358,13 +358,7 @@ impl EtcdCandidate {
                         return Ok(());
                     }
                 }
-                Ok(None) => {
-                    return Err(EtcdError::Watch {
-                        key: first,
-                        source: etcd_client::Error::WatchError("the watch stream ended".into()),
-                    }
-                    .into());
-                }
+                Ok(None) => return Err(EtcdError::WatchEnded { key: first }.into()),
                 Err(source) => return Err(EtcdError::Watch { key: first, source }.into()),
             }
         }

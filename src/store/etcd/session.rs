@@ -243,9 +243,7 @@ impl KeepAlive {
                 });
             }
             Ok(Ok(Some(_))) => Renewal::Gone,
-            Ok(Ok(None)) => failed(etcd_client::Error::LeaseKeepAliveError(
-                "the keep-alive stream ended".to_owned(),
-            )),
+            Ok(Ok(None)) => Renewal::Failed(EtcdError::KeepAliveEnded { lease }.into()),
             Ok(Err(source)) => failed(source),
             Err(_) => timed_out(),
         };

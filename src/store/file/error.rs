@@ -50,6 +50,18 @@ pub enum FileError {
         /// The member lock file.
         path: PathBuf,
     },
+    /// A member record holds the record of another identity than the one its file is named
+    /// after.
+    #[error(
+        "member record {path} holds the record of {identity:?}; remove it if no Baton daemon \
+         wrote it"
+    )]
+    MisnamedMember {
+        /// The member record.
+        path: PathBuf,
+        /// The identity in the record.
+        identity: String,
+    },
     /// The lock file holds data Baton did not write.
     #[error(
         "lock file {path} was not written by Baton (it does not start with {header:?}); \
@@ -127,7 +139,8 @@ impl FileError {
             | FileError::TermAtMaximum { .. }
             | FileError::StateTooLarge { .. }
             | FileError::CorruptTerm { .. }
-            | FileError::CorruptState { .. } => ErrorKind::Invalid,
+            | FileError::CorruptState { .. }
+            | FileError::MisnamedMember { .. } => ErrorKind::Invalid,
             _ => ErrorKind::Unavailable,
         }
     }

@@ -115,15 +115,7 @@ impl FileStore {
 
     /// Create the lock directory (0700) if it is missing, and check whose it is.
     fn create_dir(&self) -> Result<(), FileError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|source| FileError::LockDir {
-                path: self.dir.clone(),
-                source,
-            })?;
-        check_owner(&self.dir)
+        create_private_dir(&self.dir)
     }
 
     /// Replace [`DEFAULT_CRASH_GRACE`].
@@ -144,18 +136,7 @@ impl FileStore {
     ) -> Result<FileMembership, FileError> {
         self.create_dir()?;
         let dir = self.dir.join(format!("{group}.group"));
-        DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(|source| FileError::LockDir {
-                path: dir.clone(),
-                source,
-            })?;
-        check_owner(&dir)?;
+        create_private_dir(&dir)?;
         FileMembership::enroll(dir, identity, timing.retry_period)
     }
 
@@ -163,6 +144,19 @@ impl FileStore {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Create `dir` and any missing parents (mode 0700) if it is missing, and check whose it is.
+fn create_private_dir(dir: &Path) -> Result<(), FileError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| FileError::LockDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    check_owner(dir)
 }
 
 /// Refuse a lock directory that another user owns or that group or others may write in. A

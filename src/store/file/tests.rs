@@ -291,6 +291,31 @@ async fn members_see_each_other_and_what_each_may_lead() {
 }
 
 #[tokio::test]
+async fn members_announce_see_each_other_and_leave_through_the_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut a = store.enroll("g", "a", timing()).await.unwrap();
+    let mut b = store.enroll("g", "b", timing()).await.unwrap();
+    a.announce(&eligible(&["e1", "e2"])).await.unwrap();
+    b.announce(&eligible(&["e1"])).await.unwrap();
+    b.announce(&eligible(&["e2"])).await.unwrap();
+    let mut seen = Vec::new();
+    while identities(&seen) != ["a", "b"] {
+        seen = tokio::time::timeout(Duration::from_secs(10), a.changed(&seen))
+            .await
+            .expect("both are seen")
+            .unwrap();
+    }
+    assert_eq!(seen[1].eligible, eligible(&["e2"]), "the last announce");
+    b.leave().await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(10), a.changed(&seen))
+        .await
+        .expect("the leave is seen")
+        .unwrap();
+    assert_eq!(identities(&after), ["a"]);
+}
+
+#[tokio::test]
 async fn a_member_that_leaves_or_whose_lock_is_closed_is_gone_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
@@ -341,6 +366,79 @@ async fn one_identity_is_one_member() {
         .expect("refused");
     assert!(matches!(again, FileError::MemberInUse { .. }), "{again}");
     assert!(again.to_string().contains("--identity"), "{again}");
+}
+
+/// Every file under `root`, recursively.
+fn files_under(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn identities_with_slashes_and_dots_stay_in_the_group_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let store = FileStore::new(root.path().join("locks")).unwrap();
+    let odd = ["../../escape", "a/b", "..", ".hidden"];
+    let mut members = Vec::new();
+    for identity in odd.iter().copied().chain(["baton-0"]) {
+        let mut m = store
+            .enroll_member("g", identity, timing())
+            .unwrap_or_else(|e| panic!("enroll {identity:?}: {e}"));
+        m.write_record(&eligible(&["e1"])).unwrap();
+        members.push(m);
+    }
+    let mut want = odd.to_vec();
+    want.push("baton-0");
+    want.sort_unstable();
+    assert_eq!(identities(&members[0].members().unwrap()), want);
+    let group = root.path().join("locks").join("g.group");
+    let files = files_under(root.path());
+    for file in &files {
+        assert_eq!(file.parent(), Some(group.as_path()), "{files:?}");
+    }
+    // A plain identity keeps its readable name.
+    assert!(group.join("baton-0.lock").exists(), "{files:?}");
+}
+
+#[tokio::test]
+async fn an_identity_of_128_wide_characters_enrolls() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    // 512 bytes: as a file name, twice NAME_MAX.
+    let long = "\u{1F980}".repeat(128);
+    let mut m = store.enroll_member("g", &long, timing()).unwrap();
+    m.write_record(&eligible(&["e1"])).unwrap();
+    let seen = m.members().unwrap();
+    assert_eq!(identities(&seen), [long.as_str()]);
+    let again = store.enroll_member("g", &long, timing()).err();
+    assert!(
+        matches!(again, Some(FileError::MemberInUse { .. })),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_record_of_another_identity_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let a = store.enroll_member("g", "a", timing()).unwrap();
+    let mut x = store.enroll_member("g", "x", timing()).unwrap();
+    x.write_record(&eligible(&["e1"])).unwrap();
+    // x's lock is live; its record names y, whose lock it is not.
+    let record = dir.path().join("g.group").join("x.member");
+    std::fs::write(&record, r#"{"identity":"y","eligible":["e1"]}"#).unwrap();
+    let error = a.members().expect_err("a misnamed record");
+    assert!(matches!(error, FileError::MisnamedMember { .. }), "{error}");
+    assert_eq!(error.kind(), ErrorKind::Invalid);
+    assert!(error.to_string().contains("x.member"), "{error}");
 }
 
 #[test]

@@ -8,10 +8,10 @@ use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{api::PostParams, core::Status};
+use kube::api::PostParams;
 use tokio::time::Instant;
 
-use super::error::KubernetesError;
+use super::error::{KubernetesError, is_not_found};
 use super::record::{
     Answer, Attempt, Held, LeaseCandidate, SUCCESSOR_ANNOTATION, SUCCESSOR_TERM_ANNOTATION,
     Verdict, now_micro,
@@ -233,8 +233,7 @@ impl LeaseCandidate {
                 Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {
                     self.refresh().await?;
                 }
-                Err(StoreError::Kubernetes(KubernetesError::Api { source, .. })) if matches!(&*source, kube::Error::Api(status) if status.code == 404) =>
-                {
+                Err(e) if is_not_found(&e) => {
                     self.seen = None;
                     self.held = None;
                     return Err(self.lost());
@@ -243,14 +242,9 @@ impl LeaseCandidate {
             }
         }
         // Someone keeps editing the Lease under us; the elector retries.
-        Err(KubernetesError::Conflict {
-            verb: "update",
+        Err(KubernetesError::Contended {
             namespace: self.namespace.clone(),
             lease: self.name.clone(),
-            source: Box::new(Status::failure(
-                "the Lease kept changing while it still named us",
-                "Conflict",
-            )),
         }
         .into())
     }

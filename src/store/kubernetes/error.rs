@@ -3,7 +3,7 @@
 
 use kube::core::Status;
 
-use crate::store::ErrorKind;
+use crate::store::{ErrorKind, StoreError};
 
 /// The resource, as RBAC and error messages name it.
 const RESOURCE: &str = "leases.coordination.k8s.io";
@@ -80,6 +80,18 @@ pub enum KubernetesError {
         /// The server's answer.
         #[source]
         source: Box<Status>,
+    },
+    /// Every compare-and-swap of a write lost, each time to a change that left the Lease ours
+    /// (another client keeps editing it): this call gives up, and its caller retries.
+    #[error(
+        "lease {namespace}/{lease} kept changing under our writes: another client keeps \
+         editing it"
+    )]
+    Contended {
+        /// The namespace.
+        namespace: String,
+        /// The Lease.
+        lease: String,
     },
     /// Any other failure of an API call (network, server error, bad answer).
     #[error("cannot {verb} lease {namespace}/{lease}: {source}")]
@@ -183,9 +195,16 @@ impl KubernetesError {
             KubernetesError::Forbidden { .. }
             | KubernetesError::Unauthorized { .. }
             | KubernetesError::Conflict { .. }
+            | KubernetesError::Contended { .. }
             | KubernetesError::Aborted { .. }
             | KubernetesError::MemberInUse { .. }
             | KubernetesError::Api { .. } => ErrorKind::Unavailable,
         }
     }
+}
+
+/// Whether a call on a Lease was answered `404 Not Found`.
+pub(super) fn is_not_found(error: &StoreError) -> bool {
+    matches!(error, StoreError::Kubernetes(KubernetesError::Api { source, .. })
+        if matches!(&**source, kube::Error::Api(status) if status.code == 404))
 }

@@ -44,11 +44,11 @@ use kube::{
 use tokio::{
     sync::Mutex,
     task::JoinHandle,
-    time::{Instant, sleep, timeout},
+    time::{Instant, sleep, sleep_until, timeout},
 };
 
 use super::config::valid_dns_name;
-use super::error::KubernetesError;
+use super::error::{KubernetesError, is_not_found};
 use super::lease_watch::{self, Event, OpenWatch, WATCH_SECONDS};
 use super::record::{Seen, now_micro};
 use crate::{
@@ -80,12 +80,6 @@ pub fn member_lease_name(group: &str, identity: &str) -> String {
     let mut hasher = fnv::FnvHasher::default();
     hasher.write(identity.as_bytes());
     format!("{group}-{:016x}", hasher.finish())
-}
-
-/// Whether the API answered `404 Not Found`.
-fn is_not_found(error: &StoreError) -> bool {
-    matches!(error, StoreError::Kubernetes(KubernetesError::Api { source, .. })
-        if matches!(&**source, kube::Error::Api(s) if s.code == 404))
 }
 
 /// Where a member's Lease lives and who writes it: shared by the membership and its renewals.
@@ -140,9 +134,12 @@ impl MemberLease {
         self.bounded("list", self.api.list(&params)).await
     }
 
-    /// This member's Lease now, if it exists.
+    /// This member's Lease now, if it exists, labelled or not: a Lease of this name without the
+    /// group's label still blocks a create. A list by name, not a get: a Role that grants the
+    /// group's list need not grant get of every member Lease (deploy/overlays/balanced does not).
     async fn read(&self) -> Result<Option<Lease>, StoreError> {
-        let list = self.list().await?;
+        let params = ListParams::default().fields(&format!("metadata.name={}", self.name));
+        let list = self.bounded("list", self.api.list(&params)).await?;
         let name = Some(self.name.as_str());
         Ok(list
             .items
@@ -188,6 +185,9 @@ impl MemberLease {
     async fn join(&self) -> Result<Lease, StoreError> {
         let fresh = self.record(now_micro());
         let mut seen: Option<Seen> = None;
+        // No write before this: a retry period after the last conflict, so that a Lease that
+        // keeps refusing the write costs a request per period, not a burst.
+        let mut not_before = Instant::now();
         loop {
             let now = Instant::now();
             // What to write: a create (no record), a take-over on the version seen (a free
@@ -208,11 +208,14 @@ impl MemberLease {
                 }
             };
             if let Some(version) = write {
+                sleep_until(not_before).await;
                 let mut lease = fresh.clone();
                 lease.metadata.resource_version = version;
                 match self.write(&lease).await {
                     Ok(written) => return Ok(written),
-                    Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {}
+                    Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {
+                        not_before = Instant::now() + self.timing.retry_period;
+                    }
                     Err(e) if is_not_found(&e) => {}
                     Err(e) => return Err(e),
                 }
@@ -252,7 +255,8 @@ impl MemberLease {
             spec.lease_duration_seconds = Some(self.lease_seconds);
             spec.renew_time = Some(now_micro());
             if let Some(eligible) = eligible {
-                let json = serde_json::to_string(eligible).unwrap_or_else(|_| "[]".to_owned());
+                let json = serde_json::to_string(eligible)
+                    .expect("a set of strings always serializes as a JSON array");
                 lease
                     .metadata
                     .annotations
@@ -280,14 +284,9 @@ impl MemberLease {
                 None => own.lease.metadata.resource_version = None,
             }
         }
-        Err(KubernetesError::Conflict {
-            verb: "update",
+        Err(KubernetesError::Contended {
             namespace: self.namespace.clone(),
             lease: self.name.clone(),
-            source: Box::new(kube::core::Status::failure(
-                "the member Lease kept changing",
-                "Conflict",
-            )),
         }
         .into())
     }
