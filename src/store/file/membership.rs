@@ -10,7 +10,7 @@ use std::{
     fs::{self, File},
     hash::Hasher as _,
     io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -210,11 +210,6 @@ impl FileMembership {
     pub(super) fn drop_out(&mut self) {
         let _ = fs::remove_file(self.group.record_path());
         self.lock = None;
-    }
-
-    /// The group's directory.
-    pub fn dir(&self) -> &Path {
-        &self.group.dir
     }
 
     fn record(&self, eligible: &BTreeSet<String>) -> Record {
