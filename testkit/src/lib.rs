@@ -41,6 +41,8 @@ pub const SOON: Duration = Duration::from_secs(20);
 #[derive(Clone, Default)]
 pub struct Lines {
     inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// Set by the reader thread at end of stream, so a caller can wait for the last lines.
+    closed: Arc<(Mutex<bool>, Condvar)>,
 }
 
 impl Lines {
@@ -55,7 +57,18 @@ impl Lines {
                 store.lock().unwrap().push(line);
                 wake.notify_all();
             }
+            let (closed, wake) = &*lines.closed;
+            *closed.lock().unwrap() = true;
+            wake.notify_all();
         });
+    }
+
+    /// Wait, at most `SOON`, until the stream has ended: a process that has exited may still
+    /// have lines in the pipe that the reader thread has not taken yet.
+    fn wait_closed(&self) {
+        let (closed, wake) = &*self.closed;
+        let guard = closed.lock().unwrap();
+        let _ = wake.wait_timeout_while(guard, SOON, |closed| !*closed).unwrap();
     }
 
     /// Every line so far.
@@ -142,11 +155,13 @@ impl Proc {
         kill(self.pid(), signal).unwrap_or_else(|e| panic!("kill {signal}: {e}"));
     }
 
-    /// Wait for the process to exit, at most `SOON`.
+    /// Wait for the process to exit, at most `SOON`, and for the readers to take its last lines.
     pub fn wait(&mut self) -> ExitStatus {
         let step = Duration::from_millis(10);
         for _ in 0..SOON.as_millis() / step.as_millis() {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.stdout.wait_closed();
+                self.stderr.wait_closed();
                 return status;
             }
             thread::sleep(step);
