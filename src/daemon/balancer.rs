@@ -166,15 +166,6 @@ impl SeatState {
             }
         }
     }
-
-    fn holder(&self) -> Option<String> {
-        self.changes.borrow().view.leader.clone()
-    }
-
-    /// Whether this member has heard from the store about the election yet.
-    fn known(&self) -> bool {
-        self.changes.borrow().view.role != Role::Unknown
-    }
 }
 
 /// What this member leads and should lead, for the log.
@@ -392,8 +383,10 @@ impl Balancing {
         for (seat, seen) in self.seats.iter_mut().zip(&snapshot.seats) {
             let step = match me {
                 // Not a member (yet, or no more, as the store shows), or the election's holder
-                // is not known yet: campaign nowhere.
-                Some(_) if seat.known() => plan.step(&self.identity, seen),
+                // was not known when the snapshot was taken: campaign nowhere. Asked of the
+                // snapshot, not the election now: a seat that became known since is vacant in
+                // the plan, and would be campaigned for as such.
+                Some(_) if seat.seen.known => plan.step(&self.identity, seen),
                 _ if seen.holder.as_deref() == Some(&self.identity) => Step::Lead,
                 _ => Step::StandBy,
             };
@@ -455,9 +448,11 @@ impl Balancing {
         for seat in &mut self.seats {
             seat.changes.borrow_and_update();
             seat.workers.borrow_and_update();
+            // One reading per round: everything below and the plan decide on `seen`, never on the
+            // election as it is a moment later.
             seat.seen = Seen::of(&seat.changes, &seat.workers);
-            let holder = seat.holder();
-            match &holder {
+            let holder = &seat.seen.leader;
+            match holder {
                 None => {
                     seat.vacant_since.get_or_insert(now);
                 }
@@ -477,7 +472,7 @@ impl Balancing {
                 .iter()
                 .map(|seat| Seat {
                     election: seat.election.name().to_owned(),
-                    holder: seat.holder(),
+                    holder: seat.seen.leader.clone(),
                 })
                 .collect(),
         }

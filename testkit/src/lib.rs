@@ -68,7 +68,9 @@ impl Lines {
     fn wait_closed(&self) {
         let (closed, wake) = &*self.closed;
         let guard = closed.lock().unwrap();
-        let _ = wake.wait_timeout_while(guard, SOON, |closed| !*closed).unwrap();
+        let _ = wake
+            .wait_timeout_while(guard, SOON, |closed| !*closed)
+            .unwrap();
     }
 
     /// Every line so far.
