@@ -10,7 +10,7 @@ use tokio::{
     time::{Instant, sleep_until, timeout},
 };
 
-use super::error::EtcdError;
+use super::{error::EtcdError, revoke::ask};
 use crate::store::StoreError;
 
 /// Proof that the session lease is alive: a keep-alive sent at `sent_at` was answered with
@@ -197,6 +197,13 @@ impl KeepAlive {
         }
     }
 
+    /// Whether the server says the lease has expired or was revoked (TimeToLive answers -1).
+    /// No answer is no proof: the caller then treats its error as a failure to retry.
+    async fn expired(&mut self) -> bool {
+        let answer = ask(&mut self.leases, self.lease, self.request_timeout).await;
+        answer.is_some_and(|a| a.remaining < 0)
+    }
+
     pub(super) async fn renew_once(&mut self) -> Renewal {
         let sent_at = Instant::now();
         let after = self.request_timeout;
@@ -222,9 +229,10 @@ impl KeepAlive {
                         LeaseState::Gone => Renewal::Gone,
                     }
                 }
-                Ok(Err(etcd_client::Error::LeaseKeepAliveError(message)))
-                    if message.contains("not found") =>
-                {
+                // Whether the lease is gone is asked of the server, not read from the error's
+                // text.
+                Ok(Err(source)) if self.expired().await => {
+                    tracing::debug!(lease = format!("{lease:x}"), %source, "keep-alive: lease gone");
                     Renewal::Gone
                 }
                 Ok(Err(source)) => failed(source),
