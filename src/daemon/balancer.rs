@@ -104,6 +104,14 @@ impl Balancer {
     }
 }
 
+impl Balancer {
+    /// Resolves if the balancer's task ends before [`Balancer::leave`]: it only does so by a
+    /// panic, or when an election has ended. Cancel-safe; not to be awaited again once resolved.
+    pub(super) async fn ended(&mut self) -> Result<(), tokio::task::JoinError> {
+        (&mut self.task).await
+    }
+}
+
 impl Drop for Balancer {
     /// The balancer never outlives its handle.
     fn drop(&mut self) {
@@ -269,7 +277,9 @@ impl Balancing {
                 Wake::Retry => retry_at = None,
                 Wake::Local | Wake::Vacancy => {}
                 Wake::Ended => {
-                    tracing::warn!("balance: an election has ended; leaving the group");
+                    // The daemon stops on it: leave with it, so that only a panic ends this
+                    // task before the stop.
+                    stop.cancelled().await;
                     break;
                 }
             }

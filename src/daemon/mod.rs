@@ -83,6 +83,9 @@ pub enum DaemonError {
         /// The election.
         election: String,
     },
+    /// The balancer (`--balance`) ended before shutdown.
+    #[error("the balancer stopped unexpectedly (see the log)")]
+    BalancerFailed,
 }
 
 impl DaemonError {
@@ -251,25 +254,133 @@ mod tests {
     use clap::Parser;
     use tokio::net::TcpListener;
 
+    use std::collections::BTreeSet;
+
+    use async_trait::async_trait;
+
     use super::*;
     use crate::{
+        balance::Member,
         config::{Cli, Command},
-        store::memory::MemoryStore,
+        store::{Candidate, Membership, StoreError, Timing, memory::MemoryStore},
     };
 
-    #[tokio::test]
-    async fn a_panicking_election_does_not_stop_the_others_stepping_down() {
-        let cli =
-            Cli::try_parse_from(["baton", "run", "--election", "ok,boom", "--identity", "me"])
-                .unwrap();
+    fn run_args(args: &[&str]) -> Config {
+        let cli = Cli::try_parse_from(args).unwrap();
         let Command::Run(args) = cli.command else {
             unreachable!("parsed `run`");
         };
+        args.validate().unwrap()
+    }
+
+    /// The memory store, but once this member leads, its next read of the group panics: a bug
+    /// in the balancer's path, as the daemon would meet it.
+    struct PanickingGroups(MemoryStore);
+
+    struct PanickingMembership {
+        store: MemoryStore,
+        eligible: BTreeSet<String>,
+        reads: usize,
+    }
+
+    #[async_trait]
+    impl Membership for PanickingMembership {
+        async fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), StoreError> {
+            self.eligible = eligible.clone();
+            Ok(())
+        }
+
+        async fn changed(&mut self, _: &[Member]) -> Result<Vec<Member>, StoreError> {
+            self.reads += 1;
+            if self.reads == 1 {
+                let me = Member {
+                    identity: "me".to_owned(),
+                    eligible: self.eligible.clone(),
+                };
+                return Ok(vec![me]);
+            }
+            while self.store.holder("e").is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("a bug in reading the group");
+        }
+
+        async fn leave(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Store for PanickingGroups {
+        async fn join(
+            &self,
+            election: &str,
+            identity: &str,
+            timing: Timing,
+        ) -> Result<Box<dyn Candidate>, StoreError> {
+            self.0.join(election, identity, timing).await
+        }
+
+        async fn enroll(
+            &self,
+            _: &str,
+            _: &str,
+            _: Timing,
+        ) -> Result<Box<dyn Membership>, StoreError> {
+            Ok(Box::new(PanickingMembership {
+                store: self.0.clone(),
+                eligible: BTreeSet::new(),
+                reads: 0,
+            }))
+        }
+
+        fn describe(&self) -> String {
+            "memory store whose groups panic".to_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_balancer_stops_the_daemon_and_its_elections_step_down() {
+        let store = MemoryStore::new();
+        let config = run_args(&[
+            "baton",
+            "run",
+            "--election",
+            "e",
+            "--identity",
+            "me",
+            "--balance",
+        ]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let daemon = tokio::spawn(run_with_store(
+            config,
+            Arc::new(PanickingGroups(store.clone())),
+            listener,
+            std::future::pending::<()>(),
+        ));
+        // A liveness bound only: without the shutdown signal, a daemon that missed the panic
+        // serves forever.
+        let outcome = tokio::time::timeout(Duration::from_secs(20), daemon)
+            .await
+            .expect("the daemon stops when its balancer fails")
+            .expect("the daemon returns instead of panicking");
+        assert!(
+            matches!(&outcome, Err(DaemonError::BalancerFailed)),
+            "{outcome:?}"
+        );
+        // It led `e` when the balancer failed (the membership waited for that); its 15 s lease
+        // has not run out, so only a release frees it.
+        assert_eq!(store.holder("e"), None, "e was released");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_election_does_not_stop_the_others_stepping_down() {
+        let config = run_args(&["baton", "run", "--election", "ok,boom", "--identity", "me"]);
         let store = MemoryStore::new();
         store.panic_once_held("boom", "ok");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let outcome = tokio::spawn(run_with_store(
-            args.validate().unwrap(),
+            config,
             Arc::new(store.clone()),
             listener,
             std::future::pending::<()>(),

@@ -33,13 +33,17 @@ pub(super) async fn serve_until(
     let Elections {
         mut tasks,
         stop,
-        balancer,
+        mut balancer,
     } = elections;
-    let failed = wait(config, shutdown, &mut tasks).await;
+    let failed = wait(config, shutdown, &mut tasks, balancer.as_mut()).await;
     // Leaving first lets the others plan without this member, so that each of its elections
     // is awaited by the one member that should take it when it is released below.
-    if let Some(balancer) = balancer {
-        balancer.leave(config.timing.renew_deadline).await;
+    match (balancer, &failed) {
+        (Some(balancer), None | Some(Failed::Election(_))) => {
+            balancer.leave(config.timing.renew_deadline).await;
+        }
+        // Its task is over; dropping the handle is all that is left.
+        (Some(_), Some(Failed::Balancer)) | (None, _) => {}
     }
     tracing::info!("stopping: stepping down in every election");
     // The servers keep serving while the elections step down, so that workers hear of the loss
@@ -58,20 +62,35 @@ pub(super) async fn serve_until(
     tracing::info!("stopped");
     outcome?;
     match failed {
-        Some(election) => Err(DaemonError::ElectionFailed { election }),
+        Some(Failed::Election(election)) => Err(DaemonError::ElectionFailed { election }),
+        Some(Failed::Balancer) => Err(DaemonError::BalancerFailed),
         None => Ok(()),
     }
 }
 
-/// Wait for `shutdown`, or for an election task to end; returns the election that ended.
+/// What ended before the shutdown signal.
+enum Failed {
+    Election(String),
+    Balancer,
+}
+
+/// Wait for `shutdown`, or for an election task or the balancer to end.
 async fn wait(
     config: &Config,
     shutdown: impl Future<Output = ()>,
     tasks: &mut Vec<JoinHandle<()>>,
-) -> Option<String> {
+    balancer: Option<&mut Balancer>,
+) -> Option<Failed> {
     // An election task never ends by itself: if one does (a bug, a panic), its last state could
-    // be a stale LEADER. Stop everything rather than serve that.
+    // be a stale LEADER. Stop everything rather than serve that. Nor does the balancer: without
+    // it, elections it stood by would never be campaigned for again.
     tokio::pin!(shutdown);
+    let balancer_ended = async {
+        match balancer {
+            Some(balancer) => balancer.ended().await,
+            None => std::future::pending().await,
+        }
+    };
     let failed = tokio::select! {
         _ = &mut shutdown => None,
         (outcome, index, _) = select_all(tasks.iter_mut()), if !tasks.is_empty() => {
@@ -79,12 +98,16 @@ async fn wait(
             tracing::error!(%election, outcome = ?outcome, "an election task ended unexpectedly; stopping");
             Some((index, election))
         }
+        outcome = balancer_ended => {
+            tracing::error!(?outcome, "the balancer ended unexpectedly; stopping");
+            return Some(Failed::Balancer);
+        }
     };
     // The ended task is done: polling its handle again would panic, and the others must still
     // step down.
     failed.map(|(index, election)| {
         drop(tasks.remove(index));
-        election
+        Failed::Election(election)
     })
 }
 
