@@ -151,20 +151,40 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
             .get(member)
             .is_some_and(|m| m.eligible.contains(election))
     };
+    let (mut kept, vacant) = keep(&seats, &members, eligible);
+    let share = shares(&seats, &members, &kept);
+    let mut moving: Vec<(&str, Option<&str>)> = vacant.into_iter().map(|e| (e, None)).collect();
+    moving.extend(give_up(&mut kept, &share, eligible));
+    moving.sort();
+    deal(moving, kept, &members, &share, eligible)
+}
 
-    // Step 1: who keeps what.
+/// Step 1 of [`plan`]: what each member keeps (a holder that is a live member eligible for its
+/// election), and the elections nobody keeps, in name order.
+fn keep<'a>(
+    seats: &[&'a Seat],
+    members: &BTreeMap<&'a str, &Member>,
+    eligible: impl Fn(&str, &str) -> bool,
+) -> (BTreeMap<&'a str, Vec<&'a str>>, Vec<&'a str>) {
     let mut kept: BTreeMap<&str, Vec<&str>> = members.keys().map(|&m| (m, Vec::new())).collect();
-    let mut pool = Vec::new();
-    for seat in &seats {
+    let mut vacant = Vec::new();
+    for seat in seats {
         match seat.holder.as_deref() {
             Some(holder) if eligible(holder, &seat.election) => {
                 kept.entry(holder).or_default().push(&seat.election);
             }
-            _ => pool.push(seat.election.as_str()),
+            _ => vacant.push(seat.election.as_str()),
         }
     }
+    (kept, vacant)
+}
 
-    // Step 2: shares.
+/// Step 2 of [`plan`]: each member's share.
+fn shares<'a>(
+    seats: &[&Seat],
+    members: &BTreeMap<&'a str, &Member>,
+    kept: &BTreeMap<&'a str, Vec<&'a str>>,
+) -> BTreeMap<&'a str, usize> {
     let assignable = seats
         .iter()
         .filter(|s| members.values().any(|m| m.eligible.contains(&s.election)))
@@ -182,7 +202,7 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
     // Not by how much each keeps: that changes as members fill their shares, and the ranking
     // must not. Only reaching past `base` does, and only for a member already ranked in.
     ranked.sort_by_key(|m| (kept[m].len() <= base, *m));
-    let share: BTreeMap<&str, usize> = ranked
+    ranked
         .iter()
         .enumerate()
         .map(|(rank, &m)| (m, base + usize::from(rank < extra)))
@@ -192,15 +212,18 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
                 .filter(|(_, m)| m.eligible.is_empty())
                 .map(|(&id, _)| (id, 0)),
         )
-        .collect();
+        .collect()
+}
 
-    // Step 3: the surplus.
-    let given_up = give_up(&mut kept, &share, eligible);
-    let mut moving: Vec<(&str, Option<&str>)> = pool.into_iter().map(|e| (e, None)).collect();
-    moving.extend(given_up);
-    moving.sort();
-
-    // Step 4: place what moves.
+/// Step 4 of [`plan`]: deal out what moves (vacant, or given up by `from`), in name order, to
+/// the first member under its share that may take it; the plan is what each member then holds.
+fn deal<'a>(
+    moving: Vec<(&'a str, Option<&'a str>)>,
+    mut kept: BTreeMap<&'a str, Vec<&'a str>>,
+    members: &BTreeMap<&'a str, &Member>,
+    share: &BTreeMap<&'a str, usize>,
+    eligible: impl Fn(&str, &str) -> bool,
+) -> Plan {
     let mut owners: BTreeMap<String, Option<String>> = BTreeMap::new();
     for (member, elections) in &kept {
         for election in elections {
