@@ -212,6 +212,7 @@ impl EtcdCandidate {
             self.client.lease_client(),
             predecessor.lease(),
             self.request_timeout,
+            "predecessor",
         );
         let waited = self.wait(
             view.revision,

@@ -79,7 +79,12 @@ pub(super) async fn ask(
 ///   renew deadline, before the TTL counted from the send time of its last renewal, and does
 ///   not lead on that lease again. A holder whose deadline counts from the answer (`etcdctl
 ///   elect`, client-go) is exposed in that instant only.
-pub(super) async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, limit: Duration) {
+pub(super) async fn revoke_when_expired(
+    mut leases: LeaseClient,
+    lease: i64,
+    limit: Duration,
+    whose: &str,
+) {
     if lease == 0 {
         // A key without a lease (written by hand): nothing expires.
         return std::future::pending().await;
@@ -125,7 +130,7 @@ pub(super) async fn revoke_when_expired(mut leases: LeaseClient, lease: i64, lim
     match timeout(limit, leases.revoke(lease)).await {
         Ok(Ok(_)) => tracing::info!(
             lease = name,
-            "the predecessor's session lease expired; revoked it without waiting for etcd"
+            "the {whose}'s session lease expired; revoked it without waiting for etcd"
         ),
         Ok(Err(error)) => {
             // Gone already, or etcd is struggling: do not ask again at once.

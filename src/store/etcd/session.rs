@@ -48,6 +48,12 @@ pub(super) type RenewRequest = oneshot::Sender<Renewal>;
 /// A task that is aborted when its owner drops this handle.
 pub(super) struct OwnedTask(JoinHandle<()>);
 
+impl OwnedTask {
+    pub(super) fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        OwnedTask(tokio::spawn(task))
+    }
+}
+
 impl Drop for OwnedTask {
     fn drop(&mut self) {
         self.0.abort();
