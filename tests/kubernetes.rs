@@ -910,9 +910,10 @@ mod membership {
         balance::{Member, group_name},
         store::{
             ErrorKind, Membership, StoreError, Timing,
-            kubernetes::{ELIGIBLE_ANNOTATION, GROUP_LABEL, member_lease_name},
+            kubernetes::{ELIGIBLE_ANNOTATION, GROUP_LABEL, KubernetesError, member_lease_name},
         },
     };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use serde::Deserialize as _;
 
     use super::*;
@@ -928,10 +929,16 @@ mod membership {
 
     /// A store working as its own service account.
     async fn store(cluster: &Cluster, account: &str) -> KubernetesStore {
-        let (_, kubeconfig) = cluster.account(account, true);
-        KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
+        store_with_token(cluster, account).await.1
+    }
+
+    /// The token of a new service account, and a store working as it.
+    async fn store_with_token(cluster: &Cluster, account: &str) -> (String, KubernetesStore) {
+        let (token, kubeconfig) = cluster.account(account, true);
+        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
             .await
-            .expect("store")
+            .expect("store");
+        (token, store)
     }
 
     async fn enroll(
@@ -956,6 +963,21 @@ mod membership {
         tokio::time::timeout(SOON, wait)
             .await
             .unwrap_or_else(|_| panic!("not {want:?} within {SOON:?}"));
+    }
+
+    /// Members `a` (in `sa`) and `b` (in `sb`), both announced for `e1`, once `b` lists both.
+    async fn a_and_b(
+        sa: &KubernetesStore,
+        sb: &KubernetesStore,
+        timing: Timing,
+    ) -> (Box<dyn Membership>, Box<dyn Membership>, [Member; 2]) {
+        let mut a = enroll(sa, "a", timing).await;
+        let mut b = enroll(sb, "b", timing).await;
+        a.announce(&eligible(&["e1"])).await.expect("announce a");
+        b.announce(&eligible(&["e1"])).await.expect("announce b");
+        let both = [member("a", &["e1"]), member("b", &["e1"])];
+        until_members(&mut b, &both).await;
+        (a, b, both)
     }
 
     fn member(identity: &str, names: &[&str]) -> Member {
@@ -1029,12 +1051,7 @@ mod membership {
         let cluster = Cluster::new();
         let (sa, sb) = (store(&cluster, "a").await, store(&cluster, "b").await);
         let timing = short_timing();
-        let mut a = enroll(&sa, "a", timing).await;
-        let mut b = enroll(&sb, "b", timing).await;
-        a.announce(&eligible(&["e1"])).await.expect("announce a");
-        b.announce(&eligible(&["e1"])).await.expect("announce b");
-        let both = [member("a", &["e1"]), member("b", &["e1"])];
-        until_members(&mut b, &both).await;
+        let (a, mut b, both) = a_and_b(&sa, &sb, timing).await;
         // Renewed, a stays live through two whole leases.
         let quiet = tokio::time::timeout(timing.lease_duration * 2, b.changed(&both)).await;
         assert!(quiet.is_err(), "a renewed member dropped out: {quiet:?}");
@@ -1099,10 +1116,7 @@ mod membership {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unlabelled_lease_of_the_member_s_name_costs_no_burst_of_requests() {
         let cluster = Cluster::new();
-        let (token, kubeconfig) = cluster.account("a", true);
-        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
-            .await
-            .expect("store");
+        let (token, store) = store_with_token(&cluster, "a").await;
         cluster.api.put(
             NS,
             json!({
@@ -1182,13 +1196,106 @@ mod membership {
         );
     }
 
+    /// A member whose Lease another process took over (a second daemon started with the same
+    /// identity) is refused and writes nothing while that process renews; once its record has
+    /// expired, the member takes the Lease back by itself, is listed again and renews again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_displaced_member_takes_its_lease_back_once_the_other_s_expires() {
+        let cluster = Cluster::new();
+        let (token, sa) = store_with_token(&cluster, "a").await;
+        let sb = store(&cluster, "b").await;
+        let timing = short_timing();
+        let (mut a, mut b, both) = a_and_b(&sa, &sb, timing).await;
+        let name = member_lease_name(&group(), "a");
+        let enrolled =
+            cluster.api.lease(NS, &name).expect("a's lease")["spec"]["acquireTime"].clone();
+
+        // The other process's record, as it writes it on each renewal: a 2 s lease of its own.
+        let other_seconds = 2;
+        let other_acquired = "2020-01-01T00:00:00.000000Z";
+        let other = || {
+            let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+            json!({
+                "metadata": {"name": name, "labels": {GROUP_LABEL: group()}},
+                "spec": {"holderIdentity": "a", "leaseDurationSeconds": other_seconds,
+                         "acquireTime": other_acquired, "renewTime": now},
+            })
+        };
+        cluster.api.put(NS, other());
+        let written_before = cluster.writes_by(&token).len();
+        let requests_before = cluster.api.stats(&token).total();
+        let started = tokio::time::Instant::now();
+        // It renews every 250 ms through two of its leases: a is refused all along (and b,
+        // seeing a record that announced nothing, counts a out).
+        let renewing = async {
+            let mut announces = 0;
+            let until = started + Duration::from_secs(2 * other_seconds);
+            while tokio::time::Instant::now() < until {
+                cluster.api.put(NS, other());
+                let refused = a.announce(&eligible(&["e1"])).await;
+                announces += 1;
+                assert!(
+                    matches!(
+                        refused,
+                        Err(StoreError::Kubernetes(KubernetesError::MemberInUse { .. }))
+                    ),
+                    "announce while the other process is live: {refused:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            announces
+        };
+        let only_b = [member("b", &["e1"])];
+        let (announces, ()) = tokio::join!(renewing, until_members(&mut b, &only_b));
+        assert_eq!(
+            cluster.writes_by(&token).len(),
+            written_before,
+            "a wrote over the live lease of another process"
+        );
+        // Displaced, a looks at the record once per retry period and once per announce: no
+        // busy loop. (The first look may be a renewal's 409 and its read; slack for the rest.)
+        let (phase, requests) = (
+            started.elapsed(),
+            cluster.api.stats(&token).total() - requests_before,
+        );
+        println!(
+            "a displaced member made {requests} requests in {phase:?} ({announces} announces)"
+        );
+        let periods = (phase.as_millis() / timing.retry_period.as_millis()) as u64;
+        assert!(
+            requests <= announces + periods + 3,
+            "{requests} requests in {phase:?}: {:?}",
+            cluster.api.stats(&token).requests
+        );
+
+        // The other process is gone: its record expires, and a comes back with nothing called.
+        let stopped = tokio::time::Instant::now();
+        until_members(&mut b, &both).await;
+        println!(
+            "a displaced member was listed again {:?} after the other process stopped (its \
+             lease {other_seconds} s)",
+            stopped.elapsed()
+        );
+        let lease = cluster.api.lease(NS, &name).expect("a's lease");
+        assert_eq!(lease["spec"]["holderIdentity"], json!("a"));
+        let acquired = &lease["spec"]["acquireTime"];
+        assert!(
+            *acquired != json!(other_acquired) && *acquired != enrolled,
+            "taken back with a fresh acquireTime: {lease:#}"
+        );
+        // Renewed again: a stays live through two of its own leases, and announces again.
+        let quiet = tokio::time::timeout(timing.lease_duration * 2, b.changed(&both)).await;
+        assert!(quiet.is_err(), "a taken-back member dropped out: {quiet:?}");
+        a.announce(&eligible(&["e1", "e2"]))
+            .await
+            .expect("announce after taking the lease back");
+        until_members(&mut b, &[member("a", &["e1", "e2"]), member("b", &["e1"])]).await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_leave_lets_a_renewal_in_flight_finish() {
         let cluster = Cluster::new();
-        let (token, kubeconfig) = cluster.account("a", true);
-        let store = KubernetesStore::from_kubeconfig(&kubeconfig, None, None)
-            .await
-            .expect("store");
+        let (token, store) = store_with_token(&cluster, "a").await;
         let timing = Timing {
             retry_period: Duration::from_millis(50),
             ..short_timing()

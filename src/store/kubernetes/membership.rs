@@ -22,6 +22,12 @@
 //! - **Reading** counts a member live until its record has not changed for its lease duration
 //!   since this process saw it change. A newcomer cannot tell a dead member's last renewal from
 //!   a live one's, so a member that died just before it looked counts for up to one lease.
+//! - **Displaced**: a renewal that finds another process's record in its Lease (another
+//!   holder or acquireTime) stops writing; each later renewal or announce only reads that
+//!   record again and judges it by the rule above, refusing ([`KubernetesError::MemberInUse`])
+//!   while it is live. Once it has not changed for its lease duration, or is gone, the member
+//!   takes the Lease back (compare-and-swap, a fresh acquireTime, its announced elections) and
+//!   renews again.
 //! - **Leaving** stops the renewals and deletes the Lease (conditioned on the version last
 //!   written), so others see it gone at once. A dropped membership stops renewing only: its
 //!   Lease expires after one lease duration, as a dead process's does.
@@ -99,8 +105,9 @@ pub(super) struct MemberLease {
 struct Own {
     /// Carries the resourceVersion of the last write (`None`: to be created).
     lease: Lease,
-    /// Set when another process took the Lease over: renewals have stopped.
-    displaced: bool,
+    /// Set when another process took the Lease over: its record as last seen. Renewals write
+    /// nothing until that record may be taken over.
+    displaced: Option<Seen>,
 }
 
 impl MemberLease {
@@ -195,12 +202,7 @@ impl MemberLease {
             // look again after a retry period, or at its expiry).
             let write = match &seen {
                 None => Some(None),
-                Some(s)
-                    if s.record.holder().is_none()
-                        || now >= s.expiry(self.timing.lease_duration) =>
-                {
-                    Some(s.lease.metadata.resource_version.clone())
-                }
+                Some(s) if self.may_take(s, now) => Some(s.lease.metadata.resource_version.clone()),
                 Some(s) => {
                     let expiry = s.expiry(self.timing.lease_duration);
                     sleep(self.timing.retry_period.min(expiry - now)).await;
@@ -235,17 +237,25 @@ impl MemberLease {
         }
     }
 
+    /// Whether a record seen as `seen` may be written over at `now`: it is free, or it has not
+    /// changed for its lease duration.
+    fn may_take(&self, seen: &Seen, now: Instant) -> bool {
+        seen.record.holder().is_none() || now >= seen.expiry(self.timing.lease_duration)
+    }
+
     /// Write our record again (with `eligible` announced, if given), a compare-and-swap on the
     /// version last written. After a conflict, re-read: a record of this process (same holder
     /// and acquireTime, edited by a third party) is written again; another's means another
-    /// process took the Lease over, and this member stops. A deleted Lease is created again.
+    /// process took the Lease over, and this member is displaced until [`Self::reclaim`] may
+    /// take it back. A deleted Lease is created again.
     async fn renew(
         &self,
         own: &mut Own,
         eligible: Option<&BTreeSet<String>>,
     ) -> Result<(), StoreError> {
-        if own.displaced {
-            return Err(self.in_use());
+        let reclaiming = own.displaced.is_some();
+        if reclaiming {
+            self.reclaim(own).await?;
         }
         for _ in 0..CAS_ATTEMPTS {
             let mut lease = own.lease.clone();
@@ -266,6 +276,13 @@ impl MemberLease {
             match self.write(&lease).await {
                 Ok(written) => {
                     own.lease = written;
+                    if reclaiming {
+                        tracing::info!(
+                            lease = %self.name,
+                            identity = %self.identity,
+                            "balancing membership taken back: the other process's lease expired or is gone"
+                        );
+                    }
                     return Ok(());
                 }
                 Err(StoreError::Kubernetes(KubernetesError::Conflict { .. })) => {}
@@ -277,8 +294,14 @@ impl MemberLease {
             }
             match self.read().await? {
                 Some(current) if self.is_ours(own, &current) => own.lease = current,
-                Some(_) => {
-                    own.displaced = true;
+                Some(current) => {
+                    tracing::warn!(
+                        lease = %self.name,
+                        identity = %self.identity,
+                        "balancing membership taken over by another process; \
+                         renewals pause until its lease expires"
+                    );
+                    own.displaced = Some(Seen::observe(None, current));
                     return Err(self.in_use());
                 }
                 None => own.lease.metadata.resource_version = None,
@@ -291,6 +314,29 @@ impl MemberLease {
         .into())
     }
 
+    /// While displaced: read the other process's record again and refuse ([`Self::in_use`])
+    /// while it is live. Once it may be taken over (or is gone), make `own` a fresh record of
+    /// this process, with its announced elections, to be written on the version just read.
+    async fn reclaim(&self, own: &mut Own) -> Result<(), StoreError> {
+        let version = match self.read().await? {
+            None => None,
+            Some(current) => {
+                let seen = Seen::observe(own.displaced.as_ref(), current);
+                if !self.may_take(&seen, Instant::now()) {
+                    own.displaced = Some(seen);
+                    return Err(self.in_use());
+                }
+                seen.lease.metadata.resource_version
+            }
+        };
+        let mut fresh = self.record(now_micro());
+        fresh.metadata.annotations = own.lease.metadata.annotations.take();
+        fresh.metadata.resource_version = version;
+        own.lease = fresh;
+        own.displaced = None;
+        Ok(())
+    }
+
     /// Delete our Lease, conditioned on the version last written; after a conflict (a renewal
     /// cut off by the abort may have landed), re-read and delete again while the record is ours.
     async fn delete(&self, own: &mut Own) -> Result<(), StoreError> {
@@ -298,7 +344,7 @@ impl MemberLease {
             let Some(version) = own.lease.metadata.resource_version.clone() else {
                 return Ok(());
             };
-            if own.displaced {
+            if own.displaced.is_some() {
                 return Ok(());
             }
             let params = DeleteParams {
@@ -346,19 +392,15 @@ impl MemberLease {
         .into()
     }
 
-    /// Renew every retry period until aborted or displaced. A failure is logged and the next
+    /// Renew every retry period until aborted; while displaced, look at the other process's
+    /// record instead, and take the Lease back once it expires. A failure is logged and the next
     /// period tries again: the Lease expires only if renewals fail for a whole lease.
     async fn keep_alive(self, own: Arc<Mutex<Own>>) {
         loop {
             sleep(self.timing.retry_period).await;
             let mut own = own.lock().await;
-            match self.renew(&mut own, None).await {
-                Ok(()) => {}
-                Err(error) if own.displaced => {
-                    tracing::warn!(%error, "balancing membership taken over; renewals stop");
-                    return;
-                }
-                Err(error) => tracing::debug!(%error, "member lease renewal failed"),
+            if let Err(error) = self.renew(&mut own, None).await {
+                tracing::debug!(%error, "member lease renewal failed");
             }
         }
     }
@@ -368,7 +410,7 @@ impl MemberLease {
 pub(super) struct LeaseMembership {
     lease: MemberLease,
     own: Arc<Mutex<Own>>,
-    /// Renews the Lease; aborted on leave and on drop.
+    /// Renews the Lease (or waits to take it back); aborted on leave and on drop.
     renewer: JoinHandle<()>,
     /// The group's Leases by name, each with when this process first saw it as it is.
     members: BTreeMap<String, Seen>,
@@ -384,7 +426,7 @@ impl LeaseMembership {
         let written = lease.join().await?;
         let own = Arc::new(Mutex::new(Own {
             lease: written,
-            displaced: false,
+            displaced: None,
         }));
         let renewer = tokio::spawn(lease.clone().keep_alive(own.clone()));
         Ok(LeaseMembership {
