@@ -385,7 +385,8 @@ impl Suite {
 
     /// A member dropped without `leave` (as when its process dies) stays listed while it lives,
     /// through a whole lease, and drops out after: at once where the store sees the death (a
-    /// file lock), else once its lease expires.
+    /// file lock), else once its lease expires. Enrolled again (a restart), it is listed only
+    /// once it announces.
     pub async fn a_dropped_member_drops_out(&self) {
         let g = self.group("members-crash");
         let mut a = self.enroll(&g, "a").await;
@@ -402,13 +403,22 @@ impl Suite {
         );
         drop(a);
         let within = self.timing.lease_duration + PROMPTLY;
-        until_members(
-            &mut *b,
-            &[member("b", &["e1"])],
-            within,
-            "b after a vanished",
-        )
-        .await;
+        let alone = [member("b", &["e1"])];
+        until_members(&mut *b, &alone, within, "b after a vanished").await;
+        // a restarts: enrolled again, it is not listed with what it announced before.
+        let mut again = self.enroll(&g, "a").await;
+        let now = timeout(PROMPTLY, again.changed(&[member("nobody", &[])]))
+            .await
+            .expect("changed answers at once when the members differ")
+            .expect("changed");
+        assert_eq!(
+            now, alone,
+            "a restarted member is listed before it announced"
+        );
+        announce(&mut *again, &["e2"]).await;
+        let back = [member("a", &["e2"]), member("b", &["e1"])];
+        until_members(&mut *b, &back, PROMPTLY, "b after a restarted").await;
+        again.leave().await.expect("leave");
         b.leave().await.expect("leave");
     }
 
