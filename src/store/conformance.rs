@@ -2,15 +2,17 @@
 //! `Suite::test_all`): the memory and file stores in unit tests, etcd and Kubernetes in
 //! integration tests against real (or, for Kubernetes, test-double) servers.
 //!
-//! Each check uses fresh election names, so one store instance can run them all. A failed check
-//! panics with a message saying which behaviour broke.
+//! Two contracts are checked: elections (`join` and the [`Candidate`]) and balancing groups
+//! (`enroll` and the [`Membership`]). Each check uses fresh election or group names, so one
+//! store instance can run them all. A failed check panics with a message saying which behaviour
+//! broke.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, sleep, timeout};
 
-use super::{Acquired, Candidate, ErrorKind, Holding, Observation, Store};
-use crate::timing::Timing;
+use super::{Acquired, Candidate, ErrorKind, Holding, Membership, Observation, Store};
+use crate::{balance::Member, timing::Timing};
 
 /// The suite over one store.
 pub struct Suite {
@@ -23,8 +25,12 @@ pub struct Suite {
 /// How long a candidate that should win may take: generous, since this is a liveness check on
 /// a possibly loaded machine (latency is measured by the benchmarks, not here).
 const PROMPTLY: Duration = Duration::from_secs(10);
-/// How long a candidate that must not win is given to (wrongly) win.
+/// How long a candidate that must not win is given to (wrongly) win, and a member list that
+/// must not change is given to (wrongly) change.
 const QUIET: Duration = Duration::from_millis(300);
+/// A member lease far longer than [`PROMPTLY`]: a member seen gone within `PROMPTLY` was not
+/// gone by expiry.
+const LONG_LEASE: Duration = Duration::from_secs(60);
 
 impl Suite {
     /// A suite over `store` with `timing`. Use a short lease: the crash check waits for one.
@@ -36,8 +42,14 @@ impl Suite {
         }
     }
 
-    /// Run every check.
+    /// Run every check: elections, then balancing groups.
     pub async fn test_all(&self) {
+        self.test_elections().await;
+        self.test_membership().await;
+    }
+
+    /// Run every check of elections ([`Store::join`], [`Candidate`]).
+    pub async fn test_elections(&self) {
         self.one_holder_and_followers_see_it().await;
         self.release_hands_over_with_a_greater_term().await;
         self.terms_only_grow().await;
@@ -49,14 +61,48 @@ impl Suite {
         self.crashed_holder_is_replaced().await;
     }
 
+    /// Run every check of balancing groups ([`Store::enroll`], [`Membership`]).
+    pub async fn test_membership(&self) {
+        self.announced_members_see_each_other_in_order().await;
+        self.a_new_announce_is_seen().await;
+        self.a_leave_is_seen_promptly().await;
+        self.a_dropped_member_drops_out().await;
+        self.one_identity_is_one_live_member().await;
+        self.cancelled_changed_misses_nothing().await;
+    }
+
     fn election(&self, check: &str) -> String {
         format!("{}{check}", self.prefix)
+    }
+
+    /// A fresh group name. Made like an election name (the prefix, lowercase letters, digits
+    /// and `-`, as `balance::group_name`'s `b-` and hex digits are), it is valid in every store:
+    /// a directory name, an etcd key segment, a Lease name part and a label value.
+    fn group(&self, check: &str) -> String {
+        self.election(check)
     }
 
     async fn join(&self, election: &str, identity: &str) -> Box<dyn Candidate> {
         match self.store.join(election, identity, self.timing).await {
             Ok(candidate) => candidate,
             Err(e) => panic!("{identity} cannot join {election}: {e}"),
+        }
+    }
+
+    async fn enroll(&self, group: &str, identity: &str) -> Box<dyn Membership> {
+        self.enroll_with(group, identity, self.timing).await
+    }
+
+    async fn enroll_with(
+        &self,
+        group: &str,
+        identity: &str,
+        timing: Timing,
+    ) -> Box<dyn Membership> {
+        match timeout(PROMPTLY, self.store.enroll(group, identity, timing)).await {
+            Ok(Ok(membership)) => membership,
+            Ok(Err(e)) => panic!("{identity} cannot enroll in {group}: {e}"),
+            Err(_) => panic!("{identity} not enrolled in {group} within {PROMPTLY:?}"),
         }
     }
 
@@ -266,6 +312,207 @@ impl Suite {
         b.release(None).await.expect("release");
     }
 
+    /// One member lists the others (itself included) and what each announced; an unannounced
+    /// member is not listed. Enrolled out of identity order, so a listing in enrollment order
+    /// shows.
+    pub async fn announced_members_see_each_other_in_order(&self) {
+        let g = self.group("members");
+        let mut b = self.enroll(&g, "b").await;
+        let mut c = self.enroll(&g, "c").await;
+        let mut a = self.enroll(&g, "a").await;
+        let none = timeout(PROMPTLY, c.changed(&[member("nobody", &[])]))
+            .await
+            .expect("changed answers at once when the members differ")
+            .expect("changed");
+        assert_eq!(
+            none,
+            [],
+            "enrolled members that did not announce are listed"
+        );
+        announce(&mut *b, &["e2"]).await;
+        announce(&mut *a, &["e1", "e2"]).await;
+        let both = [member("a", &["e1", "e2"]), member("b", &["e2"])];
+        until_members(&mut *a, &both, PROMPTLY, "a").await;
+        until_members(&mut *b, &both, PROMPTLY, "b").await;
+        until_members(&mut *c, &both, PROMPTLY, "c, which did not announce").await;
+        members_stay(&mut *c, &both, "c, which did not announce").await;
+        for mut m in [a, b, c] {
+            m.leave().await.expect("leave");
+        }
+    }
+
+    /// An announce replaces the member's record, down to an empty set (a member that may lead
+    /// nothing now is still a member); the others see each one.
+    pub async fn a_new_announce_is_seen(&self) {
+        let g = self.group("members-announce");
+        let mut a = self.enroll(&g, "a").await;
+        let mut b = self.enroll(&g, "b").await;
+        announce(&mut *b, &["e1"]).await;
+        for names in [&["e1"][..], &["e1", "e2"], &["e2"], &[]] {
+            announce(&mut *a, names).await;
+            let want = [member("a", names), member("b", &["e1"])];
+            until_members(&mut *b, &want, PROMPTLY, "b after a announced again").await;
+        }
+        a.leave().await.expect("leave");
+        b.leave().await.expect("leave");
+    }
+
+    /// A member that leaves is seen gone by a member waiting for a change, long before its
+    /// lease could have expired.
+    pub async fn a_leave_is_seen_promptly(&self) {
+        let g = self.group("members-leave");
+        let timing = Timing {
+            lease_duration: LONG_LEASE,
+            ..self.timing
+        };
+        let mut a = self.enroll_with(&g, "a", timing).await;
+        let mut b = self.enroll_with(&g, "b", timing).await;
+        announce(&mut *a, &["e1"]).await;
+        announce(&mut *b, &["e1"]).await;
+        let both = [member("a", &["e1"]), member("b", &["e1"])];
+        until_members(&mut *b, &both, PROMPTLY, "b").await;
+        let alone = [member("b", &["e1"])];
+        let ((), left) = tokio::join!(
+            until_members(&mut *b, &alone, PROMPTLY, "b after a left"),
+            async {
+                sleep(QUIET).await;
+                a.leave().await
+            }
+        );
+        left.expect("a leaves");
+        b.leave().await.expect("leave");
+    }
+
+    /// A member dropped without `leave` (as when its process dies) stays listed while it lives,
+    /// through a whole lease, and drops out after: at once where the store sees the death (a
+    /// file lock), else once its lease expires. Enrolled again (a restart), it is listed only
+    /// once it announces.
+    pub async fn a_dropped_member_drops_out(&self) {
+        let g = self.group("members-crash");
+        let mut a = self.enroll(&g, "a").await;
+        let mut b = self.enroll(&g, "b").await;
+        announce(&mut *a, &["e1"]).await;
+        announce(&mut *b, &["e1"]).await;
+        let both = [member("a", &["e1"]), member("b", &["e1"])];
+        until_members(&mut *b, &both, PROMPTLY, "b").await;
+        let alive = self.timing.lease_duration + QUIET;
+        let stayed = timeout(alive, b.changed(&both)).await;
+        assert!(
+            stayed.is_err(),
+            "a live member must stay listed through {alive:?}, kept alive by the store: {stayed:?}"
+        );
+        drop(a);
+        let within = self.timing.lease_duration + PROMPTLY;
+        let alone = [member("b", &["e1"])];
+        until_members(&mut *b, &alone, within, "b after a vanished").await;
+        // a restarts: enrolled again, it is not listed with what it announced before.
+        let mut again = self.enroll(&g, "a").await;
+        let now = timeout(PROMPTLY, again.changed(&[member("nobody", &[])]))
+            .await
+            .expect("changed answers at once when the members differ")
+            .expect("changed");
+        assert_eq!(
+            now, alone,
+            "a restarted member is listed before it announced"
+        );
+        announce(&mut *again, &["e2"]).await;
+        let back = [member("a", &["e2"]), member("b", &["e1"])];
+        until_members(&mut *b, &back, PROMPTLY, "b after a restarted").await;
+        again.leave().await.expect("leave");
+        b.leave().await.expect("leave");
+    }
+
+    /// A second live enrollment of one identity in one group is refused, with an error naming
+    /// both, and leaves the first as it was. Once the first left, the identity enrolls again,
+    /// and the first's late drop does not touch the new membership.
+    pub async fn one_identity_is_one_live_member(&self) {
+        let g = self.group("members-twin");
+        let mut twin = self.enroll(&g, "twin").await;
+        let mut other = self.enroll(&g, "other").await;
+        announce(&mut *twin, &["e1"]).await;
+        announce(&mut *other, &["e1"]).await;
+        let both = [member("other", &["e1"]), member("twin", &["e1"])];
+        until_members(&mut *other, &both, PROMPTLY, "other").await;
+        let second = timeout(PROMPTLY, self.store.enroll(&g, "twin", self.timing))
+            .await
+            .expect("a second enrollment of a live identity is answered within PROMPTLY");
+        match second {
+            Ok(_) => panic!("a second live enrollment of twin in {g} must be refused"),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("twin") && text.contains(&g),
+                    "the refusal names the identity and the group: {text}"
+                );
+            }
+        }
+        members_stay(&mut *other, &both, "other after twin was refused").await;
+
+        twin.leave().await.expect("twin leaves");
+        let mut again = self.enroll(&g, "twin").await;
+        let alone = [member("other", &["e1"])];
+        until_members(
+            &mut *other,
+            &alone,
+            PROMPTLY,
+            "other before twin announced again",
+        )
+        .await;
+        announce(&mut *again, &["e2"]).await;
+        let back = [member("other", &["e1"]), member("twin", &["e2"])];
+        until_members(
+            &mut *other,
+            &back,
+            PROMPTLY,
+            "other after twin enrolled again",
+        )
+        .await;
+        drop(twin);
+        members_stay(&mut *other, &back, "other after the first twin was dropped").await;
+        again.leave().await.expect("leave");
+        other.leave().await.expect("leave");
+    }
+
+    /// `changed` calls dropped while they wait cost nothing: the next call still reports a
+    /// change. Some calls are dropped while a change lands (woken, their notification taken,
+    /// their read cut off); when that happens depends on the scheduler, so it is tried in
+    /// several rounds.
+    pub async fn cancelled_changed_misses_nothing(&self) {
+        let g = self.group("members-cancel");
+        let mut a = self.enroll(&g, "a").await;
+        let mut b = self.enroll(&g, "b").await;
+        announce(&mut *a, &["e1"]).await;
+        announce(&mut *b, &["e1"]).await;
+        let mut seen = vec![member("a", &["e1"]), member("b", &["e1"])];
+        until_members(&mut *b, &seen, PROMPTLY, "b").await;
+        members_stay(&mut *b, &seen, "b, its call dropped").await;
+        for names in [&["e2"][..], &["e1", "e2"], &["e1"]] {
+            let later = eligible(names);
+            let mut pending = b.changed(&seen);
+            if let Ok(early) = timeout(QUIET, &mut pending).await {
+                panic!("changed reported {early:?} though nothing changed");
+            }
+            // Drop the waiting call as soon as a's announce returns.
+            let raced = tokio::select! {
+                biased;
+                announced = a.announce(&later) => Some(announced),
+                _ = &mut pending => None,
+            };
+            drop(pending);
+            match raced {
+                Some(announced) => announced.expect("announce"),
+                // The call finished first and cut the announce off: announce again.
+                None => a.announce(&later).await.expect("announce"),
+            }
+            seen = vec![member("a", names), member("b", &["e1"])];
+            let what =
+                format!("b after its call waiting for a's announce of {names:?} was dropped");
+            until_members(&mut *b, &seen, PROMPTLY, &what).await;
+        }
+        a.leave().await.expect("leave");
+        b.leave().await.expect("leave");
+    }
+
     /// With the election's last term at the largest the store can record (`max_out` forges it,
     /// as only the store's own tests know how), a candidate is refused as invalid data instead
     /// of being handed a term that is not greater. Not in [`Suite::test_all`] for that reason.
@@ -286,5 +533,53 @@ impl Suite {
         .await
         .expect("a campaign on an exhausted term is refused promptly");
         assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
+    }
+}
+
+fn eligible(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+fn member(identity: &str, names: &[&str]) -> Member {
+    Member {
+        identity: identity.to_owned(),
+        eligible: eligible(names),
+    }
+}
+
+async fn announce(m: &mut dyn Membership, names: &[&str]) {
+    let set = eligible(names);
+    if let Err(e) = timeout(PROMPTLY, m.announce(&set))
+        .await
+        .expect("announce answers within PROMPTLY")
+    {
+        panic!("announce {names:?}: {e}");
+    }
+}
+
+/// Call `changed` until it reports `want`; panics, with what it last saw, if that takes longer
+/// than `within`.
+async fn until_members(m: &mut dyn Membership, want: &[Member], within: Duration, what: &str) {
+    let mut seen = Vec::new();
+    let reached = timeout(within, async {
+        while seen != want {
+            match m.changed(&seen).await {
+                Ok(now) => seen = now,
+                Err(e) => panic!("{what}: changed failed: {e}"),
+            }
+        }
+    })
+    .await;
+    if reached.is_err() {
+        panic!("{what}: members not {want:?} within {within:?}; last saw {seen:?}");
+    }
+}
+
+/// Call `changed` for `QUIET`; panics if it reports anything but `seen`.
+async fn members_stay(m: &mut dyn Membership, seen: &[Member], what: &str) {
+    match timeout(QUIET, m.changed(seen)).await {
+        Err(_) => {}
+        Ok(Ok(now)) => panic!("{what}: members changed from {seen:?} to {now:?}"),
+        Ok(Err(e)) => panic!("{what}: changed failed: {e}"),
     }
 }

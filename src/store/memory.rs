@@ -35,13 +35,24 @@ pub enum MemoryError {
         /// The election.
         election: String,
     },
+    /// Another live membership of the group has this identity.
+    #[error("identity {identity:?} is already a live member of balancing group {group}")]
+    MemberInUse {
+        /// The group.
+        group: String,
+        /// The identity in use.
+        identity: String,
+    },
 }
 
 impl MemoryError {
-    /// A partition is a reachability failure; an exhausted term needs a person.
+    /// A partition, like a live duplicate member, is a refusal to retry; an exhausted term
+    /// needs a person.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            MemoryError::Partitioned { .. } => ErrorKind::Unavailable,
+            MemoryError::Partitioned { .. } | MemoryError::MemberInUse { .. } => {
+                ErrorKind::Unavailable
+            }
             MemoryError::TermAtMaximum { .. } => ErrorKind::Invalid,
         }
     }
@@ -198,16 +209,25 @@ impl Store for MemoryStore {
         identity: &str,
         _timing: Timing,
     ) -> Result<Box<dyn Membership>, StoreError> {
-        self.lock()
-            .groups
-            .entry(group.to_owned())
-            .or_default()
-            .insert(identity.to_owned(), None);
+        let mut state = self.lock();
+        let members = state.groups.entry(group.to_owned()).or_default();
+        // A second live membership of one identity would overwrite the first's record, and
+        // the first's leave would end both.
+        if members.contains_key(identity) {
+            return Err(MemoryError::MemberInUse {
+                group: group.to_owned(),
+                identity: identity.to_owned(),
+            }
+            .into());
+        }
+        members.insert(identity.to_owned(), None);
+        drop(state);
         self.shared.changed.send_modify(|v| *v += 1);
         Ok(Box::new(MemoryMembership {
             store: self.clone(),
             group: group.to_owned(),
             identity: identity.to_owned(),
+            live: true,
         }))
     }
 
@@ -221,6 +241,9 @@ struct MemoryMembership {
     store: MemoryStore,
     group: String,
     identity: String,
+    /// Cleared by `leave`: from then on this membership writes nothing, so that neither a late
+    /// announce nor its drop touches a later membership of the same identity.
+    live: bool,
 }
 
 impl MemoryMembership {
@@ -238,6 +261,9 @@ impl MemoryMembership {
     }
 
     fn set(&self, record: Option<Option<BTreeSet<String>>>) {
+        if !self.live {
+            return;
+        }
         let mut state = self.store.lock();
         let group = state.groups.entry(self.group.clone()).or_default();
         match record {
@@ -269,6 +295,7 @@ impl Membership for MemoryMembership {
 
     async fn leave(&mut self) -> Result<(), StoreError> {
         self.set(None);
+        self.live = false;
         Ok(())
     }
 }

@@ -76,7 +76,7 @@ pub enum FileError {
     /// The state file could not be read or replaced.
     #[error("cannot {op} state file {path}: {source}")]
     State {
-        /// `read` or `write`.
+        /// `read`, `write` or `remove`.
         op: &'static str,
         /// The state file.
         path: PathBuf,

@@ -125,8 +125,10 @@ impl FileMembership {
             }
             Err(e) => return Err(lock_error(e.into())),
         }
+        let group = Group { dir, stem };
+        group.remove_stale_record()?;
         Ok(FileMembership {
-            group: Group { dir, stem },
+            group,
             identity: identity.to_owned(),
             lock: Some(lock),
             events,
@@ -223,6 +225,21 @@ impl FileMembership {
 impl Group {
     fn record_path(&self) -> PathBuf {
         self.dir.join(format!("{}.member", self.stem))
+    }
+
+    /// Remove the record a dead process of this identity left (its lock went with it, its
+    /// record did not): until this member announces, it is not listed. Called with the member
+    /// lock held, so no live process owns that record.
+    fn remove_stale_record(&self) -> Result<(), FileError> {
+        let path = self.record_path();
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(FileError::State {
+                op: "remove",
+                path,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Replace this member's record atomically (write beside it, then rename).
