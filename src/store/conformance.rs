@@ -358,7 +358,7 @@ impl Suite {
     }
 
     /// A member that leaves is seen gone by a member waiting for a change, long before its
-    /// lease could have expired.
+    /// lease could have expired, and stays gone.
     pub async fn a_leave_is_seen_promptly(&self) {
         let g = self.group("members-leave");
         let timing = Timing {
@@ -380,6 +380,13 @@ impl Suite {
             }
         );
         left.expect("a leaves");
+        // Left for good: a late announce of the left membership writes nothing.
+        announce(&mut *a, &["e2"]).await;
+        let back = timeout(QUIET, b.changed(&alone)).await;
+        assert!(
+            back.is_err(),
+            "a member that left is listed again: {back:?}"
+        );
         b.leave().await.expect("leave");
     }
 

@@ -418,6 +418,8 @@ pub(super) struct LeaseMembership {
     watch: Option<OpenWatch>,
     /// `members` may be out of date: list before trusting it.
     stale: bool,
+    /// Set by `leave` (even one that failed): nothing is written any more.
+    left: bool,
 }
 
 impl LeaseMembership {
@@ -437,6 +439,7 @@ impl LeaseMembership {
             resume_from: None,
             watch: None,
             stale: true,
+            left: false,
         })
     }
 
@@ -544,7 +547,12 @@ impl Drop for LeaseMembership {
 
 #[async_trait::async_trait]
 impl Membership for LeaseMembership {
+    /// After [`Membership::leave`], writes nothing: a renewal would create the Lease again and
+    /// list the member until it expired.
     async fn announce(&mut self, eligible: &BTreeSet<String>) -> Result<(), StoreError> {
+        if self.left {
+            return Ok(());
+        }
         let mut own = self.own.lock().await;
         self.lease.renew(&mut own, Some(eligible)).await
     }
@@ -565,6 +573,7 @@ impl Membership for LeaseMembership {
     async fn leave(&mut self) -> Result<(), StoreError> {
         // A renewal in flight may finish first (cut off, the API server would log a 5xx
         // "context canceled"), within half the renew deadline; then renewals stop.
+        self.left = true;
         let budget = self.lease.timing.renew_deadline / 2;
         let own = timeout(budget, self.own.lock()).await;
         self.renewer.abort();
