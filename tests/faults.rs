@@ -77,7 +77,6 @@ const LEASE: Duration = Duration::from_secs(3);
 const IDS: [&str; 3] = ["a", "b", "c"];
 /// The Kubernetes namespace of the Lease.
 const K8S_NS: &str = "faults";
-const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// The store's address inside the test network; daemon `i` has `10.77.0.{i + 2}`.
 const STORE_IP: &str = "10.77.0.1";
 
@@ -403,11 +402,8 @@ fn ms(ns: i128) -> f64 {
 
 impl Suite {
     fn new(store: Store) -> Suite {
-        assert!(
-            Path::new(FAKETIME_LIB).is_file(),
-            "the clock-jump fault needs libfaketime at {FAKETIME_LIB} (Debian: apt-get install \
-             faketime; scripts/test-all.sh installs it)"
-        );
+        // Before any server starts: the clock-jump fault needs libfaketime.
+        testkit::faketime_lib();
         let scratch = tempfile::tempdir().expect("scratch dir");
         let replicas = IDS
             .iter()
@@ -477,7 +473,7 @@ impl Suite {
         };
         let replica = &self.replicas[i];
         command
-            .env("LD_PRELOAD", FAKETIME_LIB)
+            .env("LD_PRELOAD", testkit::faketime_lib())
             .env("FAKETIME_TIMESTAMP_FILE", &replica.clock)
             .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
             .env("FAKETIME_CACHE_DURATION", "1");
@@ -986,7 +982,7 @@ impl Suite {
         for (i, sign) in [(leader, 1), (follower, -1)] {
             let out = Command::new("date")
                 .arg("+%s")
-                .env("LD_PRELOAD", FAKETIME_LIB)
+                .env("LD_PRELOAD", testkit::faketime_lib())
                 .env("FAKETIME_TIMESTAMP_FILE", &self.replicas[i].clock)
                 .env("FAKETIME_NO_CACHE", "1")
                 .output()

@@ -681,20 +681,6 @@ async fn a_leader_refused_by_rbac_steps_down_before_its_lease_can_expire() {
     a.wait_role(e, Role::Unknown).await;
 }
 
-/// `faketime`, or a failure saying how to install it.
-fn faketime() -> Command {
-    let found = Command::new("faketime")
-        .args(["-f", "+0", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "this test needs libfaketime's `faketime` (Debian: apt-get install faketime; \
-         scripts/test-all.sh installs it)"
-    );
-    Command::new("faketime")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_an_hour_ahead_never_takes_a_live_lease() {
     let e = "skew";
@@ -703,9 +689,10 @@ async fn a_replica_an_hour_ahead_never_takes_a_live_lease() {
     a.wait_role(e, Role::Leader).await;
 
     let (token_b, kubeconfig_b) = cluster.account("b", true);
-    let mut ahead = faketime();
+    let mut ahead = testkit::baton();
     ahead
-        .args(["-f", "+1h", env!("CARGO_BIN_EXE_baton")])
+        .env("LD_PRELOAD", testkit::faketime_lib())
+        .env("FAKETIME", "+1h")
         .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
         .env("KUBECONFIG", &kubeconfig_b);
     let b = Daemon::start_command("b", ahead, &args(e, &[]));

@@ -16,7 +16,7 @@ pub mod scenario;
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Condvar, Mutex},
     thread,
@@ -206,6 +206,26 @@ pub fn baton_exe() -> PathBuf {
         exe.display()
     );
     exe
+}
+
+/// libfaketime's preload library (Debian's multiarch path), or a failure saying how to install
+/// it. Tests preload it into the process they start (`LD_PRELOAD`, `FAKETIME`) rather than run
+/// the `faketime` wrapper: the wrapper keeps files in /dev/shm named by its pid, which a killed
+/// wrapper leaves behind, and a later wrapper that gets the same pid then fails to start.
+pub fn faketime_lib() -> PathBuf {
+    let under = |dir: &Path| dir.join("faketime").join("libfaketime.so.1");
+    let multiarch = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| under(&entry.path()));
+    std::iter::once(under(Path::new("/usr/lib")))
+        .chain(multiarch)
+        .find(|lib| lib.is_file())
+        .expect(
+            "this test needs libfaketime (Debian: apt-get install faketime; scripts/test-all.sh \
+             installs it)",
+        )
 }
 
 /// The `baton` binary under test, as a command.
