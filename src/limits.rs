@@ -22,9 +22,12 @@ use tokio::{
 };
 use tonic::transport::server::Connected;
 
-/// Descriptors kept for everything but the listeners' connections: stores, lock files,
-/// inotify, logs, the runtime.
+/// Descriptors kept for everything but the listeners' connections and the elections: store
+/// connections, inotify, logs, the runtime.
 const RESERVED: u64 = 128;
+/// Descriptors kept for each election: the file store's open lock file and a state file being
+/// read or replaced.
+const PER_ELECTION: u64 = 2;
 /// The most connections on the gRPC listener (workers, `baton status`, port-forwards).
 const API_MAX: usize = 4096;
 /// The most connections on the health and the metrics listener (probes, scrapers).
@@ -42,17 +45,18 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// Caps that fit under this process's soft `RLIMIT_NOFILE`.
-    pub fn from_descriptor_limit() -> Caps {
+    /// Caps that fit under this process's soft `RLIMIT_NOFILE` beside `elections` elections.
+    pub fn from_descriptor_limit(elections: usize) -> Caps {
         let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
-        Caps::for_limit(soft)
+        Caps::for_limit(soft, elections)
     }
 
-    /// Caps for a descriptor limit of `soft`: half of what is not reserved for the gRPC
-    /// listener, an eighth each for the probe listeners, at least one each.
-    pub fn for_limit(soft: u64) -> Caps {
-        let spare = usize::try_from(soft.saturating_sub(RESERVED)).unwrap_or(usize::MAX);
+    /// Caps for a descriptor limit of `soft` and `elections` elections: half of what is not
+    /// reserved for the gRPC listener, an eighth each for the probe listeners, at least one each.
+    pub fn for_limit(soft: u64, elections: usize) -> Caps {
+        let reserved = RESERVED.saturating_add(PER_ELECTION.saturating_mul(elections as u64));
+        let spare = usize::try_from(soft.saturating_sub(reserved)).unwrap_or(usize::MAX);
         Caps {
             api: (spare / 2).clamp(1, API_MAX),
             health: (spare / 8).clamp(1, PROBE_MAX),
@@ -220,13 +224,18 @@ mod tests {
 
     #[test]
     fn caps_stay_under_the_descriptor_limit() {
-        let low = Caps::for_limit(256);
+        let low = Caps::for_limit(256, 0);
         assert_eq!((low.api, low.health, low.metrics), (64, 16, 16));
         assert!(((low.api + low.health + low.metrics) as u64) < 256 - RESERVED);
-        let high = Caps::for_limit(1 << 20);
+        let high = Caps::for_limit(1 << 20, 0);
         assert_eq!((high.api, high.health, high.metrics), (4096, 64, 64));
-        let none = Caps::for_limit(64);
+        let none = Caps::for_limit(64, 0);
         assert_eq!((none.api, none.health, none.metrics), (1, 1, 1));
+        // 300 elections under the common default of 1024: their files are left room.
+        let many = Caps::for_limit(1024, 300);
+        assert_eq!((many.api, many.health, many.metrics), (148, 37, 37));
+        let used = (many.api + many.health + many.metrics) as u64;
+        assert!(used + RESERVED + 300 * PER_ELECTION <= 1024);
     }
 
     #[tokio::test]

@@ -195,7 +195,14 @@ pub async fn run_with_store(
         elections.running.balancer = Some(balancer);
     }
     let (local, tls) = (api.local.clone(), api.tls);
-    let servers = Servers::start(api, side, leadership, &health.service, metrics);
+    let servers = Servers::start(
+        api,
+        side,
+        leadership,
+        &health.service,
+        metrics,
+        config.elections.len(),
+    );
     let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         listen = %local,

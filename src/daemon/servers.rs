@@ -144,15 +144,16 @@ pub(super) struct Servers {
 
 impl Servers {
     /// Start serving `leadership` and `health` on the API listener, the probe server and the
-    /// metrics endpoint.
+    /// metrics endpoint, with connection caps that leave descriptors for `elections` elections.
     pub(super) fn start(
         api: Api,
         side: SideListeners,
         leadership: LeadershipService,
         health: &HealthGrpc,
         metrics: Option<Arc<Metrics>>,
+        elections: usize,
     ) -> Servers {
-        let caps = Caps::from_descriptor_limit();
+        let caps = Caps::from_descriptor_limit(elections);
         let stop = CancellationToken::new();
         let router = api
             .router

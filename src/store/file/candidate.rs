@@ -10,12 +10,11 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use inotify::{EventMask, EventStream};
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
 use super::error::FileError;
 use super::record::{StateRecord, boot_time};
+use super::watch::Wake;
 use super::{LOCK_HEADER, STATE_MAX_BYTES, TERM_RECORD, open_private};
 use crate::store::{Acquired, Candidate, Holding, Observation, StoreError};
 use crate::timing::Timing;
@@ -23,8 +22,6 @@ use crate::timing::Timing;
 pub(super) struct FileCandidate {
     pub(super) lock_path: PathBuf,
     pub(super) state_path: PathBuf,
-    pub(super) lock_name: String,
-    pub(super) state_name: String,
     pub(super) identity: String,
     pub(super) timing: Timing,
     pub(super) crash_grace: Duration,
@@ -41,7 +38,8 @@ pub(super) struct FileCandidate {
     /// The successor reservation last seen (successor, until) and when we first saw it: it
     /// holds us back for at most one lease from then, whatever its recorded end.
     pub(super) reservation: Option<((String, u64), Instant)>,
-    pub(super) events: EventStream<Vec<u8>>,
+    /// Woken by the store's watch of the lock directory when this election's files change.
+    pub(super) wake: Wake,
 }
 
 impl FileCandidate {
@@ -225,39 +223,16 @@ impl FileCandidate {
         }
     }
 
-    /// Close our lock file: unlocks it and wakes every follower's inotify watch.
+    /// Close our lock file: unlocks it and wakes every follower through its inotify watch.
     pub(super) fn close_lock(&mut self) {
         self.lock = None;
         self.held = None;
         self.announce_at = None;
     }
 
-    /// Wait for a notification about this election, or `at_most`.
+    /// Wait for a change to this election's files since the last look, or `at_most`.
     pub(super) async fn wait(&mut self, at_most: Duration) {
-        let deadline = sleep(at_most);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => return,
-                event = self.events.next() => match event {
-                    Some(Ok(event)) => {
-                        let name = event.name.as_deref().and_then(|n| n.to_str());
-                        let lock_closed = name == Some(self.lock_name.as_str())
-                            && event.mask.intersects(EventMask::CLOSE_WRITE | EventMask::CLOSE_NOWRITE);
-                        let state_replaced = name == Some(self.state_name.as_str())
-                            && event.mask.contains(EventMask::MOVED_TO);
-                        if lock_closed || state_replaced || event.mask.contains(EventMask::Q_OVERFLOW) {
-                            return;
-                        }
-                    }
-                    // A read error or the end of the stream: fall back to the timed re-check.
-                    Some(Err(_)) | None => {
-                        deadline.as_mut().await;
-                        return;
-                    }
-                },
-            }
-        }
+        let _ = tokio::time::timeout(at_most, self.wake.changed()).await;
     }
 
     /// How long `state` still reserves the election for a successor other than us: at most one
@@ -297,6 +272,7 @@ impl FileCandidate {
         campaign: bool,
     ) -> Result<Acquired, FileError> {
         loop {
+            self.wake.mark_seen();
             let state = self.read_state().await?;
             let reserved = self.reserved(&state);
             // Not campaigning, we still take the lock for an instant when the record names a

@@ -11,7 +11,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use inotify::{Inotify, WatchMask};
 
 use super::{Candidate, Membership, Store, StoreError};
 use crate::timing::Timing;
@@ -22,6 +21,7 @@ mod membership;
 mod record;
 #[cfg(test)]
 mod tests;
+mod watch;
 
 use candidate::FileCandidate;
 pub use error::FileError;
@@ -63,11 +63,11 @@ pub fn default_lock_dir() -> PathBuf {
 ///             holding, and a stale copy after a power loss is rewritten by the next holder.
 /// ```
 ///
-/// Followers do not poll and do not block a thread in `flock`: they watch `D` with inotify. The
-/// kernel reports a close of `E.lock` (the leader released, or its process died and the kernel
+/// Followers do not poll and do not block a thread in `flock`: they watch `D` with inotify, one
+/// watch per store for all its elections. The kernel reports a close of `E.lock` (the leader released, or its process died and the kernel
 /// closed its files) and a rename onto `E.state` (a new holder wrote its record); each wakes the
-/// followers, which try the lock without blocking. A slow re-check every retry period guards
-/// against a lost notification (inotify queue overflow).
+/// followers, which try the lock without blocking. A queue overflow wakes every election, and a
+/// slow re-check every retry period guards against a watch that failed.
 ///
 /// A holder that died without releasing (its process killed) is replaced at once, with one
 /// precaution: the new holder reports leadership only [`DEFAULT_CRASH_GRACE`] after it took the
@@ -81,6 +81,8 @@ pub fn default_lock_dir() -> PathBuf {
 pub struct FileStore {
     dir: PathBuf,
     crash_grace: Duration,
+    /// One inotify watch on `dir` for every election joined through this store and its clones.
+    watch: watch::Shared,
 }
 
 impl FileStore {
@@ -110,6 +112,7 @@ impl FileStore {
         Ok(FileStore {
             dir,
             crash_grace: DEFAULT_CRASH_GRACE,
+            watch: watch::Shared::default(),
         })
     }
 
@@ -212,25 +215,10 @@ impl Store for FileStore {
         timing: Timing,
     ) -> Result<Box<dyn Candidate>, StoreError> {
         self.create_dir()?;
-        let inotify = Inotify::init().map_err(|source| FileError::Watch {
-            path: self.dir.clone(),
-            source,
-        })?;
-        let watch = inotify.watches().add(
-            &self.dir,
-            WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE | WatchMask::MOVED_TO,
-        );
-        let events = watch
-            .and_then(|_| inotify.into_event_stream(vec![0u8; 4096]))
-            .map_err(|source| FileError::Watch {
-                path: self.dir.clone(),
-                source,
-            })?;
+        let wake = self.watch.wake(&self.dir, election)?;
         let candidate = FileCandidate {
             lock_path: self.dir.join(format!("{election}.lock")),
             state_path: self.dir.join(format!("{election}.state")),
-            lock_name: format!("{election}.lock"),
-            state_name: format!("{election}.state"),
             identity: identity.to_owned(),
             timing,
             crash_grace: self.crash_grace,
@@ -240,7 +228,7 @@ impl Store for FileStore {
             created_lock: false,
             boot: boot_id(),
             reservation: None,
-            events,
+            wake,
         };
         candidate.open_lock()?;
         candidate.read_state().await?;

@@ -523,3 +523,81 @@ async fn a_campaign_cancelled_while_it_locks_leaves_the_lock_free() {
         .unwrap();
     assert!(matches!(won, Acquired::Held(_)), "{won:?}");
 }
+
+/// More elections than the default `fs.inotify.max_user_instances` (128, for all of the user's
+/// processes): with an inotify instance per election the joins past it fail.
+#[tokio::test]
+async fn one_inotify_watch_serves_300_elections_and_ends_with_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let mut candidates = Vec::new();
+    for i in 0..300 {
+        let joined = store.join(&format!("e{i}"), "a", timing()).await;
+        candidates.push(joined.unwrap_or_else(|e| panic!("join of election {i}: {e}")));
+    }
+    for (i, candidate) in candidates.iter_mut().enumerate() {
+        let acquired = candidate.acquire(&Observation::default()).await.unwrap();
+        assert!(matches!(acquired, Acquired::Held(_)), "election e{i}");
+    }
+    assert!(store.watch.is_live());
+    let clone = store.clone();
+    drop(candidates);
+    assert!(
+        !store.watch.is_live() && !clone.watch.is_live(),
+        "the watch outlived the store's last election"
+    );
+    // A later join starts a new watch.
+    let mut again = clone.join("e0", "b", timing()).await.unwrap();
+    assert!(matches!(
+        again.acquire(&Observation::default()).await.unwrap(),
+        Acquired::Held(_)
+    ));
+}
+
+/// Followers of one election in one process share the store's watch: a release wakes each of
+/// them, long before their re-check (a minute here) would.
+#[tokio::test]
+async fn a_release_wakes_every_follower_of_its_election_in_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::new(dir.path()).unwrap();
+    let slow = Timing {
+        lease_duration: Duration::from_secs(120),
+        renew_deadline: Duration::from_secs(90),
+        retry_period: Duration::from_secs(60),
+    };
+    let mut a = store.join("e", "a", slow).await.unwrap();
+    let Acquired::Held(held) = a.acquire(&Observation::default()).await.unwrap() else {
+        panic!("a free election is acquired");
+    };
+    let leading = Observation {
+        holder: Some("a".into()),
+        term: held.term,
+    };
+    // A follower of another election, which the release must not disturb.
+    let mut other = store.join("f", "c", slow).await.unwrap();
+    let mut followers = Vec::new();
+    for name in ["b1", "b2", "b3"] {
+        let mut follower = store.join("e", name, slow).await.unwrap();
+        let leading = leading.clone();
+        followers.push(tokio::spawn(async move {
+            follower.observe(&leading).await.unwrap()
+        }));
+    }
+    // Let the followers read the record and wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.release(None).await.unwrap();
+    for follower in followers {
+        let seen = tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("a follower was not woken by the release")
+            .unwrap();
+        assert_eq!(seen.holder, None);
+        assert_eq!(seen.term, held.term);
+    }
+    let unmoved = tokio::time::timeout(
+        Duration::from_millis(300),
+        other.observe(&Observation::default()),
+    )
+    .await;
+    assert!(unmoved.is_err(), "another election's follower saw a change");
+}
