@@ -22,12 +22,9 @@ use tokio::{
 };
 use tonic::transport::server::Connected;
 
-/// Descriptors kept for everything but the listeners' connections and the elections: store
-/// connections, inotify, logs, the runtime.
+/// Descriptors kept for everything but the listeners' connections and what the elections hold
+/// open themselves: store connections, inotify, logs, the runtime.
 const RESERVED: u64 = 128;
-/// Descriptors kept for each election: the file store's open lock file and a state file being
-/// read or replaced.
-const PER_ELECTION: u64 = 2;
 /// The most connections on the gRPC listener (workers, `baton status`, port-forwards).
 const API_MAX: usize = 4096;
 /// The most connections on the health and the metrics listener (probes, scrapers).
@@ -45,17 +42,19 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// Caps that fit under this process's soft `RLIMIT_NOFILE` beside `elections` elections.
-    pub fn from_descriptor_limit(elections: usize) -> Caps {
+    /// Caps that fit under this process's soft `RLIMIT_NOFILE`, leaving `for_elections`
+    /// descriptors to the elections (see [`crate::store::Store::descriptors_per_election`]).
+    pub fn from_descriptor_limit(for_elections: u64) -> Caps {
         let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(1024, |(soft, _)| soft);
-        Caps::for_limit(soft, elections)
+        Caps::for_limit(soft, for_elections)
     }
 
-    /// Caps for a descriptor limit of `soft` and `elections` elections: half of what is not
-    /// reserved for the gRPC listener, an eighth each for the probe listeners, at least one each.
-    pub fn for_limit(soft: u64, elections: usize) -> Caps {
-        let reserved = RESERVED.saturating_add(PER_ELECTION.saturating_mul(elections as u64));
+    /// Caps for a descriptor limit of `soft`, `for_elections` of them held by the elections:
+    /// half of what is not reserved for the gRPC listener, an eighth each for the probe
+    /// listeners, at least one each.
+    pub fn for_limit(soft: u64, for_elections: u64) -> Caps {
+        let reserved = RESERVED.saturating_add(for_elections);
         let spare = usize::try_from(soft.saturating_sub(reserved)).unwrap_or(usize::MAX);
         Caps {
             api: (spare / 2).clamp(1, API_MAX),
@@ -231,11 +230,11 @@ mod tests {
         assert_eq!((high.api, high.health, high.metrics), (4096, 64, 64));
         let none = Caps::for_limit(64, 0);
         assert_eq!((none.api, none.health, none.metrics), (1, 1, 1));
-        // 300 elections under the common default of 1024: their files are left room.
-        let many = Caps::for_limit(1024, 300);
+        // 300 file-store elections under the common default of 1024: their files are left room.
+        let many = Caps::for_limit(1024, 600);
         assert_eq!((many.api, many.health, many.metrics), (148, 37, 37));
         let used = (many.api + many.health + many.metrics) as u64;
-        assert!(used + RESERVED + 300 * PER_ELECTION <= 1024);
+        assert!(used + RESERVED + 600 <= 1024);
     }
 
     #[tokio::test]

@@ -108,12 +108,18 @@ async fn a_hand_over_turns_abrupt_when_the_paused_daemons_hold_runs_out() {
     hand_over_interrupted_by(Signal::SIGSTOP).await;
 }
 
-/// Poll `daemon` until every one of `elections` is led by `leader`, as `daemon` sees it.
-async fn wait_until_all_led_by(daemon: &Daemon, elections: usize, leader: &str) -> Duration {
+/// Poll `daemon` until every one of `elections` is led by `leader`, as `daemon` sees it;
+/// panics after `within`.
+async fn wait_until_all_led_by(
+    daemon: &Daemon,
+    elections: usize,
+    leader: &str,
+    within: Duration,
+) -> Duration {
     let started = tokio::time::Instant::now();
     let client = daemon.client().await;
     let mut last = String::new();
-    while started.elapsed() < Duration::from_secs(60) {
+    while started.elapsed() < within {
         let states = client.list().await.expect("list");
         let led = states
             .iter()
@@ -125,12 +131,12 @@ async fn wait_until_all_led_by(daemon: &Daemon, elections: usize, leader: &str) 
         last = format!("{led} of {} elections led by {leader}", states.len());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{}: after 60 s, {last}", daemon.identity);
+    panic!("{}: after {within:?}, {last}", daemon.identity);
 }
 
 /// Past the default `fs.inotify.max_user_instances` (128 for all of the user's processes):
-/// both daemons start, and the standby, woken by the kernel rather than its re-check, takes
-/// every election when the leader is killed.
+/// both daemons start, and the standby takes every election when the leader is killed, woken
+/// by the kernel: its re-check (every 30 s here) would come too late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_leads_300_elections_and_a_standby_takes_them_all() {
     const ELECTIONS: usize = 300;
@@ -139,17 +145,25 @@ async fn a_daemon_leads_300_elections_and_a_standby_takes_them_all() {
     let names: Vec<String> = (0..ELECTIONS).map(|i| format!("e{i}")).collect();
     let elections = names.join(",");
     let args = [
-        &["--lock-dir", lock, "--election", &elections][..],
-        &SHORT_TIMING,
-    ]
-    .concat();
+        "--lock-dir",
+        lock,
+        "--election",
+        &elections,
+        "--lease-duration",
+        "60s",
+        "--renew-deadline",
+        "40s",
+        "--retry-period",
+        "30s",
+    ];
+    let within = Duration::from_secs(20);
     let a = Daemon::start("a", &args);
-    let took = wait_until_all_led_by(&a, ELECTIONS, "a").await;
+    let took = wait_until_all_led_by(&a, ELECTIONS, "a", within).await;
     eprintln!("a led all {ELECTIONS} elections {took:?} after it served");
     let b = Daemon::start("b", &args);
-    wait_until_all_led_by(&b, ELECTIONS, "a").await;
+    wait_until_all_led_by(&b, ELECTIONS, "a", within).await;
     a.proc.signal(Signal::SIGKILL);
-    let took = wait_until_all_led_by(&b, ELECTIONS, "b").await;
+    let took = wait_until_all_led_by(&b, ELECTIONS, "b", within).await;
     eprintln!("b led all {ELECTIONS} elections {took:?} after a was killed");
     // Each election was taken once: b's log says so once per election.
     let taken = b

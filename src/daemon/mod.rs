@@ -201,7 +201,9 @@ pub async fn run_with_store(
         leadership,
         &health.service,
         metrics,
-        config.elections.len(),
+        store
+            .descriptors_per_election()
+            .saturating_mul(config.elections.len() as u64),
     );
     let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(

@@ -144,16 +144,17 @@ pub(super) struct Servers {
 
 impl Servers {
     /// Start serving `leadership` and `health` on the API listener, the probe server and the
-    /// metrics endpoint, with connection caps that leave descriptors for `elections` elections.
+    /// metrics endpoint, with connection caps that leave `for_elections` descriptors to the
+    /// elections.
     pub(super) fn start(
         api: Api,
         side: SideListeners,
         leadership: LeadershipService,
         health: &HealthGrpc,
         metrics: Option<Arc<Metrics>>,
-        elections: usize,
+        for_elections: u64,
     ) -> Servers {
-        let caps = Caps::from_descriptor_limit(elections);
+        let caps = Caps::from_descriptor_limit(for_elections);
         let stop = CancellationToken::new();
         let router = api
             .router

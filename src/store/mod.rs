@@ -92,6 +92,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// One line for logs: the backend and where it keeps its state.
     fn describe(&self) -> String;
+
+    /// Descriptors each election holds open besides the store's shared connections, which the
+    /// daemon keeps free of its listeners' connections.
+    fn descriptors_per_election(&self) -> u64 {
+        0
+    }
 }
 
 /// This daemon's place in a balancing group. The store keeps it alive on its own (a held lock,

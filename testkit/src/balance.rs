@@ -22,8 +22,9 @@ use crate::{
 /// How long a change may take to settle before a test fails: a liveness bound only; the
 /// settle times are printed, and measured by the benchmark.
 pub const SETTLE_BOUND: Duration = Duration::from_secs(60);
-/// How often [`Group::settle`] asks every daemon for its status.
-const SETTLE_POLL: Duration = Duration::from_millis(20);
+/// How often [`Group::settle`] asks every daemon for its status: the benches' settle figures
+/// are rounded up to it.
+const SETTLE_POLL: Duration = Duration::from_millis(50);
 
 /// The timer workers' tick period: ticks only show the work runs; the intervals come from the
 /// `started`/`stopped` lines.
@@ -224,7 +225,6 @@ impl<'a> Group<'a> {
                     last = why;
                 }
             }
-            // Short: the wait is a figure of the benches, which this rounds up.
             tokio::time::sleep(SETTLE_POLL).await;
         }
         let shown = self.statuses().await;

@@ -223,7 +223,7 @@ impl FileCandidate {
         }
     }
 
-    /// Close our lock file: unlocks it and wakes every follower through its inotify watch.
+    /// Close our lock file: unlocks it and wakes every follower through the store's inotify watch.
     pub(super) fn close_lock(&mut self) {
         self.lock = None;
         self.held = None;

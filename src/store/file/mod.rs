@@ -64,10 +64,11 @@ pub fn default_lock_dir() -> PathBuf {
 /// ```
 ///
 /// Followers do not poll and do not block a thread in `flock`: they watch `D` with inotify, one
-/// watch per store for all its elections. The kernel reports a close of `E.lock` (the leader released, or its process died and the kernel
-/// closed its files) and a rename onto `E.state` (a new holder wrote its record); each wakes the
-/// followers, which try the lock without blocking. A queue overflow wakes every election, and a
-/// slow re-check every retry period guards against a watch that failed.
+/// watch per store for all its elections. The kernel reports a close of `E.lock` (the leader
+/// released, or its process died and the kernel closed its files) and a rename onto `E.state`
+/// (a new holder wrote its record); each wakes the followers, which try the lock without
+/// blocking. A queue overflow wakes every election; a watch that ends is replaced, and a slow
+/// re-check every retry period covers the events missed meanwhile.
 ///
 /// A holder that died without releasing (its process killed) is replaced at once, with one
 /// precaution: the new holder reports leadership only [`DEFAULT_CRASH_GRACE`] after it took the
@@ -82,7 +83,7 @@ pub struct FileStore {
     dir: PathBuf,
     crash_grace: Duration,
     /// One inotify watch on `dir` for every election joined through this store and its clones.
-    watch: watch::Shared,
+    watch: watch::StoreWatch,
 }
 
 impl FileStore {
@@ -112,7 +113,7 @@ impl FileStore {
         Ok(FileStore {
             dir,
             crash_grace: DEFAULT_CRASH_GRACE,
-            watch: watch::Shared::default(),
+            watch: watch::StoreWatch::default(),
         })
     }
 
@@ -246,5 +247,10 @@ impl Store for FileStore {
 
     fn describe(&self) -> String {
         format!("file store in {}", self.dir.display())
+    }
+
+    /// Its open lock file, and a state file being read or replaced.
+    fn descriptors_per_election(&self) -> u64 {
+        2
     }
 }

@@ -524,14 +524,20 @@ async fn a_campaign_cancelled_while_it_locks_leaves_the_lock_free() {
     assert!(matches!(won, Acquired::Held(_)), "{won:?}");
 }
 
-/// More elections than the default `fs.inotify.max_user_instances` (128, for all of the user's
-/// processes): with an inotify instance per election the joins past it fail.
+/// More elections than the user may have inotify instances (`fs.inotify.max_user_instances`,
+/// 128 by default, for all of the user's processes): the store shares one watch among them.
 #[tokio::test]
-async fn one_inotify_watch_serves_300_elections_and_ends_with_the_last() {
+async fn one_inotify_watch_serves_more_elections_than_the_user_may_watch_and_ends_with_them() {
+    let instances: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .expect("read fs.inotify.max_user_instances")
+        .trim()
+        .parse()
+        .expect("a number");
+    let elections = (instances + 10).max(300);
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
     let mut candidates = Vec::new();
-    for i in 0..300 {
+    for i in 0..elections {
         let joined = store.join(&format!("e{i}"), "a", timing()).await;
         candidates.push(joined.unwrap_or_else(|e| panic!("join of election {i}: {e}")));
     }
@@ -546,58 +552,96 @@ async fn one_inotify_watch_serves_300_elections_and_ends_with_the_last() {
         !store.watch.is_live() && !clone.watch.is_live(),
         "the watch outlived the store's last election"
     );
-    // A later join starts a new watch.
+    // A later join starts a new watch, which wakes it.
     let mut again = clone.join("e0", "b", timing()).await.unwrap();
+    assert!(store.watch.is_live());
+    let mut wake = store.watch.wake(dir.path(), "e0").unwrap();
+    wake.mark_seen();
     assert!(matches!(
         again.acquire(&Observation::default()).await.unwrap(),
         Acquired::Held(_)
     ));
+    tokio::time::timeout(Duration::from_secs(10), wake.changed())
+        .await
+        .expect("the new watch saw the new holder's record");
 }
 
-/// Followers of one election in one process share the store's watch: a release wakes each of
-/// them, long before their re-check (a minute here) would.
+/// Rename a record onto `dir/E.state`: an event for election `E`.
+fn touch_state(dir: &std::path::Path, election: &str) {
+    let record = dir.join(format!(".{election}.state.new"));
+    std::fs::write(&record, b"{}").unwrap();
+    std::fs::rename(&record, dir.join(format!("{election}.state"))).unwrap();
+}
+
+/// Until the store's watch has handed out every event made so far: inotify keeps their order,
+/// so once an event made now arrives, all earlier ones have.
+async fn drain_watch(store: &FileStore) {
+    let mut sync = store.watch.wake(store.dir(), "sync").unwrap();
+    sync.mark_seen();
+    touch_state(store.dir(), "sync");
+    tokio::time::timeout(Duration::from_secs(10), sync.changed())
+        .await
+        .expect("the watch delivers an event");
+}
+
+/// An event about an election wakes every waiter on it in the process, and no waiter on
+/// another election.
 #[tokio::test]
-async fn a_release_wakes_every_follower_of_its_election_in_the_process() {
+async fn a_release_wakes_every_waiter_on_its_election_and_no_other() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::new(dir.path()).unwrap();
-    let slow = Timing {
-        lease_duration: Duration::from_secs(120),
-        renew_deadline: Duration::from_secs(90),
-        retry_period: Duration::from_secs(60),
-    };
-    let mut a = store.join("e", "a", slow).await.unwrap();
-    let Acquired::Held(held) = a.acquire(&Observation::default()).await.unwrap() else {
-        panic!("a free election is acquired");
-    };
-    let leading = Observation {
-        holder: Some("a".into()),
-        term: held.term,
-    };
-    // A follower of another election, which the release must not disturb.
-    let mut other = store.join("f", "c", slow).await.unwrap();
-    let mut followers = Vec::new();
-    for name in ["b1", "b2", "b3"] {
-        let mut follower = store.join("e", name, slow).await.unwrap();
-        let leading = leading.clone();
-        followers.push(tokio::spawn(async move {
-            follower.observe(&leading).await.unwrap()
-        }));
+    let mut a = store.join("e", "a", timing()).await.unwrap();
+    assert!(matches!(
+        a.acquire(&Observation::default()).await.unwrap(),
+        Acquired::Held(_)
+    ));
+    let mut waiters: Vec<_> = (0..3)
+        .map(|_| store.watch.wake(dir.path(), "e").unwrap())
+        .collect();
+    let mut other = store.watch.wake(dir.path(), "f").unwrap();
+    // The join's and the acquisition's own events must not count as the release's.
+    drain_watch(&store).await;
+    for waiter in waiters.iter_mut().chain([&mut other]) {
+        waiter.mark_seen();
     }
-    // Let the followers read the record and wait.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     a.release(None).await.unwrap();
-    for follower in followers {
-        let seen = tokio::time::timeout(Duration::from_secs(10), follower)
+    for waiter in &mut waiters {
+        tokio::time::timeout(Duration::from_secs(10), waiter.changed())
             .await
-            .expect("a follower was not woken by the release")
-            .unwrap();
-        assert_eq!(seen.holder, None);
-        assert_eq!(seen.term, held.term);
+            .expect("a waiter on the released election was not woken");
     }
-    let unmoved = tokio::time::timeout(
-        Duration::from_millis(300),
-        other.observe(&Observation::default()),
-    )
-    .await;
-    assert!(unmoved.is_err(), "another election's follower saw a change");
+    // The events that woke them were routed by name: none reached the other election.
+    assert!(
+        !other.has_changed(),
+        "a waiter on another election was woken"
+    );
+}
+
+/// A watch that ends (here: the lock directory was removed and made again) is replaced, and
+/// its waiters move to the new one.
+#[tokio::test]
+async fn waiters_move_to_a_new_watch_when_theirs_ends() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("locks");
+    let store = FileStore::new(&dir).unwrap();
+    create_private_dir(&dir).unwrap();
+    let mut waiter = store.watch.wake(&dir, "e").unwrap();
+    waiter.mark_seen();
+    std::fs::remove_dir_all(&dir).unwrap();
+    create_private_dir(&dir).unwrap();
+    let woken = tokio::spawn(async move { waiter.changed().await });
+    // Until the waiter has moved to a new watch, a record written now is not seen: keep
+    // writing one until it is.
+    let wrote = async {
+        loop {
+            touch_state(&dir, "e");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        woken = tokio::time::timeout(Duration::from_secs(10), woken) => {
+            woken.expect("the waiter never saw the new directory's events").unwrap();
+        }
+        () = wrote => unreachable!(),
+    }
 }
