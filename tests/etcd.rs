@@ -564,6 +564,72 @@ async fn the_standby_never_revokes_a_lease_renewed_in_time() {
     assert_eq!(renewals, 4, "b led while the holder still renewed in time");
 }
 
+/// A replica that only observes (under `--balance`, a member standing by) revokes a dead
+/// leader's lease once etcd's clock shows it expired, as a waiting candidate does, and must
+/// never take a live one: the same holder as above, renewed in its last 0.6 s four times, then
+/// left to expire. The observer may see the key go only a full TTL after the last renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_never_revokes_a_lease_renewed_in_time() {
+    const TTL: Duration = Duration::from_secs(3);
+    let etcd = Etcd::start();
+    let mut client = etcd_client(&etcd).await;
+    let lease = client
+        .lease_grant(TTL.as_secs() as i64, None)
+        .await
+        .expect("grant")
+        .id();
+    let mut renewed_at = tokio::time::Instant::now();
+    client
+        .put(
+            format!("baton/observed/{lease:x}"),
+            "holder",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put the holder's key");
+    let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
+    let mut observer = soon("join", store.join("observed", "o", short_timing())).await;
+    let seen = soon("first look", observer.observe(&Observation::unseen())).await;
+    assert_eq!(seen.holder.as_deref(), Some("holder"));
+
+    let mut next = observer.observe(&seen);
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep-alive");
+    let mut renewals = 0;
+    let (gone_at, after) = loop {
+        let renew_at = renewed_at + TTL - Duration::from_millis(600);
+        tokio::select! {
+            after = &mut next => break (tokio::time::Instant::now(), after.expect("observe")),
+            _ = tokio::time::sleep_until(renew_at), if renewals < 4 => {
+                let sent = tokio::time::Instant::now();
+                keeper.keep_alive().await.expect("send a renewal");
+                let answer = answers.message().await.expect("renewal answer").expect("an answer");
+                if answer.ttl() > 0 {
+                    renewed_at = sent;
+                    renewals += 1;
+                } else {
+                    // Late on a loaded machine: the lease expired for real.
+                    renewals = 4;
+                }
+            }
+        }
+    };
+    assert_eq!(after.holder, None, "the holder's key went");
+    assert!(
+        gone_at - renewed_at >= TTL,
+        "the key went {:?} after the last renewal of a {TTL:?} lease that etcd could not have \
+         expired",
+        gone_at - renewed_at
+    );
+    assert_eq!(
+        renewals, 4,
+        "the key went while the holder still renewed in time"
+    );
+    println!(
+        "the observer saw the key go {:?} after the last renewal (TTL {TTL:?})",
+        gone_at - renewed_at
+    );
+}
+
 /// A leader paused (SIGSTOP) past its lease: the standby revokes the expired lease and leads,
 /// and the paused leader's worker stopped (its `valid_for` ran out) before the new one started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

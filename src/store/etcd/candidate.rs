@@ -155,8 +155,27 @@ impl Candidate for EtcdCandidate {
             let keys: Vec<&str> = leader.iter().map(String::as_str).collect();
             let queue = self.queue.clone();
             let new_key_in = view.leader.is_none().then_some(queue.as_str());
-            self.wait(view.revision, WaitFor { keys, new_key_in })
-                .await?;
+            // A dead leader's key goes the moment its lease expires, not up to 500 ms later
+            // when etcd's lessor gets to it: a member that stands by under --balance may be
+            // the one to take the election over once its holder's member key is gone too.
+            let expiry = view.leader.as_ref().map(|leader| {
+                revoke_when_expired(
+                    self.client.lease_client(),
+                    leader.lease(),
+                    self.request_timeout,
+                    "leader",
+                )
+            });
+            let waited = self.wait(view.revision, WaitFor { keys, new_key_in });
+            let Some(expiry) = expiry else {
+                waited.await?;
+                continue;
+            };
+            tokio::select! {
+                waited = waited => waited?,
+                // Revoked (or found gone): the watch reports the deletion; read again.
+                () = expiry => {}
+            }
         }
     }
 }
