@@ -58,6 +58,7 @@ pub(super) const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// - A waiter **revokes its predecessor's lease the moment etcd's clock says it expired**
 ///   (`revoke::revoke_when_expired`) instead of waiting up to 500 ms for etcd's lessor, which
 ///   revokes expired leases lazily: a crashed leader is replaced within milliseconds of its TTL.
+///   An observer does the same with the leader's lease.
 ///
 /// ## Releasing to a named successor
 ///
