@@ -630,6 +630,61 @@ async fn an_observer_never_revokes_a_lease_renewed_in_time() {
     );
 }
 
+/// A holder whose lease is granted 1 s (etcd allows it under a short election timeout: its
+/// minimum TTL is 1.5 election timeouts, rounded up to a second) shows a remaining TTL of 0
+/// all the time, and a renewal restores only 1 s: no run of zeros proves it expired. An
+/// observer must leave it alone while it is renewed, and see it go once it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_of_one_second_renewed_in_time_is_never_revoked() {
+    let etcd = Etcd::start_with_flags(&["--heartbeat-interval=50", "--election-timeout=500"]);
+    let mut client = etcd_client(&etcd).await;
+    let lease = client.lease_grant(1, None).await.expect("grant");
+    assert_eq!(lease.ttl(), 1, "etcd granted a TTL of 1 s");
+    let lease = lease.id();
+    client
+        .put(
+            format!("baton/short/{lease:x}"),
+            "holder",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put the holder's key");
+    let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
+    let mut observer = soon("join", store.join("short", "o", short_timing())).await;
+    let seen = soon("first look", observer.observe(&Observation::unseen())).await;
+    assert_eq!(seen.holder.as_deref(), Some("holder"));
+
+    // Renew every 200 ms for 5 s: each renewal leaves the lease alive for 1 s more.
+    let mut next = observer.observe(&seen);
+    let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep-alive");
+    let renewing_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut renewed_at = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < renewing_until {
+        tokio::select! {
+            after = &mut next => {
+                let after = after.expect("observe");
+                assert!(
+                    renewed_at.elapsed() >= Duration::from_secs(1),
+                    "the key went ({after:?}) {:?} after a renewal of its 1 s lease",
+                    renewed_at.elapsed()
+                );
+                panic!("the lease expired between renewals 200 ms apart: the machine is too \
+                        loaded for this test");
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                let sent = tokio::time::Instant::now();
+                keeper.keep_alive().await.expect("send a renewal");
+                let answer = answers.message().await.expect("renewal answer").expect("an answer");
+                assert!(answer.ttl() > 0, "a renewal 200 ms after the last found the lease gone");
+                renewed_at = sent;
+            }
+        }
+    }
+    drop((keeper, answers));
+    let after = soon("the key goes once not renewed", next).await;
+    assert_eq!(after.holder, None);
+}
+
 /// A leader paused (SIGSTOP) past its lease: the standby revokes the expired lease and leads,
 /// and the paused leader's worker stopped (its `valid_for` ran out) before the new one started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,8 @@ pub struct Etcd {
     /// This member's name and `--initial-cluster` (every member's `name=peer URL`).
     name: String,
     initial_cluster: Option<String>,
+    /// More `etcd` flags (timing), for [`Etcd::start_with_flags`].
+    flags: Vec<String>,
 }
 
 impl Etcd {
@@ -69,7 +71,17 @@ impl Etcd {
     pub fn start_with(tls: Option<ServerTls>) -> Etcd {
         require_binaries();
         on_fresh_ports("etcd", 2, |ports| {
-            Self::try_start_at(ports[0], ports[1], tls.clone())
+            Self::try_start_at(ports[0], ports[1], tls.clone(), Vec::new())
+        })
+    }
+
+    /// Start a plain-text etcd with more `etcd` flags (e.g. `--election-timeout=500`) and wait
+    /// until it serves.
+    pub fn start_with_flags(flags: &[&str]) -> Etcd {
+        require_binaries();
+        let flags: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        on_fresh_ports("etcd", 2, |ports| {
+            Self::try_start_at(ports[0], ports[1], None, flags.clone())
         })
     }
 
@@ -78,6 +90,7 @@ impl Etcd {
         client_port: u16,
         peer_port: u16,
         tls: Option<ServerTls>,
+        flags: Vec<String>,
     ) -> Result<Etcd, PortTaken> {
         let mut etcd = Etcd {
             dir: tempfile::tempdir().expect("scratch dir"),
@@ -90,6 +103,7 @@ impl Etcd {
             ctl_flags: Vec::new(),
             name: "baton-test".to_owned(),
             initial_cluster: None,
+            flags,
         };
         if let Some(tls) = &etcd.tls {
             etcd.ctl_flags = vec![
@@ -119,6 +133,7 @@ impl Etcd {
             ctl_flags: Vec::new(),
             name: "baton-test".to_owned(),
             initial_cluster: None,
+            flags: Vec::new(),
         };
         etcd.run();
         etcd
@@ -149,6 +164,7 @@ impl Etcd {
                 ctl_flags: Vec::new(),
                 name: format!("m{i}"),
                 initial_cluster: Some(initial_cluster.clone()),
+                flags: Vec::new(),
             })
             .collect();
         for member in &mut cluster {
@@ -232,7 +248,8 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--log-level=warn")
-            .arg("--logger=zap");
+            .arg("--logger=zap")
+            .args(&self.flags);
         if let Some(tls) = &self.tls {
             command
                 .arg(format!("--cert-file={}", tls.cert.display()))
@@ -361,7 +378,7 @@ mod tests {
             .unwrap()
             .port();
         require_binaries();
-        match Etcd::try_start_at(taken, peer, None) {
+        match Etcd::try_start_at(taken, peer, None, Vec::new()) {
             Err(PortTaken(why)) => assert!(why.contains("address already in use"), "{why}"),
             Ok(_) => panic!("etcd started on port {taken}, which another socket holds"),
         }

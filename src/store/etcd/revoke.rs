@@ -59,6 +59,8 @@ pub(super) async fn ask(
 /// key can outlive its TTL by half a second. A waiter asks for the remaining TTL instead, which
 /// etcd reports in whole seconds, rounded towards zero:
 ///
+/// - A lease granted less than 2 s: never revoked here (a renewal may restore only 1 s, so the
+///   proof below does not hold); etcd's lessor revokes it.
 /// - `v >= 2`: the lease cannot reach its last second for `v - 1` s: sleep that long. With the
 ///   holder renewing every third of the TTL, that is a few requests per minute.
 /// - `v == 1`: ask every [`EXPIRY_POLL`] ([`EXPIRY_POLL_SHORT_TTL`] for a TTL of 2 s), to see
@@ -100,6 +102,9 @@ pub(super) async fn revoke_when_expired(
             };
             match answer.remaining {
                 v if v < 0 => break 'watch,
+                // A renewal of this lease restores less than 2 s (etcd grants 1 s under a short
+                // election timeout), so no run of zeros proves it expired: leave it to etcd.
+                _ if answer.granted < 2 => return std::future::pending().await,
                 0 => {
                     let expires_by = Instant::now() + Duration::from_secs(1) + EXPIRY_MARGIN;
                     break (sent, expires_by, answer.raft_term);
