@@ -630,6 +630,52 @@ async fn an_observer_never_revokes_a_lease_renewed_in_time() {
     );
 }
 
+/// A standby that observed a dead leader and then campaigns (under `--balance`, once the
+/// leader's member key is gone) keeps the proof of expiry its observation built: it leads a
+/// full TTL after the holder's last renewal, never before, and without starting the proof anew
+/// in the lease's last second, which would end up to a second later (printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_starts_campaigning_keeps_its_proof_of_expiry() {
+    const TTL: Duration = Duration::from_secs(3);
+    let etcd = Etcd::start();
+    let mut client = etcd_client(&etcd).await;
+    let granted_at = tokio::time::Instant::now();
+    let lease = client
+        .lease_grant(TTL.as_secs() as i64, None)
+        .await
+        .expect("grant")
+        .id();
+    client
+        .put(
+            format!("baton/switch/{lease:x}"),
+            "holder",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put the holder's key");
+    let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
+    let mut standby = soon("join", store.join("switch", "o", short_timing())).await;
+    let seen = soon("first look", standby.observe(&Observation::unseen())).await;
+    assert_eq!(seen.holder.as_deref(), Some("holder"));
+    // Observe into the lease's last second (nobody renews it), then campaign, as the balancer
+    // makes a standby do when the dead holder's member key goes.
+    let observing = standby.observe(&seen);
+    let until = granted_at + TTL - Duration::from_millis(700);
+    let early = tokio::time::timeout_at(until, observing).await;
+    assert!(early.is_err(), "the holder's key went early: {early:?}");
+    let acquired = soon("the standby leads", standby.acquire(&seen)).await;
+    let led_after = granted_at.elapsed();
+    assert!(
+        matches!(acquired, baton::store::Acquired::Held(_)),
+        "{acquired:?}"
+    );
+    assert!(
+        led_after >= TTL,
+        "led {led_after:?} after the grant of a {TTL:?} lease nobody renewed"
+    );
+    println!("the standby led {led_after:?} after the holder's lease was granted (TTL {TTL:?})");
+}
+
 /// A holder whose lease is granted 1 s (etcd allows it under a short election timeout: its
 /// minimum TTL is 1.5 election timeouts, rounded up to a second) shows a remaining TTL of 0
 /// all the time, and a renewal restores only 1 s: no run of zeros proves it expired. An

@@ -5,7 +5,7 @@ use tokio::time::Instant;
 
 use super::error::EtcdError;
 use super::queue::{EtcdCandidate, Queued, View, WaitFor, text};
-use super::revoke::revoke_when_expired;
+use super::revoke::Reaper;
 use super::session::Renewal;
 use crate::store::{Acquired, Candidate, Holding, Observation, StoreError};
 
@@ -63,6 +63,7 @@ impl Candidate for EtcdCandidate {
                 self.clear_reservation(mine).await?;
             }
             self.held = true;
+            self.reaper = None;
             // No overflow check: the term is our key's create revision, which etcd makes
             // greater than every earlier revision (and a key is created only after the
             // previous leader's), so it exceeds every earlier term; an i64 never reaches u64::MAX.
@@ -158,14 +159,19 @@ impl Candidate for EtcdCandidate {
             // A dead leader's key goes the moment its lease expires, not up to 500 ms later
             // when etcd's lessor gets to it: a member that stands by under --balance may be
             // the one to take the election over once its holder's member key is gone too.
-            let expiry = view.leader.as_ref().map(|leader| {
-                revoke_when_expired(
+            let expiry = match &view.leader {
+                Some(leader) => Some(Reaper::wait(
+                    &mut self.reaper,
                     self.client.lease_client(),
                     leader.lease(),
                     self.request_timeout,
                     "leader",
-                )
-            });
+                )),
+                None => {
+                    self.reaper = None;
+                    None
+                }
+            };
             let waited = self.wait(view.revision, WaitFor { keys, new_key_in });
             let Some(expiry) = expiry else {
                 waited.await?;
@@ -227,7 +233,8 @@ impl EtcdCandidate {
             keys.push(text(leader.key()));
         }
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let expiry = revoke_when_expired(
+        let expiry = Reaper::wait(
+            &mut self.reaper,
             self.client.lease_client(),
             predecessor.lease(),
             self.request_timeout,

@@ -211,6 +211,7 @@ impl Store for EtcdStore {
             mine: None,
             held: false,
             last_term: 0,
+            reaper: None,
         }))
     }
 

@@ -10,6 +10,7 @@ use etcd_client::{
 use tokio::time::timeout;
 
 use super::error::EtcdError;
+use super::revoke::Reaper;
 use super::session::Session;
 use crate::store::{Observation, StoreError};
 
@@ -58,6 +59,9 @@ pub(super) struct EtcdCandidate {
     pub(super) held: bool,
     /// The greatest leader term seen, reported while nobody leads.
     pub(super) last_term: u64,
+    /// The revoke of the expired lease this candidate last waited on (its predecessor's, or
+    /// the leader's while it observed).
+    pub(super) reaper: Option<Reaper>,
 }
 
 pub(super) fn text(bytes: &[u8]) -> String {

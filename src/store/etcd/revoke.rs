@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use etcd_client::LeaseClient;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::{
+    sync::watch,
+    time::{Instant, sleep_until, timeout},
+};
+
+use super::session::OwnedTask;
 
 /// While a lease is in its last second, how often a waiter asks for it: the precision of the
 /// take-over after a crash.
@@ -145,6 +150,50 @@ pub(super) async fn revoke_when_expired(
         Err(_) => {
             tracing::debug!(lease = name, "revoking an expired lease timed out");
             tokio::time::sleep(EXPIRY_RETRY).await;
+        }
+    }
+}
+
+/// A [`revoke_when_expired`] of one lease, kept by its candidate across calls: a standby that
+/// observed a dead leader and then campaigns for the election (under `--balance`, once the
+/// leader's member key is gone) keeps the proof of expiry it has built, rather than start one
+/// anew, which would take a second more and lose to etcd's lessor.
+pub(super) struct Reaper {
+    lease: i64,
+    done: watch::Receiver<bool>,
+    _task: OwnedTask,
+}
+
+impl Reaper {
+    /// Until `lease` is revoked (or found gone), reusing `slot`'s reaper when it runs for the
+    /// same lease; a finished one is replaced, so a revoke that failed is tried again.
+    pub(super) fn wait(
+        slot: &mut Option<Reaper>,
+        leases: LeaseClient,
+        lease: i64,
+        limit: Duration,
+        whose: &'static str,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let running = slot
+            .as_ref()
+            .is_some_and(|reaper| reaper.lease == lease && !*reaper.done.borrow());
+        if !running {
+            let (finished, done) = watch::channel(false);
+            let task = OwnedTask::spawn(async move {
+                revoke_when_expired(leases, lease, limit, whose).await;
+                let _ = finished.send(true);
+            });
+            *slot = Some(Reaper {
+                lease,
+                done,
+                _task: task,
+            });
+        }
+        let mut done = slot.as_ref().map(|reaper| reaper.done.clone());
+        async move {
+            if let Some(done) = &mut done {
+                let _ = done.wait_for(|finished| *finished).await;
+            }
         }
     }
 }
