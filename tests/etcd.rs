@@ -496,6 +496,29 @@ async fn a_leader_whose_key_is_deleted_by_hand_steps_down_at_once() {
     .await;
 }
 
+/// A holder of `election` that is not Baton (as `etcdctl elect` holds one): a key under the
+/// election, prefix `baton/`, bound to a fresh lease of `ttl_secs`. Returns the lease and the
+/// time just before its grant.
+async fn foreign_holder(
+    client: &mut etcd_client::Client,
+    election: &str,
+    ttl_secs: i64,
+) -> (i64, tokio::time::Instant) {
+    let granted_at = tokio::time::Instant::now();
+    let lease = client.lease_grant(ttl_secs, None).await.expect("grant");
+    assert_eq!(lease.ttl(), ttl_secs, "etcd granted the TTL asked for");
+    let lease = lease.id();
+    client
+        .put(
+            format!("baton/{election}/{lease:x}"),
+            "holder",
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put the holder's key");
+    (lease, granted_at)
+}
+
 /// The waiter that revokes its predecessor's expired lease (instead of waiting for etcd's lazy
 /// lessor) must never take a live one. The test holds the election itself, as `etcdctl elect`
 /// would (a key under the election bound to its lease, TTL 3 s), and renews the lease only when
@@ -508,20 +531,7 @@ async fn the_standby_never_revokes_a_lease_renewed_in_time() {
     const TTL: Duration = Duration::from_secs(3);
     let etcd = Etcd::start();
     let mut client = etcd_client(&etcd).await;
-    let lease = client
-        .lease_grant(TTL.as_secs() as i64, None)
-        .await
-        .expect("grant")
-        .id();
-    let mut renewed_at = tokio::time::Instant::now();
-    client
-        .put(
-            format!("baton/expiry/{lease:x}"),
-            "holder",
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("put the holder's key");
+    let (lease, mut renewed_at) = foreign_holder(&mut client, "expiry", TTL.as_secs() as i64).await;
     let b = start("b", &etcd, "expiry");
     let seen = b.wait_role("expiry", Role::Follower).await;
     assert_eq!(seen.leader.as_deref(), Some("holder"));
@@ -573,20 +583,8 @@ async fn an_observer_never_revokes_a_lease_renewed_in_time() {
     const TTL: Duration = Duration::from_secs(3);
     let etcd = Etcd::start();
     let mut client = etcd_client(&etcd).await;
-    let lease = client
-        .lease_grant(TTL.as_secs() as i64, None)
-        .await
-        .expect("grant")
-        .id();
-    let mut renewed_at = tokio::time::Instant::now();
-    client
-        .put(
-            format!("baton/observed/{lease:x}"),
-            "holder",
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("put the holder's key");
+    let (lease, mut renewed_at) =
+        foreign_holder(&mut client, "observed", TTL.as_secs() as i64).await;
     let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
     let mut observer = soon("join", store.join("observed", "o", short_timing())).await;
     let seen = soon("first look", observer.observe(&Observation::unseen())).await;
@@ -639,20 +637,7 @@ async fn a_standby_that_starts_campaigning_keeps_its_proof_of_expiry() {
     const TTL: Duration = Duration::from_secs(3);
     let etcd = Etcd::start();
     let mut client = etcd_client(&etcd).await;
-    let granted_at = tokio::time::Instant::now();
-    let lease = client
-        .lease_grant(TTL.as_secs() as i64, None)
-        .await
-        .expect("grant")
-        .id();
-    client
-        .put(
-            format!("baton/switch/{lease:x}"),
-            "holder",
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("put the holder's key");
+    let (_, granted_at) = foreign_holder(&mut client, "switch", TTL.as_secs() as i64).await;
     let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
     let mut standby = soon("join", store.join("switch", "o", short_timing())).await;
     let seen = soon("first look", standby.observe(&Observation::unseen())).await;
@@ -684,17 +669,7 @@ async fn a_standby_that_starts_campaigning_keeps_its_proof_of_expiry() {
 async fn a_lease_of_one_second_renewed_in_time_is_never_revoked() {
     let etcd = Etcd::start_with_flags(&["--heartbeat-interval=50", "--election-timeout=500"]);
     let mut client = etcd_client(&etcd).await;
-    let lease = client.lease_grant(1, None).await.expect("grant");
-    assert_eq!(lease.ttl(), 1, "etcd granted a TTL of 1 s");
-    let lease = lease.id();
-    client
-        .put(
-            format!("baton/short/{lease:x}"),
-            "holder",
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("put the holder's key");
+    let (lease, _) = foreign_holder(&mut client, "short", 1).await;
     let store = EtcdStore::new(&plain_config(&etcd, "baton/")).expect("store");
     let mut observer = soon("join", store.join("short", "o", short_timing())).await;
     let seen = soon("first look", observer.observe(&Observation::unseen())).await;
